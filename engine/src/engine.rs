@@ -1,0 +1,314 @@
+//! `Engine`: tokenizer, GPU weights and the batched forward pass.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::config::{ModelSpec, Pooling};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::kernels::DispatchPlan;
+use crate::kernels::attention::MASKED;
+use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
+use crate::tokenize::{TextTokenizer, Tokens};
+use crate::weights::{SafetensorsFile, TensorSource};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// One embedded text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    /// Token ids fed to the model, `[CLS]` and `[SEP]` included, after truncation.
+    pub token_ids: Vec<u32>,
+    pub vector: Vec<f32>,
+}
+
+/// Builds an [`Engine`].
+pub struct EngineBuilder {
+    model_dir: Option<PathBuf>,
+    batch_size: usize,
+    gpu: Option<Gpu>,
+}
+
+impl EngineBuilder {
+    /// A folder holding `config.json`, `model.safetensors`, `tokenizer.json` and,
+    /// where present, the sentence-transformers files.
+    pub fn model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.model_dir = Some(dir.into());
+        self
+    }
+
+    /// Largest number of texts run through the model at once.
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Uses an already opened device instead of choosing an adapter.
+    pub fn gpu(mut self, gpu: Gpu) -> Self {
+        self.gpu = Some(gpu);
+        self
+    }
+
+    pub fn build(self) -> Result<Engine> {
+        if self.batch_size == 0 {
+            return Err(Error::InvalidInput("batch size must be at least 1".into()));
+        }
+        let dir = self
+            .model_dir
+            .ok_or_else(|| Error::InvalidInput("no model folder was given".into()))?;
+        let spec = ModelSpec::from_dir(&dir)?;
+        let weights_path = dir.join(WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(Error::bad_model(&weights_path, "file is missing"));
+        }
+        let weights = SafetensorsFile::open(&weights_path)?;
+        let gpu = match self.gpu {
+            Some(gpu) => gpu,
+            None => Gpu::new()?,
+        };
+        Engine::from_parts(gpu, spec, &weights, self.batch_size)
+    }
+}
+
+/// Computes sentence embeddings on the GPU.
+pub struct Engine {
+    gpu: Gpu,
+    spec: ModelSpec,
+    tokenizer: TextTokenizer,
+    kernels: Kernels,
+    embeddings: BertEmbeddings,
+    layer_layout: LayerLayout,
+    layers: Vec<wgpu::Buffer>,
+    batch_size: usize,
+    max_rows: usize,
+    workspace: Mutex<Option<BatchBuffers>>,
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder {
+            model_dir: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            gpu: None,
+        }
+    }
+
+    /// Opens the model folder `dir` on the best adapter with default settings.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::builder().model_dir(dir.as_ref()).build()
+    }
+
+    fn from_parts(gpu: Gpu, spec: ModelSpec, weights: &dyn TensorSource, batch_size: usize) -> Result<Self> {
+        let config = &spec.config;
+        let tokenizer = TextTokenizer::from_json(
+            &spec.origin.join(crate::config::TOKENIZER_FILE),
+            &spec.tokenizer_json,
+            spec.max_seq_length,
+            config.vocab_size,
+        )?;
+        let kernels = Kernels::new(&gpu);
+        gpu.check_errors()?;
+        let embeddings = BertEmbeddings::load(&gpu, weights, config)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        let mut layer_layout = None;
+        for index in 0..config.num_hidden_layers {
+            let (layout, data) = BertLayer::pack(weights, config, index)?;
+            gpu.check_binding_size("a layer buffer", (data.len() * 4) as u64)?;
+            layers.push(gpu.storage_buffer_with(&format!("encoder.layer.{index}"), bytemuck::cast_slice(&data)));
+            layer_layout = Some(layout);
+        }
+        let layer_layout = layer_layout.ok_or_else(|| {
+            Error::bad_model(&spec.origin, "the model has no encoder layers")
+        })?;
+
+        let binding_limit = u64::from(gpu.limits.max_storage_buffer_binding_size).min(gpu.limits.max_buffer_size);
+        let rows_by_memory = (binding_limit / BatchBuffers::widest_row_bytes(config)) as usize;
+        if rows_by_memory < spec.max_seq_length {
+            return Err(Error::AdapterLimit {
+                adapter: gpu.adapter_name().into(),
+                what: "an activation buffer",
+                needed: spec.max_seq_length as u64 * BatchBuffers::widest_row_bytes(config),
+                limit: binding_limit,
+            });
+        }
+        let max_rows = rows_by_memory.min(batch_size * spec.max_seq_length);
+        Ok(Self {
+            gpu,
+            spec,
+            tokenizer,
+            kernels,
+            embeddings,
+            layer_layout,
+            layers,
+            batch_size,
+            max_rows,
+            workspace: Mutex::new(None),
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Length of each embedding.
+    pub fn dimension(&self) -> usize {
+        self.spec.config.hidden_size
+    }
+
+    /// Embeds `texts`, returning one vector per text in input order.
+    pub fn infer(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.embed(texts)?.into_iter().map(|e| e.vector).collect())
+    }
+
+    /// Embeds `texts`, returning token ids and vectors in input order.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Embedding>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self.tokenizer.encode(texts)?;
+        let vectors = self.embed_tokens(&tokens)?;
+        Ok(tokens
+            .into_iter()
+            .zip(vectors)
+            .map(|(t, vector)| Embedding {
+                token_ids: t.ids,
+                vector,
+            })
+            .collect())
+    }
+
+    /// Runs already tokenized inputs, sorted by length into padded batches.
+    pub fn embed_tokens(&self, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.spec.config.vocab_size as u32;
+        for (i, t) in inputs.iter().enumerate() {
+            if t.ids.is_empty() || t.ids.len() > self.spec.max_seq_length {
+                return Err(Error::InvalidInput(format!(
+                    "input {i} has {} tokens; between 1 and {} are allowed",
+                    t.ids.len(),
+                    self.spec.max_seq_length
+                )));
+            }
+            if t.ids.len() != t.type_ids.len() {
+                return Err(Error::InvalidInput(format!("input {i} has mismatched token type ids")));
+            }
+            if let Some(bad) = t.ids.iter().find(|&&id| id >= vocab) {
+                return Err(Error::InvalidInput(format!("input {i} has token id {bad} outside the vocabulary")));
+            }
+            let types = self.spec.config.type_vocab_size as u32;
+            if let Some(bad) = t.type_ids.iter().find(|&&id| id >= types) {
+                return Err(Error::InvalidInput(format!("input {i} has token type {bad}")));
+            }
+        }
+        let mut order: Vec<usize> = (0..inputs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].ids.len()));
+
+        let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+        let mut workspace = self
+            .workspace
+            .lock()
+            .map_err(|_| Error::Gpu("a previous inference panicked".into()))?;
+        let mut start = 0;
+        while start < order.len() {
+            // Longest first: the first input of each batch sets its padded length.
+            let seq_len = inputs[order[start]].ids.len();
+            let fit = (self.max_rows / seq_len).clamp(1, self.batch_size);
+            let end = (start + fit).min(order.len());
+            let members = &order[start..end];
+            let vectors = self.run_batch(&mut workspace, inputs, members, seq_len)?;
+            for (&i, v) in members.iter().zip(vectors) {
+                results[i] = v;
+            }
+            start = end;
+        }
+        Ok(results)
+    }
+
+    fn run_batch(
+        &self,
+        workspace: &mut Option<BatchBuffers>,
+        inputs: &[Tokens],
+        members: &[usize],
+        seq_len: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let config = &self.spec.config;
+        let sequences = members.len();
+        let rows = sequences * seq_len;
+        let fits = workspace
+            .as_ref()
+            .is_some_and(|w| w.capacity_rows >= rows && w.capacity_sequences >= sequences);
+        if !fits {
+            let capacity_rows = rows.max(workspace.as_ref().map_or(0, |w| w.capacity_rows));
+            let capacity_sequences = sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
+            *workspace = Some(BatchBuffers::new(&self.gpu, config, capacity_rows, capacity_sequences));
+        }
+        let Some(batch) = workspace.as_mut() else {
+            return Err(Error::Gpu("no activation buffers".into()));
+        };
+        batch.rows = rows;
+        batch.sequences = sequences;
+        batch.seq_len = seq_len;
+
+        let mut token_rows = vec![0u32; rows * 3];
+        let mut mask = vec![MASKED; rows];
+        let mut lengths = Vec::with_capacity(sequences);
+        for (s, &i) in members.iter().enumerate() {
+            let t = &inputs[i];
+            lengths.push(t.ids.len() as u32);
+            for p in 0..seq_len {
+                let row = s * seq_len + p;
+                let (id, type_id) = match t.ids.get(p) {
+                    Some(&id) => {
+                        mask[row] = 0.0;
+                        (id, t.type_ids[p])
+                    }
+                    None => (config.pad_token_id as u32, 0),
+                };
+                token_rows[row * 3] = id;
+                token_rows[row * 3 + 1] = p as u32;
+                token_rows[row * 3 + 2] = type_id;
+            }
+        }
+        let queue = &self.gpu.queue;
+        queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
+        queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
+        queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
+
+        let mut plan = DispatchPlan::new(&self.gpu);
+        self.embeddings.forward(&self.gpu, &self.kernels, &mut plan, batch);
+        for layer in &self.layers {
+            BertLayer::forward(
+                &self.gpu,
+                &self.kernels,
+                &mut plan,
+                config,
+                self.spec.activation,
+                &self.layer_layout,
+                layer,
+                batch,
+            );
+        }
+        record_head(&self.kernels, &mut plan, config, self.spec.pooling, self.spec.normalize, batch);
+        plan.submit(&self.gpu);
+
+        let hidden = config.hidden_size;
+        let bytes = self.gpu.read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
+        let floats: &[f32] = bytemuck::cast_slice(&bytes);
+        let vectors: Vec<Vec<f32>> = floats.chunks_exact(hidden).map(|c| c.to_vec()).collect();
+        if let Some(position) = vectors.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(Error::Gpu(format!(
+                "the embedding of input {} is not finite",
+                members[position]
+            )));
+        }
+        Ok(vectors)
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.spec.pooling
+    }
+}

@@ -1,0 +1,99 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {problem}")]
+    BadModel { path: PathBuf, problem: String },
+    #[error("{path}: tensor `{tensor}` is missing")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]
+    WrongShape {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+    #[error("{path}: tensor `{tensor}` has dtype {dtype}, only F32, F16 and BF16 are supported")]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("{path}: unsupported {field} `{value}` (supported: {supported})")]
+    Unsupported {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        supported: &'static str,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error(
+        "no GPU adapter found{detail}. On Linux without a GPU, install a software Vulkan driver: \
+         `apt-get install -y mesa-vulkan-drivers`"
+    )]
+    NoAdapter { detail: String },
+    #[error("the GPU device could not be created on {adapter}: {message}")]
+    Device { adapter: String, message: String },
+    #[error("the model needs {what} of {needed}, but the adapter {adapter} allows at most {limit}")]
+    AdapterLimit {
+        adapter: String,
+        what: &'static str,
+        needed: u64,
+        limit: u64,
+    },
+    #[error("GPU error: {0}")]
+    Gpu(String),
+    #[error("weight source: {0}")]
+    WeightSource(String),
+}
+
+impl Error {
+    /// True when the error is the caller's to fix (bad model folder, bad text, bad
+    /// options) rather than a fault of the machine.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. }
+                | Error::Json { .. }
+                | Error::BadModel { .. }
+                | Error::MissingTensor { .. }
+                | Error::WrongShape { .. }
+                | Error::UnsupportedDtype { .. }
+                | Error::Unsupported { .. }
+                | Error::Tokenizer { .. }
+                | Error::InvalidInput(_)
+        )
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bad_model(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Error::BadModel {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,229 @@
+//! The wgpu device: adapter choice, real limits, buffer helpers.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Environment variable naming a substring of the adapter to use.
+pub const ADAPTER_ENV: &str = "SURF_ADAPTER";
+
+/// One GPU device and queue, shared by every kernel launcher.
+#[derive(Clone)]
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: Arc<wgpu::AdapterInfo>,
+    pub limits: wgpu::Limits,
+    pub subgroups: bool,
+    /// Validation and out-of-memory errors the device raised since the last
+    /// `check_errors`; wgpu would otherwise panic on them.
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn rank(device_type: wgpu::DeviceType) -> u8 {
+    match device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter: discrete, then integrated, then software;
+    /// `SURF_ADAPTER` (a case-insensitive name substring) overrides the order.
+    pub fn new() -> Result<Self> {
+        let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
+        pollster::block_on(Self::open(wanted.as_deref()))
+    }
+
+    async fn open(wanted: Option<&str>) -> Result<Self> {
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+        descriptor.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        let instance = wgpu::Instance::new(descriptor);
+        let mut adapters = instance.enumerate_adapters(descriptor_backends()).await;
+        adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Other || wanted.is_some());
+        if adapters.is_empty() {
+            return Err(Error::NoAdapter {
+                detail: String::new(),
+            });
+        }
+        let adapter = match wanted {
+            Some(name) => {
+                let needle = name.to_lowercase();
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&needle))
+                    .ok_or_else(|| Error::NoAdapter {
+                        detail: format!(
+                            " whose name contains `{name}` ({ADAPTER_ENV}); available: {}",
+                            names.join(", ")
+                        ),
+                    })?
+            }
+            None => {
+                adapters.sort_by_key(|a| {
+                    let info = a.get_info();
+                    // Vulkan first among equals: it is the best-tested compute path.
+                    (rank(info.device_type), info.backend != wgpu::Backend::Vulkan)
+                });
+                adapters.remove(0)
+            }
+        };
+        let info = adapter.get_info();
+        let adapter_limits = adapter.limits();
+        let subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let mut required_features = wgpu::Features::empty();
+        if subgroups {
+            required_features |= wgpu::Features::SUBGROUP;
+        }
+        // Ask for everything the adapter offers: big models need large bindings.
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("surf"),
+                required_features,
+                required_limits: adapter_limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Device {
+                adapter: info.name.clone(),
+                message: e.to_string(),
+            })?;
+        let limits = device.limits();
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&errors);
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            tracing::error!("GPU error: {error}");
+            if let Ok(mut list) = sink.lock() {
+                list.push(error.to_string());
+            }
+        }));
+        tracing::info!(adapter = %info.name, backend = ?info.backend, subgroups, "GPU device ready");
+        Ok(Self {
+            device,
+            queue,
+            info: Arc::new(info),
+            limits,
+            subgroups,
+            errors,
+        })
+    }
+
+    /// Returns the first error the device raised since the last call, if any.
+    pub fn check_errors(&self) -> Result<()> {
+        let mut list = self
+            .errors
+            .lock()
+            .map_err(|_| Error::Gpu("the GPU error log is poisoned".into()))?;
+        match list.drain(..).next() {
+            Some(first) => Err(Error::Gpu(first)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn adapter_name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Fails unless one binding of `bytes` fits the device.
+    pub fn check_binding_size(&self, what: &'static str, bytes: u64) -> Result<()> {
+        let limit = u64::from(self.limits.max_storage_buffer_binding_size)
+            .min(self.limits.max_buffer_size);
+        if bytes > limit {
+            return Err(Error::AdapterLimit {
+                adapter: self.info.name.clone(),
+                what,
+                needed: bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(16).next_multiple_of(16),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    }
+
+    pub fn storage_buffer_with(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        let buffer = self.storage_buffer(label, data.len() as u64);
+        self.queue.write_buffer(&buffer, 0, data);
+        buffer
+    }
+
+    pub fn uniform_buffer(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (data.len() as u64).max(16).next_multiple_of(16),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buffer, 0, data);
+        buffer
+    }
+
+    /// Copies `bytes` bytes from the start of `buffer` back to the host.
+    pub fn read_buffer(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, staging.size());
+        self.queue.submit([encoder.finish()]);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = sender.send(result);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        receiver
+            .recv()
+            .map_err(|_| Error::Gpu("the readback was dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the readback failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading the readback failed: {e}")))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        self.check_errors()?;
+        Ok(out)
+    }
+}
+
+fn descriptor_backends() -> wgpu::Backends {
+    wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
+}
+
+/// Opens the default GPU for a test, or tells why not. Outside CI a machine
+/// without an adapter skips GPU tests with a message; under `CI=true` it is a
+/// failure, because CI installs a software adapter.
+pub fn gpu_for_tests() -> Option<Gpu> {
+    match Gpu::new() {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter is usable: {e}");
+            }
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Launcher for `layernorm.wgsl`: LayerNorm with a fused residual add.
+
+use super::{Access, DispatchPlan, Kernel, grid_2d};
+use crate::gpu::Gpu;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct LayerNormParams {
+    rows: u32,
+    cols: u32,
+    has_residual: u32,
+    gamma_offset: u32,
+    beta_offset: u32,
+    groups_x: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+/// The operands of one LayerNorm: `out = LN(x + residual)`, gamma and beta at
+/// element offsets inside `weights`.
+pub struct LayerNormOperands<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub residual: Option<&'a wgpu::Buffer>,
+    pub weights: &'a wgpu::Buffer,
+    pub gamma_offset: u32,
+    pub beta_offset: u32,
+    pub out: &'a wgpu::Buffer,
+}
+
+pub struct LayerNorm {
+    kernel: Kernel,
+}
+
+impl LayerNorm {
+    pub fn new(gpu: &Gpu) -> Self {
+        Self {
+            kernel: Kernel::new(
+                gpu,
+                "layernorm",
+                surf_shaders::LAYERNORM,
+                &[Access::Read, Access::Read, Access::Read, Access::ReadWrite],
+            ),
+        }
+    }
+
+    pub fn push(
+        &self,
+        gpu: &Gpu,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        operands: LayerNormOperands<'_>,
+    ) {
+        let (grid, groups_x) = grid_2d(gpu, rows as u32);
+        let params = LayerNormParams {
+            rows: rows as u32,
+            cols: cols as u32,
+            has_residual: operands.residual.is_some() as u32,
+            gamma_offset: operands.gamma_offset,
+            beta_offset: operands.beta_offset,
+            groups_x,
+            eps,
+            _pad: 0,
+        };
+        // Without a residual the kernel never reads binding 2; any buffer will do.
+        let residual = operands.residual.unwrap_or(operands.x);
+        plan.push(
+            &self.kernel,
+            &params,
+            &[operands.x, residual, operands.weights, operands.out],
+            grid,
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! The Surfing Weights engine: runs BERT-family sentence-embedding models on any
+//! GPU through wgpu. It owns the device (`gpu`), one launcher per WGSL kernel
+//! (`kernels`), the BERT graph (`model`), weight loading (`weights`), the
+//! tokenizer set-up (`tokenize`) and the public [`Engine`].
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gpu;
+pub mod kernels;
+pub mod model;
+pub mod tokenize;
+pub mod weights;
+
+pub use config::{Activation, BertConfig, ModelSpec, Pooling};
+pub use engine::{Embedding, Engine, EngineBuilder};
+pub use error::{Error, Result};
+pub use gpu::Gpu;

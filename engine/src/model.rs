@@ -1,0 +1,390 @@
+//! The BERT graph. Host side: each module's `load` reads its tensors by
+//! checkpoint name and packs them into the layout its GPU buffer uses. GPU side:
+//! each module's `forward` records its kernel launches into a `DispatchPlan`.
+
+use crate::config::{Activation, BertConfig};
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::kernels::embed::EmbeddingTables;
+use crate::kernels::layernorm::LayerNormOperands;
+use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::{DispatchPlan, attention, embed, layernorm, matmul, normalize, pool};
+use crate::weights::TensorSource;
+
+/// Every launcher the forward pass uses, built once per device.
+pub struct Kernels {
+    pub matmul: matmul::Matmul,
+    pub embed: embed::Embed,
+    pub layernorm: layernorm::LayerNorm,
+    pub attention: attention::Attention,
+    pub pool: pool::Pool,
+    pub normalize: normalize::Normalize,
+}
+
+impl Kernels {
+    pub fn new(gpu: &Gpu) -> Self {
+        Self {
+            matmul: matmul::Matmul::new(gpu),
+            embed: embed::Embed::new(gpu),
+            layernorm: layernorm::LayerNorm::new(gpu),
+            attention: attention::Attention::new(gpu),
+            pool: pool::Pool::new(gpu),
+            normalize: normalize::Normalize::new(gpu),
+        }
+    }
+}
+
+/// Lays tensors end to end in one f32 buffer, each starting on a 16-byte
+/// boundary so that kernels may read them as vec4.
+struct Packer {
+    data: Vec<f32>,
+}
+
+impl Packer {
+    fn offset(&mut self) -> u32 {
+        let aligned = self.data.len().next_multiple_of(4);
+        self.data.resize(aligned, 0.0);
+        aligned as u32
+    }
+
+    fn put(&mut self, values: &[f32]) -> u32 {
+        let offset = self.offset();
+        self.data.extend_from_slice(values);
+        offset
+    }
+
+    /// Appends `weight` ([out, in], as checkpoints store linear layers)
+    /// transposed to [in, out], which is the B operand the matmul reads.
+    fn put_transposed(&mut self, weight: &[f32], out_features: usize, in_features: usize) -> u32 {
+        let offset = self.offset();
+        let start = self.data.len();
+        self.data.resize(start + weight.len(), 0.0);
+        let dst = &mut self.data[start..];
+        for o in 0..out_features {
+            for i in 0..in_features {
+                dst[i * out_features + o] = weight[o * in_features + i];
+            }
+        }
+        offset
+    }
+}
+
+/// Offsets of the embedding tables and their LayerNorm in the embeddings buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbeddingsLayout {
+    pub tables: EmbeddingTables,
+    pub gamma: u32,
+    pub beta: u32,
+}
+
+/// `embeddings.*`: word, position and token-type tables, then LayerNorm.
+pub struct BertEmbeddings {
+    pub layout: EmbeddingsLayout,
+    pub buffer: wgpu::Buffer,
+    hidden: usize,
+    eps: f32,
+}
+
+impl BertEmbeddings {
+    /// Reads and packs the `embeddings.*` tensors.
+    pub fn pack(weights: &dyn TensorSource, config: &BertConfig) -> Result<(EmbeddingsLayout, Vec<f32>)> {
+        let h = config.hidden_size;
+        let p = "embeddings";
+        let mut packer = Packer { data: Vec::new() };
+        let word = packer.put(&weights.tensor(&format!("{p}.word_embeddings.weight"), &[config.vocab_size, h])?);
+        let position = packer.put(&weights.tensor(
+            &format!("{p}.position_embeddings.weight"),
+            &[config.max_position_embeddings, h],
+        )?);
+        let token_type = packer.put(&weights.tensor(
+            &format!("{p}.token_type_embeddings.weight"),
+            &[config.type_vocab_size, h],
+        )?);
+        let gamma = packer.put(&weights.tensor(&format!("{p}.LayerNorm.weight"), &[h])?);
+        let beta = packer.put(&weights.tensor(&format!("{p}.LayerNorm.bias"), &[h])?);
+        let layout = EmbeddingsLayout {
+            tables: EmbeddingTables {
+                word_offset: word,
+                position_offset: position,
+                type_offset: token_type,
+            },
+            gamma,
+            beta,
+        };
+        Ok((layout, packer.data))
+    }
+
+    pub fn load(gpu: &Gpu, weights: &dyn TensorSource, config: &BertConfig) -> Result<Self> {
+        let (layout, data) = Self::pack(weights, config)?;
+        gpu.check_binding_size("an embeddings buffer", (data.len() * 4) as u64)?;
+        Ok(Self {
+            layout,
+            buffer: gpu.storage_buffer_with("embeddings", bytemuck::cast_slice(&data)),
+            hidden: config.hidden_size,
+            eps: config.layer_norm_eps as f32,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, kernels: &Kernels, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+        let tokens = batch.rows;
+        kernels.embed.push(
+            gpu,
+            plan,
+            tokens,
+            self.hidden,
+            &batch.tokens,
+            &self.buffer,
+            self.layout.tables,
+            &batch.scratch,
+        );
+        kernels.layernorm.push(
+            gpu,
+            plan,
+            tokens,
+            self.hidden,
+            self.eps,
+            LayerNormOperands {
+                x: &batch.scratch,
+                residual: None,
+                weights: &self.buffer,
+                gamma_offset: self.layout.gamma,
+                beta_offset: self.layout.beta,
+                out: &batch.hidden,
+            },
+        );
+    }
+}
+
+/// Offsets (f32 elements) of one encoder layer's tensors in its buffer. The
+/// query, key and value projections are fused into one [hidden, 3 hidden] matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerLayout {
+    pub qkv_weight: u32,
+    pub qkv_bias: u32,
+    pub attention_out_weight: u32,
+    pub attention_out_bias: u32,
+    pub attention_norm_gamma: u32,
+    pub attention_norm_beta: u32,
+    pub intermediate_weight: u32,
+    pub intermediate_bias: u32,
+    pub output_weight: u32,
+    pub output_bias: u32,
+    pub output_norm_gamma: u32,
+    pub output_norm_beta: u32,
+    /// Size of the whole layer buffer, in f32 elements.
+    pub len: usize,
+}
+
+/// `encoder.layer.{i}`: self-attention, its output projection and LayerNorm,
+/// the intermediate (GELU) and output projections and the second LayerNorm.
+pub struct BertLayer;
+
+impl BertLayer {
+    /// Reads and packs the tensors of layer `index`.
+    pub fn pack(weights: &dyn TensorSource, config: &BertConfig, index: usize) -> Result<(LayerLayout, Vec<f32>)> {
+        let h = config.hidden_size;
+        let i = config.intermediate_size;
+        let p = format!("encoder.layer.{index}");
+        let t = |name: &str, shape: &[usize]| weights.tensor(&format!("{p}.{name}"), shape);
+
+        let query = t("attention.self.query.weight", &[h, h])?;
+        let key = t("attention.self.key.weight", &[h, h])?;
+        let value = t("attention.self.value.weight", &[h, h])?;
+        let mut qkv = Vec::with_capacity(3 * h * h);
+        qkv.extend_from_slice(&query);
+        qkv.extend_from_slice(&key);
+        qkv.extend_from_slice(&value);
+        let mut qkv_bias = t("attention.self.query.bias", &[h])?;
+        qkv_bias.extend(t("attention.self.key.bias", &[h])?);
+        qkv_bias.extend(t("attention.self.value.bias", &[h])?);
+
+        let mut packer = Packer { data: Vec::new() };
+        let qkv_weight = packer.put_transposed(&qkv, 3 * h, h);
+        let qkv_bias = packer.put(&qkv_bias);
+        let attention_out_weight = packer.put_transposed(&t("attention.output.dense.weight", &[h, h])?, h, h);
+        let attention_out_bias = packer.put(&t("attention.output.dense.bias", &[h])?);
+        let attention_norm_gamma = packer.put(&t("attention.output.LayerNorm.weight", &[h])?);
+        let attention_norm_beta = packer.put(&t("attention.output.LayerNorm.bias", &[h])?);
+        let intermediate_weight = packer.put_transposed(&t("intermediate.dense.weight", &[i, h])?, i, h);
+        let intermediate_bias = packer.put(&t("intermediate.dense.bias", &[i])?);
+        let output_weight = packer.put_transposed(&t("output.dense.weight", &[h, i])?, h, i);
+        let output_bias = packer.put(&t("output.dense.bias", &[h])?);
+        let output_norm_gamma = packer.put(&t("output.LayerNorm.weight", &[h])?);
+        let output_norm_beta = packer.put(&t("output.LayerNorm.bias", &[h])?);
+        packer.offset();
+        let layout = LayerLayout {
+            qkv_weight,
+            qkv_bias,
+            attention_out_weight,
+            attention_out_bias,
+            attention_norm_gamma,
+            attention_norm_beta,
+            intermediate_weight,
+            intermediate_bias,
+            output_weight,
+            output_bias,
+            output_norm_gamma,
+            output_norm_beta,
+            len: packer.data.len(),
+        };
+        Ok((layout, packer.data))
+    }
+
+    /// Records the layer: `batch.hidden` in, `batch.hidden` out.
+    pub fn forward(
+        gpu: &Gpu,
+        kernels: &Kernels,
+        plan: &mut DispatchPlan,
+        config: &BertConfig,
+        activation: Activation,
+        layout: &LayerLayout,
+        weights: &wgpu::Buffer,
+        batch: &BatchBuffers,
+    ) {
+        let h = config.hidden_size;
+        let inter = config.intermediate_size;
+        let rows = batch.rows;
+        let eps = config.layer_norm_eps as f32;
+        let mm = &kernels.matmul;
+        mm.push(plan, rows, 3 * h, h, Epilogue::Bias, MatmulOperands {
+            lhs: &batch.hidden,
+            a_offset: 0,
+            weights,
+            b_offset: layout.qkv_weight,
+            bias_offset: layout.qkv_bias,
+            out: &batch.qkv,
+            c_offset: 0,
+        });
+        kernels.attention.push(
+            plan,
+            batch.sequences,
+            batch.seq_len,
+            config.num_attention_heads,
+            config.head_dim(),
+            &batch.qkv,
+            &batch.mask,
+            &batch.context,
+        );
+        mm.push(plan, rows, h, h, Epilogue::Bias, MatmulOperands {
+            lhs: &batch.context,
+            a_offset: 0,
+            weights,
+            b_offset: layout.attention_out_weight,
+            bias_offset: layout.attention_out_bias,
+            out: &batch.scratch,
+            c_offset: 0,
+        });
+        kernels.layernorm.push(gpu, plan, rows, h, eps, LayerNormOperands {
+            x: &batch.scratch,
+            residual: Some(&batch.hidden),
+            weights,
+            gamma_offset: layout.attention_norm_gamma,
+            beta_offset: layout.attention_norm_beta,
+            out: &batch.attention_output,
+        });
+        mm.push(plan, rows, inter, h, Epilogue::BiasThen(activation), MatmulOperands {
+            lhs: &batch.attention_output,
+            a_offset: 0,
+            weights,
+            b_offset: layout.intermediate_weight,
+            bias_offset: layout.intermediate_bias,
+            out: &batch.intermediate,
+            c_offset: 0,
+        });
+        mm.push(plan, rows, h, inter, Epilogue::Bias, MatmulOperands {
+            lhs: &batch.intermediate,
+            a_offset: 0,
+            weights,
+            b_offset: layout.output_weight,
+            bias_offset: layout.output_bias,
+            out: &batch.scratch,
+            c_offset: 0,
+        });
+        kernels.layernorm.push(gpu, plan, rows, h, eps, LayerNormOperands {
+            x: &batch.scratch,
+            residual: Some(&batch.attention_output),
+            weights,
+            gamma_offset: layout.output_norm_gamma,
+            beta_offset: layout.output_norm_beta,
+            out: &batch.hidden,
+        });
+    }
+}
+
+/// The activations of one padded batch, sized for a capacity and reused while
+/// batches fit in it.
+pub struct BatchBuffers {
+    pub capacity_rows: usize,
+    pub capacity_sequences: usize,
+    /// Rows in use: sequences * seq_len.
+    pub rows: usize,
+    pub sequences: usize,
+    pub seq_len: usize,
+    /// (word id, position id, token type id) per row.
+    pub tokens: wgpu::Buffer,
+    pub mask: wgpu::Buffer,
+    pub lengths: wgpu::Buffer,
+    pub hidden: wgpu::Buffer,
+    pub qkv: wgpu::Buffer,
+    pub context: wgpu::Buffer,
+    pub scratch: wgpu::Buffer,
+    pub attention_output: wgpu::Buffer,
+    pub intermediate: wgpu::Buffer,
+    pub pooled: wgpu::Buffer,
+}
+
+impl BatchBuffers {
+    pub fn new(gpu: &Gpu, config: &BertConfig, rows: usize, sequences: usize) -> Self {
+        let h = config.hidden_size as u64;
+        let r = rows as u64;
+        let f = 4u64;
+        Self {
+            capacity_rows: rows,
+            capacity_sequences: sequences,
+            rows: 0,
+            sequences: 0,
+            seq_len: 0,
+            tokens: gpu.storage_buffer("tokens", r * 3 * 4),
+            mask: gpu.storage_buffer("mask", r * f),
+            lengths: gpu.storage_buffer("lengths", sequences as u64 * 4),
+            hidden: gpu.storage_buffer("hidden", r * h * f),
+            qkv: gpu.storage_buffer("qkv", r * 3 * h * f),
+            context: gpu.storage_buffer("context", r * h * f),
+            scratch: gpu.storage_buffer("scratch", r * h * f),
+            attention_output: gpu.storage_buffer("attention_output", r * h * f),
+            intermediate: gpu.storage_buffer("intermediate", r * config.intermediate_size as u64 * f),
+            pooled: gpu.storage_buffer("pooled", sequences as u64 * h * f),
+        }
+    }
+
+    /// Bytes of the widest activation per row, which bounds rows per batch.
+    pub fn widest_row_bytes(config: &BertConfig) -> u64 {
+        4 * (3 * config.hidden_size).max(config.intermediate_size) as u64
+    }
+}
+
+/// Records pooling and, where the model asks for it, L2 normalisation.
+pub fn record_head(
+    kernels: &Kernels,
+    plan: &mut DispatchPlan,
+    config: &BertConfig,
+    pooling: crate::config::Pooling,
+    normalize: bool,
+    batch: &BatchBuffers,
+) {
+    kernels.pool.push(
+        plan,
+        batch.sequences,
+        batch.seq_len,
+        config.hidden_size,
+        pooling,
+        &batch.hidden,
+        &batch.lengths,
+        &batch.pooled,
+    );
+    if normalize {
+        kernels
+            .normalize
+            .push(plan, batch.sequences, config.hidden_size, &batch.pooled);
+    }
+}

@@ -1,0 +1,89 @@
+//! `surf embed`: texts in, JSON Lines of embeddings out.
+
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use serde::Serialize;
+use surf_engine::{Engine, Error as EngineError};
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json, ...).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// File with one text per line; an empty line is an empty text.
+    #[arg(long, conflicts_with = "texts")]
+    pub input: Option<PathBuf>,
+    /// Texts to embed, when --input is not given.
+    pub texts: Vec<String>,
+    /// Largest number of texts per GPU batch.
+    #[arg(long, default_value_t = surf_engine::engine::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+}
+
+#[derive(Serialize)]
+struct OutputLine<'a> {
+    index: usize,
+    tokens: usize,
+    embedding: &'a [f32],
+}
+
+/// Splits a text file into lines, keeping empty lines as empty texts. Invalid
+/// UTF-8 is an error that names the line.
+pub fn read_lines(path: &std::path::Path) -> Result<Vec<String>, EngineError> {
+    let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let mut body: &[u8] = &bytes;
+    if body.last() == Some(&b'\n') {
+        body = &body[..body.len() - 1];
+    }
+    if body.is_empty() && bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    body.split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            String::from_utf8(line.to_vec()).map_err(|e| EngineError::BadModel {
+                path: path.into(),
+                problem: format!("line {} is not valid UTF-8 ({e})", i + 1),
+            })
+        })
+        .collect()
+}
+
+pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
+    let texts = match &args.input {
+        Some(path) => read_lines(path)?,
+        None => args.texts.clone(),
+    };
+    let Some(model) = &args.model else {
+        anyhow::bail!("give --model DIR");
+    };
+    let engine = Engine::builder()
+        .model_dir(model)
+        .batch_size(args.batch_size)
+        .build()
+        .with_context(|| format!("loading the model from {}", model.display()))?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let embeddings = engine.embed(&refs)?;
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    for (index, e) in embeddings.iter().enumerate() {
+        serde_json::to_writer(
+            &mut out,
+            &OutputLine {
+                index,
+                tokens: e.token_ids.len(),
+                embedding: &e.vector,
+            },
+        )?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}

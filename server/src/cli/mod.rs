@@ -1,0 +1,40 @@
+//! Subcommands of `surf`, and the one place where errors become exit codes.
+
+pub mod embed;
+pub mod serve;
+
+/// Exit status for input the user can fix: a bad model folder, bad flags, bad text.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit status for everything else: GPU failures, network faults, bugs.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// Maps an error chain to the process exit status.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    for cause in error.chain() {
+        if let Some(engine_error) = cause.downcast_ref::<surf_engine::Error>() {
+            return if engine_error.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            };
+        }
+        if let Some(server_error) = cause.downcast_ref::<crate::Error>() {
+            return if server_error.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            };
+        }
+        if let Some(transport_error) = cause.downcast_ref::<surf_transport::Error>() {
+            return if transport_error.is_bad_input() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_FAILURE
+            };
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return EXIT_BAD_INPUT;
+        }
+    }
+    EXIT_FAILURE
+}

@@ -1,0 +1,116 @@
+//! `surf serve`: runs the weight server until SIGINT or SIGTERM.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use surf_transport::tls;
+
+use crate::{Error, Identity, ServerConfig, WeightServer};
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Model folder: model.safetensors, config.json, the tokenizer files.
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// UDP address to listen on; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Memory budget of the cache of assembled components, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub cache_mb: u64,
+    /// Token that clients must present before anything is sent to them.
+    #[arg(long, value_name = "T", env = "SURF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Certificate chain (PEM, leaf first) to serve instead of a self-signed one.
+    #[arg(
+        long,
+        value_name = "PEM",
+        requires = "key",
+        conflicts_with = "cert_out"
+    )]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Where to write the self-signed certificate, for clients to pin with --server-cert.
+    #[arg(long, value_name = "PEM", required_unless_present = "cert")]
+    pub cert_out: Option<PathBuf>,
+    /// TCP address for Prometheus metrics at /metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let identity = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => Identity::Provided {
+            chain: tls::load_certificates_pem(cert).map_err(Error::from)?,
+            key: tls::load_private_key_pem(key).map_err(Error::from)?,
+        },
+        _ => Identity::SelfSigned,
+    };
+    let config = ServerConfig {
+        cache_bytes: args.cache_mb.saturating_mul(MIB),
+        token: args.token,
+        identity,
+        metrics_listen: args.metrics_listen,
+        ..ServerConfig::new(args.model, args.listen)
+    };
+    let server = WeightServer::bind(config).await?;
+    if let (Some(path), Some(pem)) = (&args.cert_out, server.certificate_pem()) {
+        std::fs::write(path, pem).map_err(|source| Error::CertificateOut {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {}", server.local_addr())?;
+        stdout.flush()?;
+    }
+    if let Some(metrics_addr) = server.metrics_addr() {
+        eprintln!("metrics on http://{metrics_addr}/metrics");
+    }
+    let manifest = server.manifest();
+    eprintln!(
+        "serving {} (revision {}, {} components, {} bytes)",
+        manifest.model_id,
+        &manifest.revision[..12.min(manifest.revision.len())],
+        manifest.components.len(),
+        manifest.total_bytes()
+    );
+    wait_for_stop_signal().await?;
+    eprintln!("shutting down: letting fetches in flight finish");
+    server.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot listen for Ctrl-C")
+}

@@ -1,0 +1,84 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything that can stop the weight server from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read the model folder {path}: {source}")]
+    ModelDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is missing: the model folder needs its weights in model.safetensors")]
+    MissingWeights { path: PathBuf },
+    #[error("cannot open {path}: {source}")]
+    WeightsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid safetensors file: {source}")]
+    Safetensors {
+        path: PathBuf,
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{path} is not a BERT checkpoint the server can split into components: {detail}")]
+    InvalidModel { path: PathBuf, detail: String },
+    #[error("tensor {tensor} in {path} has dtype {dtype}, which the protocol does not carry")]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("cannot read {path}: {source}")]
+    ModelFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the model's small files exceed {limit} bytes together, more than a manifest may carry"
+    )]
+    FilesTooLarge { limit: usize },
+    #[error("cannot make a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+    #[error("cannot write the certificate to {path}: {source}")]
+    CertificateOut {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    MetricsListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] surf_transport::Error),
+    #[error("the task loading the model failed: {0}")]
+    LoadTask(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    /// True when the user can fix the cause: the model folder, the
+    /// certificate files, the addresses.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            Error::ModelDir { .. }
+            | Error::MissingWeights { .. }
+            | Error::WeightsFile { .. }
+            | Error::Safetensors { .. }
+            | Error::InvalidModel { .. }
+            | Error::UnsupportedDtype { .. }
+            | Error::ModelFile { .. }
+            | Error::FilesTooLarge { .. }
+            | Error::CertificateOut { .. }
+            | Error::Listen { .. }
+            | Error::MetricsListen { .. } => true,
+            Error::Transport(error) => error.is_bad_input(),
+            Error::SelfSigned(_) | Error::LoadTask(_) => false,
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The model as the server holds it: the safetensors file memory-mapped, its
+//! tensors grouped into components, and the manifest describing them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use memmap2::Mmap;
+use surf_transport::manifest::DEFAULT_CHUNK_SIZE;
+use surf_transport::{Component, Digest, Dtype, Manifest, TensorEntry, wire};
+
+use crate::Error;
+
+/// The weights file inside a model folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Extensions of the small files that travel in the manifest: configs,
+/// tokenizers, vocabularies, sentencepiece models.
+const SMALL_FILE_EXTENSIONS: &[&str] = &["json", "txt", "model"];
+/// Small files are looked for in the folder and one level below
+/// (sentence-transformers keeps `1_Pooling/config.json` there).
+const SMALL_FILE_DEPTH: usize = 2;
+/// Room left in the manifest message for everything but the files.
+const MANIFEST_HEADROOM: usize = 1024 * 1024;
+/// `embeddings.position_ids` is an `arange` buffer some exporters save, not a
+/// weight: it is left out of the `embeddings` component.
+const SKIPPED_TENSORS: &[&str] = &["embeddings.position_ids"];
+
+/// Where a component's bytes are in the file.
+#[derive(Debug, Clone)]
+enum Layout {
+    /// The tensors sit back to back in the file: served straight from the map.
+    Contiguous(Range<usize>),
+    /// The tensors are scattered: served from a copy that is assembled on
+    /// demand and kept in the cache.
+    Gathered(Vec<Range<usize>>),
+}
+
+/// A model folder opened for serving.
+pub struct ModelStore {
+    path: PathBuf,
+    file: Bytes,
+    manifest: Arc<Manifest>,
+    layouts: HashMap<String, Layout>,
+}
+
+/// One tensor as found in the file.
+struct FileTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    file_range: Range<usize>,
+}
+
+/// Keeps the map alive for as long as any `Bytes` slice of it exists.
+struct MappedFile(Mmap);
+
+impl AsRef<[u8]> for MappedFile {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl ModelStore {
+    /// Opens `model_dir`, validates its safetensors file and hashes every
+    /// component. Blocking: this reads the whole file once.
+    pub fn open(model_dir: &Path) -> Result<Self, Error> {
+        let metadata = std::fs::metadata(model_dir).map_err(|source| Error::ModelDir {
+            path: model_dir.to_owned(),
+            source,
+        })?;
+        if !metadata.is_dir() {
+            return Err(Error::ModelDir {
+                path: model_dir.to_owned(),
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        let weights_path = model_dir.join(WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(Error::MissingWeights { path: weights_path });
+        }
+        let file = map_file(&weights_path)?;
+        let tensors = read_tensors(&weights_path, &file)?;
+        let groups = group_into_components(&weights_path, tensors)?;
+        let files = read_small_files(model_dir)?;
+
+        let described = describe_components(&file, &groups);
+        let mut layouts = HashMap::new();
+        let mut components = Vec::with_capacity(groups.len());
+        for ((name, layout), component) in groups
+            .iter()
+            .map(|(name, tensors)| (name, layout_of(tensors)))
+            .zip(described)
+        {
+            layouts.insert(name.clone(), layout);
+            components.push(component);
+        }
+
+        let model_id = model_dir
+            .canonicalize()
+            .ok()
+            .and_then(|path| {
+                path.file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "model".to_owned());
+        let mut manifest = Manifest {
+            model_id,
+            revision: String::new(),
+            files,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            components,
+        };
+        manifest.revision = manifest.compute_revision();
+        Ok(ModelStore {
+            path: weights_path,
+            file,
+            manifest: Arc::new(manifest),
+            layouts,
+        })
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn weights_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The component's bytes when they can be served straight from the map.
+    pub fn mapped_component(&self, name: &str) -> Option<Bytes> {
+        match self.layouts.get(name)? {
+            Layout::Contiguous(range) => Some(self.file.slice(range.clone())),
+            Layout::Gathered(_) => None,
+        }
+    }
+
+    /// Copies a scattered component together; `None` for unknown names.
+    pub fn gather_component(&self, name: &str) -> Option<Bytes> {
+        match self.layouts.get(name)? {
+            Layout::Contiguous(range) => Some(Bytes::copy_from_slice(&self.file[range.clone()])),
+            Layout::Gathered(pieces) => Some(Bytes::from(gather(&self.file, pieces))),
+        }
+    }
+}
+
+fn map_file(path: &Path) -> Result<Bytes, Error> {
+    let file = File::open(path).map_err(|source| Error::WeightsFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    // SAFETY: the map is read-only. Its contents could change if another
+    // process rewrote the file while it is served; the bytes would then fail
+    // the clients' hash checks instead of being trusted, and an operator
+    // replaces a model by restarting the server on a new file, never by
+    // editing it in place.
+    #[allow(unsafe_code)]
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| Error::WeightsFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(Bytes::from_owner(MappedFile(map)))
+}
+
+fn read_tensors(path: &Path, file: &[u8]) -> Result<Vec<FileTensor>, Error> {
+    let (header_len, metadata) =
+        safetensors::SafeTensors::read_metadata(file).map_err(|source| Error::Safetensors {
+            path: path.to_owned(),
+            source,
+        })?;
+    let data_start = 8 + header_len;
+    let mut tensors = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = convert_dtype(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: path.to_owned(),
+            tensor: name.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let (start, end) = info.data_offsets;
+        tensors.push(FileTensor {
+            name,
+            dtype,
+            shape: info.shape.iter().map(|&dim| dim as u64).collect(),
+            file_range: data_start + start..data_start + end,
+        });
+    }
+    tensors.sort_by_key(|tensor| tensor.file_range.start);
+    Ok(tensors)
+}
+
+fn convert_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {
+    use safetensors::Dtype as St;
+    Some(match dtype {
+        St::BOOL => Dtype::Bool,
+        St::U8 => Dtype::U8,
+        St::I8 => Dtype::I8,
+        St::I16 => Dtype::I16,
+        St::I32 => Dtype::I32,
+        St::I64 => Dtype::I64,
+        St::F16 => Dtype::F16,
+        St::BF16 => Dtype::BF16,
+        St::F32 => Dtype::F32,
+        St::F64 => Dtype::F64,
+        _ => return None,
+    })
+}
+
+/// The component a tensor belongs to, from its prefix-free name.
+fn component_of(name: &str) -> Option<String> {
+    if name.starts_with("embeddings.") {
+        return Some("embeddings".to_owned());
+    }
+    if name.starts_with("pooler.") {
+        return Some("pooler".to_owned());
+    }
+    let rest = name.strip_prefix("encoder.layer.")?;
+    let index: usize = rest.split('.').next()?.parse().ok()?;
+    Some(format!("encoder.layer.{index}"))
+}
+
+/// Groups tensors into `embeddings`, `encoder.layer.0..N`, `pooler`, in that
+/// order; tensors of other heads (e.g. `cls.predictions.*`) are not served.
+fn group_into_components(
+    path: &Path,
+    tensors: Vec<FileTensor>,
+) -> Result<Vec<(String, Vec<FileTensor>)>, Error> {
+    let invalid = |detail: String| Error::InvalidModel {
+        path: path.to_owned(),
+        detail,
+    };
+    let mut embeddings = Vec::new();
+    let mut layers: BTreeMap<usize, Vec<FileTensor>> = BTreeMap::new();
+    let mut pooler = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for mut tensor in tensors {
+        let canonical = tensor
+            .name
+            .strip_prefix("bert.")
+            .unwrap_or(&tensor.name)
+            .to_owned();
+        if SKIPPED_TENSORS.contains(&canonical.as_str()) {
+            continue;
+        }
+        let Some(component) = component_of(&canonical) else {
+            tracing::debug!(tensor = %tensor.name, "not part of any served component");
+            continue;
+        };
+        if !seen.insert(canonical.clone()) {
+            return Err(invalid(format!(
+                "tensor {canonical} appears both with and without the bert. prefix"
+            )));
+        }
+        tensor.name = canonical;
+        if component == "embeddings" {
+            embeddings.push(tensor);
+        } else if component == "pooler" {
+            pooler.push(tensor);
+        } else {
+            let index = component
+                .rsplit('.')
+                .next()
+                .and_then(|index| index.parse().ok())
+                .unwrap_or(usize::MAX);
+            layers.entry(index).or_default().push(tensor);
+        }
+    }
+    if embeddings.is_empty() {
+        return Err(invalid("it has no embeddings.* tensors".into()));
+    }
+    if layers.is_empty() {
+        return Err(invalid("it has no encoder.layer.N.* tensors".into()));
+    }
+    for (expected, &index) in layers.keys().enumerate() {
+        if index != expected {
+            return Err(invalid(format!(
+                "encoder layers are numbered {:?}; expected 0..{}",
+                layers.keys().collect::<Vec<_>>(),
+                layers.len()
+            )));
+        }
+    }
+    let mut groups = vec![("embeddings".to_owned(), embeddings)];
+    groups.extend(
+        layers
+            .into_iter()
+            .map(|(index, tensors)| (format!("encoder.layer.{index}"), tensors)),
+    );
+    if !pooler.is_empty() {
+        groups.push(("pooler".to_owned(), pooler));
+    }
+    Ok(groups)
+}
+
+fn layout_of(tensors: &[FileTensor]) -> Layout {
+    let contiguous = tensors
+        .windows(2)
+        .all(|pair| pair[0].file_range.end == pair[1].file_range.start);
+    match (contiguous, tensors.first(), tensors.last()) {
+        (true, Some(first), Some(last)) => {
+            Layout::Contiguous(first.file_range.start..last.file_range.end)
+        }
+        _ => Layout::Gathered(
+            tensors
+                .iter()
+                .map(|tensor| tensor.file_range.clone())
+                .collect(),
+        ),
+    }
+}
+
+fn gather(file: &[u8], pieces: &[Range<usize>]) -> Vec<u8> {
+    let len = pieces.iter().map(|piece| piece.len()).sum();
+    let mut bytes = Vec::with_capacity(len);
+    for piece in pieces {
+        bytes.extend_from_slice(&file[piece.clone()]);
+    }
+    bytes
+}
+
+/// Hashes every component, spread over the available cores.
+fn describe_components(file: &[u8], groups: &[(String, Vec<FileTensor>)]) -> Vec<Component> {
+    let workers = std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(1)
+        .min(groups.len().max(1));
+    let mut described: Vec<Option<Component>> = vec![None; groups.len()];
+    std::thread::scope(|scope| {
+        let per_worker = groups.len().div_ceil(workers);
+        for (group_chunk, out_chunk) in groups
+            .chunks(per_worker)
+            .zip(described.chunks_mut(per_worker))
+        {
+            scope.spawn(move || {
+                for ((name, tensors), out) in group_chunk.iter().zip(out_chunk) {
+                    *out = Some(describe_component(file, name, tensors));
+                }
+            });
+        }
+    });
+    described.into_iter().flatten().collect()
+}
+
+fn describe_component(file: &[u8], name: &str, tensors: &[FileTensor]) -> Component {
+    let mut offset = 0u64;
+    let entries = tensors
+        .iter()
+        .map(|tensor| {
+            let bytes = &file[tensor.file_range.clone()];
+            let entry = TensorEntry {
+                name: tensor.name.clone(),
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+                offset,
+                byte_len: bytes.len() as u64,
+                hash: Digest::of(bytes),
+            };
+            offset += bytes.len() as u64;
+            entry
+        })
+        .collect();
+    let component_bytes: std::borrow::Cow<'_, [u8]> = match layout_of(tensors) {
+        Layout::Contiguous(range) => std::borrow::Cow::Borrowed(&file[range]),
+        Layout::Gathered(pieces) => std::borrow::Cow::Owned(gather(file, &pieces)),
+    };
+    Component::describe(name, entries, &component_bytes, DEFAULT_CHUNK_SIZE)
+}
+
+/// Reads the configs and tokenizer files that travel in the manifest.
+fn read_small_files(model_dir: &Path) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+    let mut files = BTreeMap::new();
+    let mut total = 0usize;
+    let limit = wire::limits::HELLO_REPLY - MANIFEST_HEADROOM;
+    collect_small_files(
+        model_dir,
+        "",
+        SMALL_FILE_DEPTH,
+        &mut files,
+        &mut total,
+        limit,
+    )?;
+    Ok(files)
+}
+
+fn collect_small_files(
+    dir: &Path,
+    prefix: &str,
+    depth: usize,
+    files: &mut BTreeMap<String, Vec<u8>>,
+    total: &mut usize,
+    limit: usize,
+) -> Result<(), Error> {
+    if depth == 0 {
+        return Ok(());
+    }
+    let read_dir_error = |source| Error::ModelDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(read_dir_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_dir_error)?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if file_name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let relative = format!("{prefix}{file_name}");
+        if path.is_dir() {
+            collect_small_files(
+                &path,
+                &format!("{relative}/"),
+                depth - 1,
+                files,
+                total,
+                limit,
+            )?;
+            continue;
+        }
+        let wanted = path
+            .extension()
+            .and_then(|extension| extension.to_str())
+            .is_some_and(|extension| SMALL_FILE_EXTENSIONS.contains(&extension));
+        if !wanted {
+            continue;
+        }
+        let contents = std::fs::read(&path).map_err(|source| Error::ModelFile {
+            path: path.clone(),
+            source,
+        })?;
+        *total += contents.len();
+        if *total > limit {
+            return Err(Error::FilesTooLarge { limit });
+        }
+        files.insert(relative, contents);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_names_map_to_components() {
+        assert_eq!(
+            component_of("embeddings.word_embeddings.weight").as_deref(),
+            Some("embeddings")
+        );
+        assert_eq!(
+            component_of("encoder.layer.11.output.dense.bias").as_deref(),
+            Some("encoder.layer.11")
+        );
+        assert_eq!(
+            component_of("pooler.dense.weight").as_deref(),
+            Some("pooler")
+        );
+        assert_eq!(component_of("cls.predictions.bias"), None);
+        assert_eq!(component_of("encoder.layer.x.output"), None);
+    }
+
+    #[test]
+    fn back_to_back_tensors_are_served_from_the_map() {
+        let tensor = |start: usize, end: usize| FileTensor {
+            name: String::new(),
+            dtype: Dtype::U8,
+            shape: vec![(end - start) as u64],
+            file_range: start..end,
+        };
+        assert!(matches!(
+            layout_of(&[tensor(8, 16), tensor(16, 20)]),
+            Layout::Contiguous(range) if range == (8..20)
+        ));
+        assert!(matches!(
+            layout_of(&[tensor(8, 16), tensor(24, 30)]),
+            Layout::Gathered(pieces) if pieces == vec![8..16, 24..30]
+        ));
+        let file: Vec<u8> = (0..40).collect();
+        assert_eq!(gather(&file, &[2..4, 10..12]), vec![2, 3, 10, 11]);
+    }
+}

@@ -1,0 +1,107 @@
+// Multi-head self-attention over a padded batch.
+// qkv: [batch * seq, 3 * hidden] rows of (query | key | value), heads side by side.
+// mask: [batch * seq] additive bias, 0 for real tokens, very negative for padding.
+// out:  [batch * seq, hidden] context vectors.
+// One workgroup per (64 queries, head, sequence). Keys and values stream through
+// workgroup memory in blocks; each query keeps a running maximum and sum, so the
+// softmax is exact without storing the score matrix.
+
+struct Params {
+    seq: u32,
+    hidden: u32,
+    head_dim: u32,
+    _pad0: u32,
+    scale: f32,
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> mask: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+
+const QUERIES: u32 = 64u;
+const KEY_BLOCK: u32 = 16u;
+const MAX_DIM4: u32 = 16u; // head size up to 64
+
+var<workgroup> keys: array<vec4<f32>, 256>; // KEY_BLOCK * MAX_DIM4
+var<workgroup> values: array<vec4<f32>, 256>;
+var<workgroup> bias: array<f32, KEY_BLOCK>;
+
+@compute @workgroup_size(64, 1, 1)
+fn main(
+    @builtin(workgroup_id) group: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+) {
+    let seq = params.seq;
+    let dim4 = params.head_dim / 4u;
+    let head = group.y;
+    let sequence = group.z;
+    let query = group.x * QUERIES + lane;
+    let row_stride4 = 3u * params.hidden / 4u;
+    let head4 = head * dim4;
+    let hidden4 = params.hidden / 4u;
+    let first_row = sequence * seq;
+    let in_range = query < seq;
+
+    var q: array<vec4<f32>, MAX_DIM4>;
+    var acc: array<vec4<f32>, MAX_DIM4>;
+    if (in_range) {
+        let base = (first_row + query) * row_stride4 + head4;
+        for (var d = 0u; d < dim4; d++) {
+            q[d] = qkv[base + d] * params.scale;
+            acc[d] = vec4<f32>(0.0);
+        }
+    }
+    var running_max = -3.0e38;
+    var running_sum = 0.0;
+
+    for (var k0 = 0u; k0 < seq; k0 += KEY_BLOCK) {
+        let block = min(KEY_BLOCK, seq - k0);
+        for (var e = lane; e < block * dim4; e += QUERIES) {
+            let j = e / dim4;
+            let d = e % dim4;
+            let base = (first_row + k0 + j) * row_stride4 + head4 + d;
+            keys[j * MAX_DIM4 + d] = qkv[base + hidden4];
+            values[j * MAX_DIM4 + d] = qkv[base + 2u * hidden4];
+        }
+        if (lane < block) {
+            bias[lane] = mask[first_row + k0 + lane];
+        }
+        workgroupBarrier();
+
+        if (in_range) {
+            for (var j = 0u; j < block; j++) {
+                var dot4 = vec4<f32>(0.0);
+                for (var d = 0u; d < dim4; d++) {
+                    dot4 = fma(q[d], keys[j * MAX_DIM4 + d], dot4);
+                }
+                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias[j];
+                if (score > running_max) {
+                    let correction = exp(running_max - score);
+                    running_sum *= correction;
+                    for (var d = 0u; d < dim4; d++) {
+                        acc[d] *= correction;
+                    }
+                    running_max = score;
+                }
+                let p = exp(score - running_max);
+                running_sum += p;
+                for (var d = 0u; d < dim4; d++) {
+                    acc[d] = fma(vec4<f32>(p), values[j * MAX_DIM4 + d], acc[d]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    if (in_range) {
+        let base = (first_row + query) * hidden4 + head4;
+        let inv = 1.0 / running_sum;
+        for (var d = 0u; d < dim4; d++) {
+            out[base + d] = acc[d] * inv;
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Shared helpers of the end-to-end tests in `tests/tests/`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits inside the workspace")
+        .to_path_buf()
+}
+
+/// The default model folder; fails with the command that fetches it.
+pub fn minilm_dir() -> PathBuf {
+    let dir = root().join("assets/models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run `bash assets/fetch-model.sh` first",
+        dir.display()
+    );
+    dir
+}
+
+/// `shared/golden/`, beside the checkout.
+pub fn golden_dir() -> PathBuf {
+    let dir = root().join("../shared/golden");
+    assert!(
+        dir.join("dev-sentences.txt").is_file(),
+        "{} is missing: the reference embeddings live in shared/golden beside the checkout",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GoldenItem {
+    pub text: String,
+    pub n_tokens: usize,
+    pub ids: Vec<u32>,
+    pub embedding: Vec<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Golden {
+    pub max_len: usize,
+    pub items: Vec<GoldenItem>,
+}
+
+pub fn load_golden(name: &str) -> Golden {
+    let path = golden_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Lines of `dev-sentences.txt`, one input per line, empty lines kept.
+pub fn dev_sentences() -> Vec<String> {
+    let path = golden_dir().join("dev-sentences.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let body = text.strip_suffix('\n').unwrap_or(&text);
+    body.split('\n').map(str::to_string).collect()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "vectors of different lengths");
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Asserts every embedding matches its golden item: same token ids, cosine at
+/// least 0.9999. Returns the lowest cosine.
+pub fn assert_matches_golden(golden: &Golden, token_ids: &[Vec<u32>], vectors: &[Vec<f32>]) -> f64 {
+    assert_eq!(vectors.len(), golden.items.len(), "one embedding per input");
+    let mut worst = 1.0f64;
+    for (i, item) in golden.items.iter().enumerate() {
+        assert_eq!(token_ids[i], item.ids, "token ids of line {} ({:?})", i + 1, item.text);
+        assert_eq!(token_ids[i].len(), item.n_tokens, "token count of line {}", i + 1);
+        let c = cosine(&vectors[i], &item.embedding);
+        assert!(c >= 0.9999, "line {}: cosine {c} below 0.9999 ({:?})", i + 1, item.text);
+        worst = worst.min(c);
+    }
+    worst
+}

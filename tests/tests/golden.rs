@@ -1,0 +1,77 @@
+//! The engine against the reference embeddings of `shared/golden`.
+
+use surf_engine::Engine;
+use surf_tests::{assert_matches_golden, dev_sentences, load_golden, minilm_dir};
+
+fn engine(batch_size: usize) -> Option<Engine> {
+    let gpu = surf_engine::gpu::gpu_for_tests()?;
+    Some(
+        Engine::builder()
+            .model_dir(minilm_dir())
+            .batch_size(batch_size)
+            .gpu(gpu)
+            .build()
+            .expect("the default model loads"),
+    )
+}
+
+#[test]
+fn golden_texts_match_the_references_in_one_padded_batch() {
+    let Some(engine) = engine(64) else { return };
+    let golden = load_golden("minilm-dev.candle.json");
+    let sentences = dev_sentences();
+    assert_eq!(sentences.len(), golden.items.len());
+    for (s, item) in sentences.iter().zip(&golden.items) {
+        assert_eq!(s, &item.text, "dev-sentences.txt and the golden file agree");
+    }
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let out = engine.embed(&texts).expect("inference succeeds");
+    let ids: Vec<Vec<u32>> = out.iter().map(|e| e.token_ids.clone()).collect();
+    let vectors: Vec<Vec<f32>> = out.into_iter().map(|e| e.vector).collect();
+    let worst = assert_matches_golden(&golden, &ids, &vectors);
+    eprintln!("one batch: lowest cosine {worst:.9}");
+
+    // The second reference, from an independent float64 implementation.
+    let numpy = load_golden("minilm-dev.numpy.json");
+    let worst = assert_matches_golden(&numpy, &ids, &vectors);
+    eprintln!("one batch vs numpy: lowest cosine {worst:.9}");
+}
+
+#[test]
+fn golden_texts_match_the_references_one_at_a_time() {
+    let Some(engine) = engine(1) else { return };
+    let golden = load_golden("minilm-dev.candle.json");
+    let mut ids = Vec::new();
+    let mut vectors = Vec::new();
+    for text in dev_sentences() {
+        let mut out = engine.embed(&[text.as_str()]).expect("inference succeeds");
+        assert_eq!(out.len(), 1);
+        let e = out.remove(0);
+        ids.push(e.token_ids);
+        vectors.push(e.vector);
+    }
+    let worst = assert_matches_golden(&golden, &ids, &vectors);
+    eprintln!("one at a time: lowest cosine {worst:.9}");
+}
+
+#[test]
+fn results_come_back_in_input_order_whatever_the_batching() {
+    let Some(engine) = engine(3) else { return };
+    let sentences = dev_sentences();
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let batched = engine.infer(&texts).expect("inference succeeds");
+    let mut reversed: Vec<&str> = texts.clone();
+    reversed.reverse();
+    let mut back = engine.infer(&reversed).expect("inference succeeds");
+    back.reverse();
+    for (i, (a, b)) in batched.iter().zip(&back).enumerate() {
+        let c = surf_tests::cosine(a, b);
+        assert!(c > 0.99999, "input {i}: cosine {c} between two batchings");
+    }
+}
+
+#[test]
+fn an_empty_list_gives_an_empty_result() {
+    let Some(engine) = engine(8) else { return };
+    assert!(engine.infer(&[]).expect("empty input is fine").is_empty());
+}

@@ -1,0 +1,21 @@
+//! The wire protocol between the weight server and the engine: QUIC (quinn over
+//! rustls, TLS 1.3), the versioned handshake with its token check, the
+//! manifest of a model, ranged and blake3-checked fetches, and
+//! [`WeightClient`], which retries, resumes and fails over between servers.
+//!
+//! The server side of the protocol lives in `surf-server`; this crate holds
+//! everything both sides must agree on.
+
+mod client;
+mod error;
+pub mod manifest;
+pub mod tls;
+pub mod wire;
+
+pub use client::{ClientConfig, RetryPolicy, Timeouts, WeightClient};
+pub use error::{Error, ServerFailure};
+pub use manifest::{Component, Digest, Dtype, Manifest, TensorEntry};
+pub use wire::{ObjectRef, PROTOCOL_VERSION};
+
+/// Re-exported so that callers name certificate types without depending on rustls.
+pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
