@@ -442,15 +442,25 @@ async fn refuse(
     reason: &str,
 ) {
     let reply = HelloReply::Refused(refusal);
-    if let Ok(frame) =
-        wire::encode_handshake_frame("hello reply", PROTOCOL_VERSION, &reply, limits::HELLO_REPLY)
-    {
-        if send.write_all(&frame).await.is_ok() {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
-        }
-    }
+    let frame =
+        wire::encode_handshake_frame("hello reply", PROTOCOL_VERSION, &reply, limits::HELLO_REPLY);
+    send_last_frame(send, frame).await;
     connection.close(code.into(), reason.as_bytes());
+}
+
+/// Sends a refusal as the stream's last frame and gives the peer a moment
+/// to read it before anything closes.
+async fn send_last_frame(
+    send: &mut quinn::SendStream,
+    frame: Result<Vec<u8>, surf_transport::Error>,
+) {
+    let Ok(frame) = frame else {
+        return;
+    };
+    if send.write_all(&frame).await.is_ok() {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
+    }
 }
 
 async fn serve_fetch(
@@ -495,16 +505,12 @@ async fn serve_fetch(
     };
     shared.stats.request_errors.increment();
     tracing::debug!(%refusal, "fetch refused");
-    if let Ok(frame) = wire::encode_frame(
+    let frame = wire::encode_frame(
         "fetch reply",
         &FetchReply::Refused(refusal),
         limits::FETCH_REPLY,
-    ) {
-        if send.write_all(&frame).await.is_ok() {
-            let _ = send.finish();
-            let _ = tokio::time::timeout(REFUSAL_LINGER, send.stopped()).await;
-        }
-    }
+    );
+    send_last_frame(&mut send, frame).await;
 }
 
 /// The requested bytes, or why they cannot be served.

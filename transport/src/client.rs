@@ -453,10 +453,10 @@ impl WeightClient {
 }
 
 fn collapse_failures(mut failures: Vec<ServerFailure>) -> Error {
-    if failures.len() == 1 {
-        if let Some(failure) = failures.pop() {
-            return *failure.error;
-        }
+    if failures.len() == 1
+        && let Some(failure) = failures.pop()
+    {
+        return *failure.error;
     }
     Error::NoServerReachable { failures }
 }
