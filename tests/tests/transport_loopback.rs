@@ -60,11 +60,14 @@ async fn manifest_lists_every_weight_and_carries_the_small_files() {
         .collect();
     assert_eq!(listed, in_file);
 
-    let names: Vec<_> = manifest.components.iter().map(|c| c.name.as_str()).collect();
-    let config: serde_json::Value = serde_json::from_slice(
-        manifest.file("config.json").expect("config.json travels"),
-    )
-    .expect("config.json parses");
+    let names: Vec<_> = manifest
+        .components
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let config: serde_json::Value =
+        serde_json::from_slice(manifest.file("config.json").expect("config.json travels"))
+            .expect("config.json parses");
     let layers = config["num_hidden_layers"].as_u64().expect("a layer count") as usize;
     let mut expected = vec!["embeddings".to_owned()];
     expected.extend((0..layers).map(|index| format!("encoder.layer.{index}")));
@@ -99,10 +102,7 @@ async fn single_tensors_and_ranges_come_from_the_right_place() {
     assert_eq!(&tensor[..], &file[name][..]);
 
     let range = client
-        .fetch_unverified_range(
-            surf_transport::ObjectRef::Tensor(name.to_owned()),
-            100..164,
-        )
+        .fetch_unverified_range(surf_transport::ObjectRef::Tensor(name.to_owned()), 100..164)
         .await
         .expect("the range arrives");
     assert_eq!(&range[..], &file[name][100..164]);

@@ -101,10 +101,7 @@ pub fn assert_component_matches_file(
 }
 
 /// Fetches every component and checks every byte against the file.
-pub async fn fetch_and_check_whole_model(
-    client: &WeightClient,
-    file: &BTreeMap<String, Vec<u8>>,
-) {
+pub async fn fetch_and_check_whole_model(client: &WeightClient, file: &BTreeMap<String, Vec<u8>>) {
     let manifest = client.manifest();
     let fetches = manifest.components.iter().map(|component| {
         let client = client.clone();

@@ -1,0 +1,117 @@
+//! Damaged bytes, stalled servers and servers that stop mid-fetch: the client
+//! catches the damage, resumes from the last good offset and fails over.
+
+mod transport_support;
+
+use std::time::Duration;
+
+use surf_server::ServerConfig;
+use surf_server::fault::FaultPlan;
+use surf_transport::{Error, WeightClient};
+use transport_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bits_flipped_in_flight_are_caught_and_fetched_again() {
+    let model = model_dir();
+    let file = file_tensors(&model);
+    let plan = FaultPlan::new()
+        .corrupt("embeddings", 10, 1)
+        .corrupt("encoder.layer.1", 1_500_000, 2)
+        .corrupt("pooler", 0, 1);
+    let server =
+        start_server(ServerConfig::new(&model, loopback()).with_faults(plan.clone())).await;
+    let client = connect(&[&server]).await;
+
+    fetch_and_check_whole_model(&client, &file).await;
+
+    assert_eq!(plan.bits_flipped(), 4, "every planned fault was committed");
+    let components = server.manifest().components.len() as u64;
+    let stats = server.stats();
+    assert_eq!(
+        stats.requests,
+        components + 4,
+        "one retry per damaged reply"
+    );
+    // Retries resume at the damaged chunk: the bytes sent past the damage
+    // before the client stopped the stream are all that is sent twice.
+    assert!(stats.bytes_served < 2 * server.manifest().total_bytes());
+    client.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_stay_damaged_are_never_handed_on() {
+    let plan = FaultPlan::new().corrupt("pooler", 5, u32::MAX);
+    let server =
+        start_server(ServerConfig::new(model_dir(), loopback()).with_faults(plan.clone())).await;
+    let client = connect(&[&server]).await;
+
+    let result = client.fetch_component("pooler").await;
+    match result {
+        Err(Error::RetriesExhausted { last, attempts, .. }) => {
+            assert!(matches!(*last, Error::HashMismatch { start: 0, .. }));
+            assert_eq!(attempts, client_config(&[&server]).retry.max_attempts);
+        }
+        other => panic!("expected the fetch to give up, got {other:?}"),
+    }
+    client.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_mid_fetch_is_replaced_by_the_next_one() {
+    let model = model_dir();
+    let file = file_tensors(&model);
+    let plan = FaultPlan::new().stall_after_bytes(20 << 20);
+    let first = start_server(ServerConfig::new(&model, loopback()).with_faults(plan.clone())).await;
+    let second = start_server(ServerConfig::new(&model, loopback())).await;
+    let client = connect(&[&first, &second]).await;
+    let total = client.manifest().total_bytes();
+
+    let fetch = tokio::spawn({
+        let client = client.clone();
+        let file = file.clone();
+        async move { fetch_and_check_whole_model(&client, &file).await }
+    });
+    plan.stalled().await;
+    let served_by_first = first.stats().bytes_served;
+    first.abort().await;
+    fetch
+        .await
+        .expect("the whole model arrives from the second server");
+
+    assert_eq!(client.current_server().await, Some(second.local_addr()));
+    let served_by_second = second.stats().bytes_served;
+    assert!(served_by_first > 0);
+    assert!(
+        served_by_second < total,
+        "the second server sent {served_by_second} of {total} bytes: interrupted fetches resumed"
+    );
+    client.close().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_is_failed_over() {
+    let model = model_dir();
+    let file = file_tensors(&model);
+    let plan = FaultPlan::new().stall_after_bytes(5 << 20);
+    let silent =
+        start_server(ServerConfig::new(&model, loopback()).with_faults(plan.clone())).await;
+    let healthy = start_server(ServerConfig::new(&model, loopback())).await;
+    let mut config = client_config(&[&silent, &healthy]);
+    config.timeouts.response = Duration::from_millis(500);
+    let client = WeightClient::connect(config).await.expect("connects");
+
+    let name = "encoder.layer.0";
+    let bytes = client
+        .fetch_component(name)
+        .await
+        .expect("the layer arrives");
+    assert_component_matches_file(client.manifest(), name, &bytes, &file);
+    assert_eq!(client.current_server().await, Some(healthy.local_addr()));
+    assert!(healthy.stats().bytes_served < bytes.len() as u64);
+    client.close().await;
+    healthy.shutdown().await;
+    silent.abort().await;
+}
