@@ -63,6 +63,8 @@ impl EngineBuilder {
             return Err(Error::bad_model(&weights_path, "file is missing"));
         }
         let weights = SafetensorsFile::open(&weights_path)?;
+        // Refuse a broken checkpoint before touching the GPU.
+        weights.check(&crate::model::model_tensors(&spec.config))?;
         let gpu = match self.gpu {
             Some(gpu) => gpu,
             None => Gpu::new()?,
@@ -214,10 +216,8 @@ impl Engine {
             .map_err(|_| Error::Gpu("a previous inference panicked".into()))?;
         let mut start = 0;
         while start < order.len() {
-            // Longest first: the first input of each batch sets its padded length.
             let seq_len = inputs[order[start]].ids.len();
-            let fit = (self.max_rows / seq_len).clamp(1, self.batch_size);
-            let end = (start + fit).min(order.len());
+            let end = start + batch_length(&order[start..], |i| inputs[i].ids.len(), self.batch_size, self.max_rows);
             let members = &order[start..end];
             let vectors = self.run_batch(&mut workspace, inputs, members, seq_len)?;
             for (&i, v) in members.iter().zip(vectors) {
@@ -310,5 +310,64 @@ impl Engine {
 
     pub fn pooling(&self) -> Pooling {
         self.spec.pooling
+    }
+}
+
+/// How many of `sorted` (longest first) go into the next padded batch: at most
+/// `batch_size` inputs and `max_rows` padded rows, and no more padding than real
+/// tokens, so that one long text does not make a batch of short ones slow.
+fn batch_length(sorted: &[usize], len_of: impl Fn(usize) -> usize, batch_size: usize, max_rows: usize) -> usize {
+    let Some(&first) = sorted.first() else {
+        return 0;
+    };
+    let seq_len = len_of(first);
+    let mut real_tokens = seq_len;
+    let mut count = 1;
+    for &next in &sorted[1..] {
+        let padded_rows = (count + 1) * seq_len;
+        let tokens = real_tokens + len_of(next);
+        if count == batch_size || padded_rows > max_rows || padded_rows > 2 * tokens {
+            break;
+        }
+        real_tokens = tokens;
+        count += 1;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_length;
+
+    fn batches(lengths: &[usize], batch_size: usize, max_rows: usize) -> Vec<usize> {
+        let order: Vec<usize> = (0..lengths.len()).collect();
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            let n = batch_length(&order[start..], |i| lengths[i], batch_size, max_rows);
+            out.push(n);
+            start += n;
+        }
+        out
+    }
+
+    #[test]
+    fn batches_respect_the_batch_size() {
+        assert_eq!(batches(&[10; 7], 3, 1000), vec![3, 3, 1]);
+    }
+
+    #[test]
+    fn batches_respect_the_row_budget() {
+        assert_eq!(batches(&[100; 5], 32, 250), vec![2, 2, 1]);
+    }
+
+    #[test]
+    fn a_long_text_does_not_pad_many_short_ones() {
+        assert_eq!(batches(&[256, 10, 10, 10, 10], 32, 10_000), vec![2, 3]);
+    }
+
+    #[test]
+    fn similar_lengths_share_a_batch() {
+        assert_eq!(batches(&[12, 11, 10, 9, 8], 32, 10_000), vec![5]);
     }
 }

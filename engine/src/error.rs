@@ -43,6 +43,8 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("{path}: {problem}")]
+    InputFile { path: PathBuf, problem: String },
     #[error(
         "no GPU adapter found{detail}. On Linux without a GPU, install a software Vulkan driver: \
          `apt-get install -y mesa-vulkan-drivers`"
@@ -78,6 +80,7 @@ impl Error {
                 | Error::Unsupported { .. }
                 | Error::Tokenizer { .. }
                 | Error::InvalidInput(_)
+                | Error::InputFile { .. }
         )
     }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod synth;
 pub mod tokenize;
 pub mod weights;
 

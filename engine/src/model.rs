@@ -11,6 +11,23 @@ use crate::kernels::matmul::{Epilogue, MatmulOperands};
 use crate::kernels::{DispatchPlan, attention, embed, layernorm, matmul, normalize, pool};
 use crate::weights::TensorSource;
 
+fn read_tensor(weights: &dyn TensorSource, specs: &[(String, Vec<usize>)], name: &str) -> Result<Vec<f32>> {
+    let (_, shape) = specs
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("tensor {name} is not in its module's list"));
+    weights.tensor(name, shape)
+}
+
+/// Every tensor the encoder reads, with its shape, in checkpoint order.
+pub fn model_tensors(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let mut all = BertEmbeddings::tensors(config);
+    for index in 0..config.num_hidden_layers {
+        all.extend(BertLayer::tensors(config, index));
+    }
+    all
+}
+
 /// Every launcher the forward pass uses, built once per device.
 pub struct Kernels {
     pub matmul: matmul::Matmul,
@@ -86,22 +103,31 @@ pub struct BertEmbeddings {
 }
 
 impl BertEmbeddings {
+    /// The checkpoint tensors of this module, with their shapes.
+    pub fn tensors(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
+        let h = config.hidden_size;
+        [
+            ("word_embeddings.weight", vec![config.vocab_size, h]),
+            ("position_embeddings.weight", vec![config.max_position_embeddings, h]),
+            ("token_type_embeddings.weight", vec![config.type_vocab_size, h]),
+            ("LayerNorm.weight", vec![h]),
+            ("LayerNorm.bias", vec![h]),
+        ]
+        .into_iter()
+        .map(|(name, shape)| (format!("embeddings.{name}"), shape))
+        .collect()
+    }
+
     /// Reads and packs the `embeddings.*` tensors.
     pub fn pack(weights: &dyn TensorSource, config: &BertConfig) -> Result<(EmbeddingsLayout, Vec<f32>)> {
-        let h = config.hidden_size;
-        let p = "embeddings";
+        let specs = Self::tensors(config);
+        let t = |short: &str| read_tensor(weights, &specs, &format!("embeddings.{short}"));
         let mut packer = Packer { data: Vec::new() };
-        let word = packer.put(&weights.tensor(&format!("{p}.word_embeddings.weight"), &[config.vocab_size, h])?);
-        let position = packer.put(&weights.tensor(
-            &format!("{p}.position_embeddings.weight"),
-            &[config.max_position_embeddings, h],
-        )?);
-        let token_type = packer.put(&weights.tensor(
-            &format!("{p}.token_type_embeddings.weight"),
-            &[config.type_vocab_size, h],
-        )?);
-        let gamma = packer.put(&weights.tensor(&format!("{p}.LayerNorm.weight"), &[h])?);
-        let beta = packer.put(&weights.tensor(&format!("{p}.LayerNorm.bias"), &[h])?);
+        let word = packer.put(&t("word_embeddings.weight")?);
+        let position = packer.put(&t("position_embeddings.weight")?);
+        let token_type = packer.put(&t("token_type_embeddings.weight")?);
+        let gamma = packer.put(&t("LayerNorm.weight")?);
+        let beta = packer.put(&t("LayerNorm.bias")?);
         let layout = EmbeddingsLayout {
             tables: EmbeddingTables {
                 word_offset: word,
@@ -180,37 +206,64 @@ pub struct LayerLayout {
 pub struct BertLayer;
 
 impl BertLayer {
+    /// The checkpoint tensors of layer `index`, with their shapes.
+    pub fn tensors(config: &BertConfig, index: usize) -> Vec<(String, Vec<usize>)> {
+        let h = config.hidden_size;
+        let i = config.intermediate_size;
+        [
+            ("attention.self.query.weight", vec![h, h]),
+            ("attention.self.query.bias", vec![h]),
+            ("attention.self.key.weight", vec![h, h]),
+            ("attention.self.key.bias", vec![h]),
+            ("attention.self.value.weight", vec![h, h]),
+            ("attention.self.value.bias", vec![h]),
+            ("attention.output.dense.weight", vec![h, h]),
+            ("attention.output.dense.bias", vec![h]),
+            ("attention.output.LayerNorm.weight", vec![h]),
+            ("attention.output.LayerNorm.bias", vec![h]),
+            ("intermediate.dense.weight", vec![i, h]),
+            ("intermediate.dense.bias", vec![i]),
+            ("output.dense.weight", vec![h, i]),
+            ("output.dense.bias", vec![h]),
+            ("output.LayerNorm.weight", vec![h]),
+            ("output.LayerNorm.bias", vec![h]),
+        ]
+        .into_iter()
+        .map(|(name, shape)| (format!("encoder.layer.{index}.{name}"), shape))
+        .collect()
+    }
+
     /// Reads and packs the tensors of layer `index`.
     pub fn pack(weights: &dyn TensorSource, config: &BertConfig, index: usize) -> Result<(LayerLayout, Vec<f32>)> {
         let h = config.hidden_size;
         let i = config.intermediate_size;
-        let p = format!("encoder.layer.{index}");
-        let t = |name: &str, shape: &[usize]| weights.tensor(&format!("{p}.{name}"), shape);
+        let specs = Self::tensors(config, index);
+        let t = |short: &str| read_tensor(weights, &specs, &format!("encoder.layer.{index}.{short}"));
 
-        let query = t("attention.self.query.weight", &[h, h])?;
-        let key = t("attention.self.key.weight", &[h, h])?;
-        let value = t("attention.self.value.weight", &[h, h])?;
+        let query = t("attention.self.query.weight")?;
+        let key = t("attention.self.key.weight")?;
+        let value = t("attention.self.value.weight")?;
         let mut qkv = Vec::with_capacity(3 * h * h);
         qkv.extend_from_slice(&query);
         qkv.extend_from_slice(&key);
         qkv.extend_from_slice(&value);
-        let mut qkv_bias = t("attention.self.query.bias", &[h])?;
-        qkv_bias.extend(t("attention.self.key.bias", &[h])?);
-        qkv_bias.extend(t("attention.self.value.bias", &[h])?);
+        let mut qkv_bias = t("attention.self.query.bias")?;
+        qkv_bias.extend(t("attention.self.key.bias")?);
+        qkv_bias.extend(t("attention.self.value.bias")?);
 
         let mut packer = Packer { data: Vec::new() };
         let qkv_weight = packer.put_transposed(&qkv, 3 * h, h);
         let qkv_bias = packer.put(&qkv_bias);
-        let attention_out_weight = packer.put_transposed(&t("attention.output.dense.weight", &[h, h])?, h, h);
-        let attention_out_bias = packer.put(&t("attention.output.dense.bias", &[h])?);
-        let attention_norm_gamma = packer.put(&t("attention.output.LayerNorm.weight", &[h])?);
-        let attention_norm_beta = packer.put(&t("attention.output.LayerNorm.bias", &[h])?);
-        let intermediate_weight = packer.put_transposed(&t("intermediate.dense.weight", &[i, h])?, i, h);
-        let intermediate_bias = packer.put(&t("intermediate.dense.bias", &[i])?);
-        let output_weight = packer.put_transposed(&t("output.dense.weight", &[h, i])?, h, i);
-        let output_bias = packer.put(&t("output.dense.bias", &[h])?);
-        let output_norm_gamma = packer.put(&t("output.LayerNorm.weight", &[h])?);
-        let output_norm_beta = packer.put(&t("output.LayerNorm.bias", &[h])?);
+        let attention_out_weight = packer.put_transposed(&t("attention.output.dense.weight")?, h, h);
+        let attention_out_bias = packer.put(&t("attention.output.dense.bias")?);
+        let attention_norm_gamma = packer.put(&t("attention.output.LayerNorm.weight")?);
+        let attention_norm_beta = packer.put(&t("attention.output.LayerNorm.bias")?);
+        let intermediate_weight = packer.put_transposed(&t("intermediate.dense.weight")?, i, h);
+        let intermediate_bias = packer.put(&t("intermediate.dense.bias")?);
+        let output_weight = packer.put_transposed(&t("output.dense.weight")?, h, i);
+        let output_bias = packer.put(&t("output.dense.bias")?);
+        let output_norm_gamma = packer.put(&t("output.LayerNorm.weight")?);
+        let output_norm_beta = packer.put(&t("output.LayerNorm.bias")?);
         packer.offset();
         let layout = LayerLayout {
             qkv_weight,

@@ -45,6 +45,35 @@ impl SafetensorsFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Checks that every tensor in `expected` is present with that shape and a
+    /// supported dtype, without reading any weights.
+    pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        let tensors = parse(&self.path, &self.map)?;
+        for (name, shape) in expected {
+            let full = format!("{}{name}", self.prefix);
+            let view = tensors.tensor(&full).map_err(|_| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: full.clone(),
+            })?;
+            if view.shape() != shape.as_slice() {
+                return Err(Error::WrongShape {
+                    path: self.path.clone(),
+                    tensor: full,
+                    expected: shape.clone(),
+                    actual: view.shape().to_vec(),
+                });
+            }
+            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(Error::UnsupportedDtype {
+                    path: self.path.clone(),
+                    tensor: full,
+                    dtype: format!("{:?}", view.dtype()),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {

@@ -115,3 +115,31 @@ async fn a_server_that_stops_answering_is_failed_over() {
     healthy.shutdown().await;
     silent.abort().await;
 }
+
+/// Many clients while the server damages replies: run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stress test: 48 clients fetch the whole model"]
+async fn stress_many_clients_through_damaged_replies() {
+    let model = model_dir();
+    let file = file_tensors(&model);
+    let plan = FaultPlan::new()
+        .corrupt("embeddings", 3 << 20, 5)
+        .corrupt("encoder.layer.5", 0, 5);
+    let server =
+        start_server(ServerConfig::new(&model, loopback()).with_faults(plan.clone())).await;
+    let mut clients = Vec::new();
+    for _ in 0..48 {
+        let file = file.clone();
+        let config = client_config(&[&server]);
+        clients.push(tokio::spawn(async move {
+            let client = WeightClient::connect(config).await.expect("connects");
+            fetch_and_check_whole_model(&client, &file).await;
+            client.close().await;
+        }));
+    }
+    for client in clients {
+        client.await.expect("every client gets the whole model");
+    }
+    assert_eq!(plan.bits_flipped(), 10);
+    server.shutdown().await;
+}

@@ -1,11 +1,13 @@
-//! Launcher for `matmul.wgsl`: C = act(A B + bias).
+//! Launcher for the matmul kernels: C = act(A B + bias).
+//!
+//! Two pipelines compute the same thing. `matmul_subgroups.wgsl` is the fast
+//! one: it needs subgroups of at least 8 invocations and vec4-aligned operands
+//! (k, n and every offset multiples of 4), which every BERT layer satisfies.
+//! `matmul.wgsl` takes any shape and offset and needs no optional feature.
 
 use super::{Access, DispatchPlan, Kernel};
 use crate::config::Activation;
 use crate::gpu::Gpu;
-
-pub const TILE_M: u32 = 128;
-pub const TILE_N: u32 = 64;
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -50,19 +52,67 @@ pub struct MatmulOperands<'a> {
     pub c_offset: u32,
 }
 
+/// One of the matmul pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulVariant {
+    /// Any shape and offsets, no optional feature: `matmul.wgsl`.
+    General,
+    /// vec4 loads and subgroup broadcasts: `matmul_subgroups.wgsl`.
+    Subgroups,
+}
+
+impl MatmulVariant {
+    /// Rows and columns of C that one workgroup computes.
+    fn tile(self) -> (u32, u32) {
+        match self {
+            MatmulVariant::General => (128, 64),
+            MatmulVariant::Subgroups => (256, 64),
+        }
+    }
+}
+
+/// The subgroup kernel runs one workgroup as one subgroup of this many lanes.
+const SUBGROUP_LANES: u32 = 8;
+
 pub struct Matmul {
-    kernel: Kernel,
+    general: Kernel,
+    subgroups: Option<Kernel>,
 }
 
 impl Matmul {
     pub fn new(gpu: &Gpu) -> Self {
+        let storage = [Access::Read, Access::Read, Access::ReadWrite];
+        // A workgroup of 8 must sit in one subgroup for the broadcasts to see
+        // every lane, so smaller subgroups rule the fast kernel out.
+        let subgroups = (gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES).then(|| {
+            Kernel::new(gpu, "matmul_subgroups", surf_shaders::MATMUL_SUBGROUPS, &storage)
+        });
         Self {
-            kernel: Kernel::new(
-                gpu,
-                "matmul",
-                surf_shaders::MATMUL,
-                &[Access::Read, Access::Read, Access::ReadWrite],
-            ),
+            general: Kernel::new(gpu, "matmul", surf_shaders::MATMUL, &storage),
+            subgroups,
+        }
+    }
+
+    /// The variants this device can run.
+    pub fn variants(&self) -> Vec<MatmulVariant> {
+        let mut variants = vec![MatmulVariant::General];
+        if self.subgroups.is_some() {
+            variants.push(MatmulVariant::Subgroups);
+        }
+        variants
+    }
+
+    /// The fastest variant that can run this multiply.
+    pub fn choose(&self, n: usize, k: usize, operands: &MatmulOperands<'_>) -> MatmulVariant {
+        let aligned = n % 4 == 0
+            && k % 4 == 0
+            && [operands.a_offset, operands.b_offset, operands.bias_offset, operands.c_offset]
+                .iter()
+                .all(|offset| offset % 4 == 0);
+        if aligned && self.subgroups.is_some() {
+            MatmulVariant::Subgroups
+        } else {
+            MatmulVariant::General
         }
     }
 
@@ -76,6 +126,37 @@ impl Matmul {
         epilogue: Epilogue,
         operands: MatmulOperands<'_>,
     ) {
+        let variant = self.choose(n, k, &operands);
+        self.push_variant(variant, plan, m, n, k, epilogue, operands);
+    }
+
+    /// Like `push` with a chosen variant, for tests and benches that compare
+    /// them. Panics if the device or the operands do not allow `variant`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_variant(
+        &self,
+        variant: MatmulVariant,
+        plan: &mut DispatchPlan,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: Epilogue,
+        operands: MatmulOperands<'_>,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let kernel = match variant {
+            MatmulVariant::General => &self.general,
+            MatmulVariant::Subgroups => {
+                assert_eq!(
+                    self.choose(n, k, &operands),
+                    MatmulVariant::Subgroups,
+                    "the subgroup matmul needs subgroups and vec4-aligned operands"
+                );
+                self.subgroups.as_ref().expect("checked by choose")
+            }
+        };
         let params = MatmulParams {
             m: m as u32,
             n: n as u32,
@@ -86,16 +167,8 @@ impl Matmul {
             bias_offset: operands.bias_offset,
             c_offset: operands.c_offset,
         };
-        let groups = [
-            (n as u32).div_ceil(TILE_N),
-            (m as u32).div_ceil(TILE_M),
-            1,
-        ];
-        plan.push(
-            &self.kernel,
-            &params,
-            &[operands.lhs, operands.weights, operands.out],
-            groups,
-        );
+        let (tile_m, tile_n) = variant.tile();
+        let groups = [(n as u32).div_ceil(tile_n), (m as u32).div_ceil(tile_m), 1];
+        plan.push(kernel, &params, &[operands.lhs, operands.weights, operands.out], groups);
     }
 }

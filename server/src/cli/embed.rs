@@ -48,7 +48,7 @@ pub fn read_lines(path: &std::path::Path) -> Result<Vec<String>, EngineError> {
         .enumerate()
         .map(|(i, line)| {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            String::from_utf8(line.to_vec()).map_err(|e| EngineError::BadModel {
+            String::from_utf8(line.to_vec()).map_err(|e| EngineError::InputFile {
                 path: path.into(),
                 problem: format!("line {} is not valid UTF-8 ({e})", i + 1),
             })

@@ -1,0 +1,157 @@
+//! `surf embed` as a user runs it: output format, exit codes, error messages.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model_dir() -> PathBuf {
+    let dir = root().join("assets/models/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run `bash assets/fetch-model.sh` first",
+        dir.display()
+    );
+    dir
+}
+
+fn surf(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_surf"))
+        .args(args)
+        .output()
+        .expect("surf runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn has_gpu() -> bool {
+    surf_engine::gpu::gpu_for_tests().is_some()
+}
+
+#[test]
+fn a_missing_model_folder_exits_with_2_and_names_it() {
+    let output = surf(&["embed", "--model", "/nonexistent/model-folder", "hello"]);
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    assert!(stderr(&output).contains("/nonexistent/model-folder"), "{}", stderr(&output));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn invalid_utf8_in_the_input_file_exits_with_2_and_names_the_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("texts.txt");
+    std::fs::write(&input, b"fine line\nbad \xff\xfe line\n").expect("written");
+    let model = model_dir();
+    let output = surf(&[
+        "embed",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--input",
+        input.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("texts.txt") && message.contains("line 2"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[test]
+fn a_missing_input_file_exits_with_2() {
+    let model = model_dir();
+    let output = surf(&[
+        "embed",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--input",
+        "/nonexistent/texts.txt",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    assert!(stderr(&output).contains("/nonexistent/texts.txt"));
+}
+
+#[test]
+fn a_zero_batch_size_exits_with_2() {
+    let model = model_dir();
+    let output = surf(&["embed", "--model", model.to_str().expect("utf-8 path"), "--batch-size", "0", "x"]);
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    assert!(stderr(&output).contains("batch size"), "{}", stderr(&output));
+}
+
+#[test]
+fn embed_writes_one_json_line_per_input_in_order() {
+    if !has_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("texts.txt");
+    // An empty line is an empty text, and CRLF endings are stripped.
+    std::fs::write(&input, "first text\r\n\nthe third text is the longest of the three\n").expect("written");
+    let model = model_dir();
+    let output = surf(&[
+        "embed",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--input",
+        input.to_str().expect("utf-8 path"),
+    ]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    let tokens: Vec<u64> = lines.iter().map(|l| l["tokens"].as_u64().expect("tokens")).collect();
+    // [CLS] first text [SEP]; [CLS] [SEP]; the third is longer than both.
+    assert_eq!(tokens[..2], [4, 2]);
+    assert!(tokens[2] > 4);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"].as_u64(), Some(i as u64));
+        let embedding = line["embedding"].as_array().expect("embedding array");
+        assert_eq!(embedding.len(), 384);
+        let norm: f64 = embedding.iter().map(|v| v.as_f64().expect("number").powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "line {i} has norm {norm}");
+    }
+}
+
+#[test]
+fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
+    if !has_gpu() {
+        return;
+    }
+    let golden_dir = root().join("../shared/golden");
+    let input = golden_dir.join("dev-sentences.txt");
+    let model = model_dir();
+    let output = surf(&[
+        "embed",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--input",
+        input.to_str().expect("utf-8 path"),
+    ]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(golden_dir.join("minilm-dev.candle.json")).expect("golden file"),
+    )
+    .expect("golden JSON");
+    let items = golden["items"].as_array().expect("items");
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .expect("utf-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), items.len());
+    for (i, (line, item)) in lines.iter().zip(items).enumerate() {
+        let ours: Vec<f64> = line["embedding"].as_array().expect("array").iter().map(|v| v.as_f64().expect("f64")).collect();
+        let theirs: Vec<f64> = item["embedding"].as_array().expect("array").iter().map(|v| v.as_f64().expect("f64")).collect();
+        let dot: f64 = ours.iter().zip(&theirs).map(|(a, b)| a * b).sum();
+        let norms = ours.iter().map(|a| a * a).sum::<f64>().sqrt() * theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
+        let cosine = dot / norms;
+        assert!(cosine >= 0.9999, "line {}: cosine {cosine}", i + 1);
+        assert_eq!(line["tokens"], item["n_tokens"], "token count of line {}", i + 1);
+    }
+}
