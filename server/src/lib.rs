@@ -16,4 +16,4 @@ pub mod store;
 pub use error::Error;
 pub use fault::Faults;
 pub use metrics::StatsSnapshot;
-pub use server::{Identity, RunningServer, ServerConfig, WeightServer};
+pub use server::{Identity, RunningServer, ServerConfig, WeightServer, self_signed_certificate};

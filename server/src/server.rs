@@ -274,6 +274,14 @@ struct Shared {
     faults: Faults,
 }
 
+/// A fresh self-signed certificate for `localhost` (and `listen`'s address
+/// when it is not a wildcard) with its private key.
+pub fn self_signed_certificate(
+    listen: SocketAddr,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), Error> {
+    self_signed(listen).map(|(certificate, key, _pem)| (certificate, key))
+}
+
 fn self_signed(
     listen: SocketAddr,
 ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>, String), Error> {
