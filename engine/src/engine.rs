@@ -1,7 +1,9 @@
-//! `Engine`: tokenizer, GPU weights and the batched forward pass.
+//! `Engine`: tokenizer, pinned embeddings, paged encoder layers and the batched
+//! forward pass.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use crate::config::{ModelSpec, Pooling};
 use crate::error::{Error, Result};
@@ -9,8 +11,10 @@ use crate::gpu::Gpu;
 use crate::kernels::DispatchPlan;
 use crate::kernels::attention::MASKED;
 use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
+use crate::paging::{Pager, PagerConfig, VramBudget};
+use crate::source::{LocalSource, WeightSource};
+use crate::stats::{CacheInfo, InferenceStats, Timings};
 use crate::tokenize::{TextTokenizer, Tokens};
-use crate::weights::{SafetensorsFile, TensorSource};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -26,7 +30,9 @@ pub struct Embedding {
 /// Builds an [`Engine`].
 pub struct EngineBuilder {
     model_dir: Option<PathBuf>,
+    source: Option<Arc<dyn WeightSource>>,
     batch_size: usize,
+    pager: PagerConfig,
     gpu: Option<Gpu>,
 }
 
@@ -38,9 +44,33 @@ impl EngineBuilder {
         self
     }
 
+    /// Any weight source, such as a weight server (`source::RemoteSource`).
+    pub fn source(mut self, source: Arc<dyn WeightSource>) -> Self {
+        self.source = Some(source);
+        self
+    }
+
     /// Largest number of texts run through the model at once.
     pub fn batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size;
+        self
+    }
+
+    /// GPU memory for weights: unbounded (the default), bytes, or layers.
+    pub fn vram_budget(mut self, budget: VramBudget) -> Self {
+        self.pager.vram_budget = budget;
+        self
+    }
+
+    /// Host memory for layers evicted from the GPU, in bytes.
+    pub fn host_cache_bytes(mut self, bytes: u64) -> Self {
+        self.pager.host_cache_bytes = bytes;
+        self
+    }
+
+    /// Layers fetched and uploaded ahead of the one computing.
+    pub fn prefetch(mut self, depth: usize) -> Self {
+        self.pager.prefetch = depth;
         self
     }
 
@@ -54,23 +84,25 @@ impl EngineBuilder {
         if self.batch_size == 0 {
             return Err(Error::InvalidInput("batch size must be at least 1".into()));
         }
-        let dir = self
-            .model_dir
-            .ok_or_else(|| Error::InvalidInput("no model folder was given".into()))?;
-        let spec = ModelSpec::from_dir(&dir)?;
-        let weights_path = dir.join(WEIGHTS_FILE);
-        if !weights_path.is_file() {
-            return Err(Error::bad_model(&weights_path, "file is missing"));
-        }
-        let weights = SafetensorsFile::open(&weights_path)?;
-        // Refuse a broken checkpoint before touching the GPU.
-        weights.check(&crate::model::model_tensors(&spec.config))?;
+        let source: Arc<dyn WeightSource> = match (self.source, self.model_dir) {
+            (Some(source), _) => source,
+            (None, Some(dir)) => Arc::new(LocalSource::open(&dir)?),
+            (None, None) => return Err(Error::InvalidInput("no model folder or weight source was given".into())),
+        };
+        let spec = source.spec()?;
         let gpu = match self.gpu {
             Some(gpu) => gpu,
             None => Gpu::new()?,
         };
-        Engine::from_parts(gpu, spec, &weights, self.batch_size)
+        Engine::start(gpu, spec, source, self.batch_size, self.pager)
     }
+}
+
+/// What one inference call needs exclusively.
+struct RunState {
+    workspace: Option<BatchBuffers>,
+    pager: Pager,
+    timings: Timings,
 }
 
 /// Computes sentence embeddings on the GPU.
@@ -81,17 +113,18 @@ pub struct Engine {
     kernels: Kernels,
     embeddings: BertEmbeddings,
     layer_layout: LayerLayout,
-    layers: Vec<wgpu::Buffer>,
     batch_size: usize,
     max_rows: usize,
-    workspace: Mutex<Option<BatchBuffers>>,
+    state: Mutex<RunState>,
 }
 
 impl Engine {
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             model_dir: None,
+            source: None,
             batch_size: DEFAULT_BATCH_SIZE,
+            pager: PagerConfig::default(),
             gpu: None,
         }
     }
@@ -101,7 +134,13 @@ impl Engine {
         Self::builder().model_dir(dir.as_ref()).build()
     }
 
-    fn from_parts(gpu: Gpu, spec: ModelSpec, weights: &dyn TensorSource, batch_size: usize) -> Result<Self> {
+    fn start(
+        gpu: Gpu,
+        spec: ModelSpec,
+        source: Arc<dyn WeightSource>,
+        batch_size: usize,
+        settings: PagerConfig,
+    ) -> Result<Self> {
         let config = &spec.config;
         let tokenizer = TextTokenizer::from_json(
             &spec.origin.join(crate::config::TOKENIZER_FILE),
@@ -111,18 +150,22 @@ impl Engine {
         )?;
         let kernels = Kernels::new(&gpu);
         gpu.check_errors()?;
-        let embeddings = BertEmbeddings::load(&gpu, weights, config)?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        let mut layer_layout = None;
-        for index in 0..config.num_hidden_layers {
-            let (layout, data) = BertLayer::pack(weights, config, index)?;
-            gpu.check_binding_size("a layer buffer", (data.len() * 4) as u64)?;
-            layers.push(gpu.storage_buffer_with(&format!("encoder.layer.{index}"), bytemuck::cast_slice(&data)));
-            layer_layout = Some(layout);
-        }
-        let layer_layout = layer_layout.ok_or_else(|| {
-            Error::bad_model(&spec.origin, "the model has no encoder layers")
-        })?;
+
+        let layer_layout = BertLayer::layout(config);
+        let slot_bytes = (layer_layout.len * 4) as u64;
+        gpu.check_binding_size("a layer buffer", slot_bytes)?;
+        let fetched = source.fetch("embeddings")?;
+        let embeddings = BertEmbeddings::load(&gpu, fetched.tensors.as_ref(), config)?;
+        let mut pager = Pager::new(
+            gpu.clone(),
+            Arc::clone(&source),
+            Arc::new(config.clone()),
+            slot_bytes,
+            embeddings.buffer_bytes(),
+            settings,
+        )?;
+        pager.counters.bytes_fetched += fetched.bytes;
+        pager.counters.bytes_uploaded += embeddings.buffer_bytes();
 
         let binding_limit = u64::from(gpu.limits.max_storage_buffer_binding_size).min(gpu.limits.max_buffer_size);
         let rows_by_memory = (binding_limit / BatchBuffers::widest_row_bytes(config)) as usize;
@@ -142,11 +185,20 @@ impl Engine {
             kernels,
             embeddings,
             layer_layout,
-            layers,
             batch_size,
             max_rows,
-            workspace: Mutex::new(None),
+            state: Mutex::new(RunState {
+                workspace: None,
+                pager,
+                timings: Timings::default(),
+            }),
         })
+    }
+
+    fn state(&self) -> Result<MutexGuard<'_, RunState>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::Gpu("a previous inference panicked".into()))
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -160,6 +212,10 @@ impl Engine {
     /// Length of each embedding.
     pub fn dimension(&self) -> usize {
         self.spec.config.hidden_size
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.spec.pooling
     }
 
     /// Embeds `texts`, returning one vector per text in input order.
@@ -184,9 +240,94 @@ impl Engine {
             .collect())
     }
 
+    /// Token ids of `texts` as the model sees them, without running it.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
+        self.tokenizer.encode(texts)
+    }
+
+    /// Loads `layers` into GPU memory ahead of the first request.
+    pub fn warmup(&self, layers: &[usize]) -> Result<()> {
+        let mut state = self.state()?;
+        for &layer in layers {
+            if layer >= state.pager.layers() {
+                return Err(Error::InvalidInput(format!(
+                    "layer {layer} does not exist; the model has {}",
+                    state.pager.layers()
+                )));
+            }
+            state.pager.acquire(layer, &[])?;
+        }
+        self.gpu
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for uploads failed: {e}")))?;
+        self.gpu.check_errors()
+    }
+
+    /// Sets the weight budget in MiB of GPU memory, pinned parts included.
+    pub fn set_vram_budget(&self, megabytes: u64) -> Result<()> {
+        self.state()?.pager.set_budget(VramBudget::Bytes(megabytes << 20))
+    }
+
+    /// Sets the weight budget in encoder layers (besides the pinned parts).
+    pub fn set_cache_size(&self, layers: usize) -> Result<()> {
+        self.state()?.pager.set_budget(VramBudget::Layers(layers))
+    }
+
+    /// Sets the host cache size in MiB.
+    pub fn set_host_cache(&self, megabytes: u64) -> Result<()> {
+        self.state()?.pager.set_host_cache_bytes(megabytes << 20);
+        Ok(())
+    }
+
+    pub fn set_prefetch(&self, depth: usize) -> Result<()> {
+        self.state()?.pager.set_prefetch(depth);
+        Ok(())
+    }
+
+    /// Drops every paged layer from GPU memory and the host cache.
+    pub fn clear_cache(&self) -> Result<()> {
+        self.state()?.pager.clear();
+        Ok(())
+    }
+
+    pub fn inference_stats(&self) -> Result<InferenceStats> {
+        let state = self.state()?;
+        Ok(state.timings.summarize(&state.pager.counters))
+    }
+
+    pub fn cache_info(&self) -> Result<CacheInfo> {
+        let state = self.state()?;
+        let pager = &state.pager;
+        let mut cached_components = vec!["embeddings".to_string()];
+        cached_components.extend(pager.resident_layers().into_iter().map(|l| format!("encoder.layer.{l}")));
+        let bytes = pager.vram_bytes();
+        Ok(CacheInfo {
+            cached_components,
+            memory_usage_mb: bytes as f64 / (1u64 << 20) as f64,
+            memory_usage_bytes: bytes,
+            budget_bytes: pager.budget_bytes(),
+            layer_slots: pager.capacity(),
+            host_cache_bytes: pager.host_bytes(),
+            host_cache_capacity_bytes: pager.host_capacity(),
+        })
+    }
+
+    /// Bytes of one encoder layer in GPU memory.
+    pub fn layer_bytes(&self) -> u64 {
+        (self.layer_layout.len * 4) as u64
+    }
+
+    /// Bytes of the pinned weights (the embedding tables).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.embeddings.buffer_bytes()
+    }
+
     /// Runs already tokenized inputs, sorted by length into padded batches.
     pub fn embed_tokens(&self, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>> {
+        let started = Instant::now();
         let vocab = self.spec.config.vocab_size as u32;
+        let types = self.spec.config.type_vocab_size as u32;
         for (i, t) in inputs.iter().enumerate() {
             if t.ids.is_empty() || t.ids.len() > self.spec.max_seq_length {
                 return Err(Error::InvalidInput(format!(
@@ -201,7 +342,6 @@ impl Engine {
             if let Some(bad) = t.ids.iter().find(|&&id| id >= vocab) {
                 return Err(Error::InvalidInput(format!("input {i} has token id {bad} outside the vocabulary")));
             }
-            let types = self.spec.config.type_vocab_size as u32;
             if let Some(bad) = t.type_ids.iter().find(|&&id| id >= types) {
                 return Err(Error::InvalidInput(format!("input {i} has token type {bad}")));
             }
@@ -210,34 +350,27 @@ impl Engine {
         order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].ids.len()));
 
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
-        let mut workspace = self
-            .workspace
-            .lock()
-            .map_err(|_| Error::Gpu("a previous inference panicked".into()))?;
+        let mut state = self.state()?;
         let mut start = 0;
         while start < order.len() {
             let seq_len = inputs[order[start]].ids.len();
             let end = start + batch_length(&order[start..], |i| inputs[i].ids.len(), self.batch_size, self.max_rows);
             let members = &order[start..end];
-            let vectors = self.run_batch(&mut workspace, inputs, members, seq_len)?;
+            let vectors = self.run_batch(&mut state, inputs, members, seq_len)?;
             for (&i, v) in members.iter().zip(vectors) {
                 results[i] = v;
             }
             start = end;
         }
+        state.timings.record(started.elapsed().as_secs_f64(), inputs.len());
         Ok(results)
     }
 
-    fn run_batch(
-        &self,
-        workspace: &mut Option<BatchBuffers>,
-        inputs: &[Tokens],
-        members: &[usize],
-        seq_len: usize,
-    ) -> Result<Vec<Vec<f32>>> {
+    fn run_batch(&self, state: &mut RunState, inputs: &[Tokens], members: &[usize], seq_len: usize) -> Result<Vec<Vec<f32>>> {
         let config = &self.spec.config;
         let sequences = members.len();
         let rows = sequences * seq_len;
+        let workspace = &mut state.workspace;
         let fits = workspace
             .as_ref()
             .is_some_and(|w| w.capacity_rows >= rows && w.capacity_sequences >= sequences);
@@ -278,9 +411,21 @@ impl Engine {
         queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
         queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
 
+        let pager = &mut state.pager;
+        // With every layer resident the whole batch is one submission; when
+        // layers are paged, each layer is submitted on its own so that the GPU
+        // computes it while the next one is fetched and uploaded.
+        let paging = pager.capacity() < pager.layers();
         let mut plan = DispatchPlan::new(&self.gpu);
+        let mut recorded: Vec<usize> = Vec::new();
         self.embeddings.forward(&self.gpu, &self.kernels, &mut plan, batch);
-        for layer in &self.layers {
+        for layer in 0..pager.layers() {
+            pager.prefetch_after(layer);
+            if !pager.is_resident(layer) && !plan.is_empty() {
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
+                recorded.clear();
+            }
+            let weights = pager.acquire(layer, &recorded)?;
             BertLayer::forward(
                 &self.gpu,
                 &self.kernels,
@@ -288,9 +433,15 @@ impl Engine {
                 config,
                 self.spec.activation,
                 &self.layer_layout,
-                layer,
+                &weights,
                 batch,
             );
+            recorded.push(layer);
+            if paging {
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
+                recorded.clear();
+                pager.upload_ready(layer)?;
+            }
         }
         record_head(&self.kernels, &mut plan, config, self.spec.pooling, self.spec.normalize, batch);
         plan.submit(&self.gpu);
@@ -306,10 +457,6 @@ impl Engine {
             )));
         }
         Ok(vectors)
-    }
-
-    pub fn pooling(&self) -> Pooling {
-        self.spec.pooling
     }
 }
 

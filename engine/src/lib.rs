@@ -9,11 +9,17 @@ pub mod error;
 pub mod gpu;
 pub mod kernels;
 pub mod model;
+pub mod paging;
+pub mod source;
+pub mod stats;
 pub mod synth;
 pub mod tokenize;
 pub mod weights;
 
 pub use config::{Activation, BertConfig, ModelSpec, Pooling};
 pub use engine::{Embedding, Engine, EngineBuilder};
+pub use paging::{PagerConfig, VramBudget};
+pub use source::{LocalSource, RemoteSource, WeightSource};
+pub use stats::{CacheInfo, InferenceStats};
 pub use error::{Error, Result};
 pub use gpu::Gpu;

@@ -140,6 +140,11 @@ impl BertEmbeddings {
         Ok((layout, packer.data))
     }
 
+    /// Bytes the embeddings buffer holds.
+    pub fn buffer_bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+
     pub fn load(gpu: &Gpu, weights: &dyn TensorSource, config: &BertConfig) -> Result<Self> {
         let (layout, data) = Self::pack(weights, config)?;
         gpu.check_binding_size("an embeddings buffer", (data.len() * 4) as u64)?;
@@ -281,6 +286,20 @@ impl BertLayer {
             len: packer.data.len(),
         };
         Ok((layout, packer.data))
+    }
+
+    /// The packed layout of every layer of `config`, computed without weights.
+    pub fn layout(config: &BertConfig) -> LayerLayout {
+        struct Zeros;
+        impl TensorSource for Zeros {
+            fn tensor(&self, _name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+                Ok(vec![0.0; shape.iter().product()])
+            }
+        }
+        match Self::pack(&Zeros, config, 0) {
+            Ok((layout, _)) => layout,
+            Err(_) => unreachable!("packing zeros cannot fail"),
+        }
     }
 
     /// Records the layer: `batch.hidden` in, `batch.hidden` out.

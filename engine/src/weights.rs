@@ -46,6 +46,18 @@ impl SafetensorsFile {
         &self.path
     }
 
+    /// Bytes stored for the tensors of one component (`embeddings`,
+    /// `encoder.layer.N`, `pooler`).
+    pub fn component_bytes(&self, component: &str) -> Result<u64> {
+        let tensors = parse(&self.path, &self.map)?;
+        let prefix = format!("{}{component}.", self.prefix);
+        Ok(tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(_, view)| view.data().len() as u64)
+            .sum())
+    }
+
     /// Checks that every tensor in `expected` is present with that shape and a
     /// supported dtype, without reading any weights.
     pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {

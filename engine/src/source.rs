@@ -1,0 +1,170 @@
+//! Where weights come from: a model folder on disk, or a weight server reached
+//! through `surf_transport::WeightClient`. The engine asks for components
+//! (`embeddings`, `encoder.layer.N`) and reads their tensors by name.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::weights::{SafetensorsFile, TensorSource, decode};
+
+/// One component's tensors, and how many bytes were read or received for it.
+pub struct FetchedComponent {
+    pub tensors: Box<dyn TensorSource + Send>,
+    pub bytes: u64,
+}
+
+/// A source of model files and weights.
+pub trait WeightSource: Send + Sync {
+    /// Where the weights come from, for messages.
+    fn origin(&self) -> String;
+    /// The model's configuration and tokenizer.
+    fn spec(&self) -> Result<ModelSpec>;
+    /// Reads one component.
+    fn fetch(&self, component: &str) -> Result<FetchedComponent>;
+}
+
+/// A model folder: `model.safetensors` memory-mapped.
+pub struct LocalSource {
+    dir: PathBuf,
+    file: Arc<SafetensorsFile>,
+    spec: ModelSpec,
+}
+
+impl LocalSource {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let spec = ModelSpec::from_dir(dir)?;
+        let weights_path = dir.join(crate::engine::WEIGHTS_FILE);
+        if !weights_path.is_file() {
+            return Err(Error::bad_model(&weights_path, "file is missing"));
+        }
+        let file = SafetensorsFile::open(&weights_path)?;
+        // Refuse a broken checkpoint before touching the GPU.
+        file.check(&crate::model::model_tensors(&spec.config))?;
+        Ok(Self {
+            dir: dir.into(),
+            file: Arc::new(file),
+            spec,
+        })
+    }
+}
+
+struct SharedFile(Arc<SafetensorsFile>);
+
+impl TensorSource for SharedFile {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.0.tensor(name, shape)
+    }
+}
+
+impl WeightSource for LocalSource {
+    fn origin(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn spec(&self) -> Result<ModelSpec> {
+        Ok(self.spec.clone())
+    }
+
+    fn fetch(&self, component: &str) -> Result<FetchedComponent> {
+        let bytes = self.file.component_bytes(component)?;
+        Ok(FetchedComponent {
+            tensors: Box::new(SharedFile(Arc::clone(&self.file))),
+            bytes,
+        })
+    }
+}
+
+/// A weight server. Fetches block on the client's own runtime, so the engine's
+/// threads need no async runtime of their own.
+pub struct RemoteSource {
+    client: surf_transport::WeightClient,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RemoteSource {
+    pub fn new(client: surf_transport::WeightClient, runtime: tokio::runtime::Handle) -> Self {
+        Self { client, runtime }
+    }
+
+    fn label(&self) -> PathBuf {
+        PathBuf::from(format!("weight server model {}", self.client.manifest().model_id))
+    }
+}
+
+/// The bytes of one received component and its tensor table.
+struct ComponentTensors {
+    origin: PathBuf,
+    bytes: bytes::Bytes,
+    entries: Vec<surf_transport::TensorEntry>,
+}
+
+fn safetensors_dtype(dtype: surf_transport::Dtype) -> safetensors::Dtype {
+    use surf_transport::Dtype as D;
+    match dtype {
+        D::Bool => safetensors::Dtype::BOOL,
+        D::U8 => safetensors::Dtype::U8,
+        D::I8 => safetensors::Dtype::I8,
+        D::I16 => safetensors::Dtype::I16,
+        D::I32 => safetensors::Dtype::I32,
+        D::I64 => safetensors::Dtype::I64,
+        D::F16 => safetensors::Dtype::F16,
+        D::BF16 => safetensors::Dtype::BF16,
+        D::F32 => safetensors::Dtype::F32,
+        D::F64 => safetensors::Dtype::F64,
+    }
+}
+
+impl TensorSource for ComponentTensors {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let entry = self
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.origin.clone(),
+                tensor: name.into(),
+            })?;
+        let range = entry.byte_range();
+        let data = self
+            .bytes
+            .get(range.start as usize..range.end as usize)
+            .ok_or_else(|| Error::WeightSource(format!("tensor {name} lies outside its component")))?;
+        let actual: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
+        decode(&self.origin, name, safetensors_dtype(entry.dtype), &actual, data, shape)
+    }
+}
+
+impl WeightSource for RemoteSource {
+    fn origin(&self) -> String {
+        self.label().display().to_string()
+    }
+
+    fn spec(&self) -> Result<ModelSpec> {
+        let manifest = self.client.manifest();
+        ModelSpec::from_files(&self.label(), |name| Ok(manifest.file(name).map(<[u8]>::to_vec)))
+    }
+
+    fn fetch(&self, component: &str) -> Result<FetchedComponent> {
+        let manifest = self.client.manifest();
+        let entries = manifest
+            .component(component)
+            .ok_or_else(|| Error::WeightSource(format!("the server has no component {component}")))?
+            .tensors
+            .clone();
+        let bytes = self
+            .runtime
+            .block_on(self.client.fetch_component(component))
+            .map_err(|e| Error::WeightSource(format!("fetching {component}: {e}")))?;
+        let len = bytes.len() as u64;
+        Ok(FetchedComponent {
+            tensors: Box::new(ComponentTensors {
+                origin: self.label(),
+                bytes,
+                entries,
+            }),
+            bytes: len,
+        })
+    }
+}

@@ -1,0 +1,130 @@
+//! Inference and cache statistics, as users of the engine read them.
+
+use serde::Serialize;
+
+/// Counters of the pager and host cache; summed over the engine's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PagingCounters {
+    pub vram_hits: u64,
+    pub vram_misses: u64,
+    pub host_hits: u64,
+    pub host_misses: u64,
+    pub evictions: u64,
+    pub bytes_fetched: u64,
+    pub bytes_uploaded: u64,
+    pub fetches: u64,
+    pub prefetches_in_time: u64,
+    pub prefetches_late: u64,
+}
+
+/// What `Engine::inference_stats` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferenceStats {
+    pub total_inferences: u64,
+    pub total_texts: u64,
+    /// Seconds per `infer` call.
+    pub avg_inference_time: f64,
+    pub p50_inference_time: f64,
+    pub p95_inference_time: f64,
+    /// Share of layer uses that found the layer in GPU memory.
+    pub cache_hit_rate: f64,
+    /// Share of layer loads served from the host cache rather than the source.
+    pub host_cache_hit_rate: f64,
+    pub bytes_fetched: u64,
+    pub bytes_uploaded: u64,
+    pub evictions: u64,
+    pub fetches: u64,
+    pub prefetches_in_time: u64,
+    pub prefetches_late: u64,
+}
+
+/// What `Engine::cache_info` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheInfo {
+    /// Components held in GPU memory, pinned ones included.
+    pub cached_components: Vec<String>,
+    /// Bytes of GPU memory held for weights, in MiB.
+    pub memory_usage_mb: f64,
+    pub memory_usage_bytes: u64,
+    /// The weight budget in bytes; `None` when unbounded.
+    pub budget_bytes: Option<u64>,
+    /// Layers that fit at once.
+    pub layer_slots: usize,
+    pub host_cache_bytes: u64,
+    pub host_cache_capacity_bytes: u64,
+}
+
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Per-call latencies and text counts.
+#[derive(Debug, Default)]
+pub struct Timings {
+    seconds: Vec<f64>,
+    texts: u64,
+}
+
+impl Timings {
+    pub fn record(&mut self, seconds: f64, texts: usize) {
+        self.seconds.push(seconds);
+        self.texts += texts as u64;
+    }
+
+    pub fn summarize(&self, counters: &PagingCounters) -> InferenceStats {
+        let mut sorted = self.seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let total: f64 = sorted.iter().sum();
+        InferenceStats {
+            total_inferences: sorted.len() as u64,
+            total_texts: self.texts,
+            avg_inference_time: if sorted.is_empty() { 0.0 } else { total / sorted.len() as f64 },
+            p50_inference_time: percentile(&sorted, 0.5),
+            p95_inference_time: percentile(&sorted, 0.95),
+            cache_hit_rate: ratio(counters.vram_hits, counters.vram_hits + counters.vram_misses),
+            host_cache_hit_rate: ratio(counters.host_hits, counters.host_hits + counters.host_misses),
+            bytes_fetched: counters.bytes_fetched,
+            bytes_uploaded: counters.bytes_uploaded,
+            evictions: counters.evictions,
+            fetches: counters.fetches,
+            prefetches_in_time: counters.prefetches_in_time,
+            prefetches_late: counters.prefetches_late,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_rates_come_from_the_recorded_calls() {
+        let mut timings = Timings::default();
+        for s in [0.5, 0.1, 0.3, 0.2, 0.4] {
+            timings.record(s, 2);
+        }
+        let counters = PagingCounters {
+            vram_hits: 3,
+            vram_misses: 1,
+            host_hits: 1,
+            host_misses: 3,
+            ..Default::default()
+        };
+        let stats = timings.summarize(&counters);
+        assert_eq!(stats.total_inferences, 5);
+        assert_eq!(stats.total_texts, 10);
+        assert!((stats.avg_inference_time - 0.3).abs() < 1e-12);
+        assert_eq!(stats.p50_inference_time, 0.3);
+        assert_eq!(stats.p95_inference_time, 0.5);
+        assert_eq!(stats.cache_hit_rate, 0.75);
+        assert_eq!(stats.host_cache_hit_rate, 0.25);
+    }
+}
