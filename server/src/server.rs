@@ -335,7 +335,6 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         accepted = greet(&connection, &shared) => accepted,
     };
     if !accepted {
-        shared.stats.connections_refused.increment();
         return;
     }
     tracing::debug!(%peer, "client connected");
@@ -365,6 +364,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
 async fn greet(connection: &quinn::Connection, shared: &Shared) -> bool {
     let stream = tokio::time::timeout(REQUEST_TIMEOUT, connection.accept_bi()).await;
     let Ok(Ok((mut send, mut recv))) = stream else {
+        shared.stats.connections_refused.increment();
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"no hello");
         return false;
     };
@@ -390,16 +390,19 @@ async fn greet(connection: &quinn::Connection, shared: &Shared) -> bool {
                 ),
             };
             let reason = error.to_string();
+            shared.stats.connections_refused.increment();
             refuse(connection, &mut send, refusal, code, &reason).await;
             return false;
         }
         Err(_) => {
+            shared.stats.connections_refused.increment();
             connection.close(close_code::PROTOCOL_VIOLATION.into(), b"hello timed out");
             return false;
         }
     };
     if !token_accepted(shared.token_digest.as_ref(), hello.token.as_deref()) {
         tracing::warn!(peer = %connection.remote_address(), "client refused: wrong or missing token");
+        shared.stats.connections_refused.increment();
         refuse(
             connection,
             &mut send,

@@ -26,6 +26,10 @@ const STREAM_RECEIVE_WINDOW: u32 = 16 * 1024 * 1024;
 const CONNECTION_RECEIVE_WINDOW: u32 = 128 * 1024 * 1024;
 const SEND_WINDOW: u64 = 64 * 1024 * 1024;
 const MAX_CONCURRENT_FETCHES: u32 = 256;
+/// Largest UDP payload that path MTU discovery probes for: jumbo frames on
+/// LANs and loopback carry several times more bytes per packet (and per
+/// encryption and syscall); paths with a 1500-byte MTU stay at the default.
+const MTU_UPPER_BOUND: u16 = 8952;
 
 /// Reads every certificate in a PEM file.
 pub fn load_certificates_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -57,6 +61,8 @@ fn crypto_provider() -> Arc<CryptoProvider> {
 
 /// The QUIC transport settings of both ends.
 pub fn transport_config() -> quinn::TransportConfig {
+    let mut mtu_discovery = quinn::MtuDiscoveryConfig::default();
+    mtu_discovery.upper_bound(MTU_UPPER_BOUND);
     let mut transport = quinn::TransportConfig::default();
     transport
         .stream_receive_window(STREAM_RECEIVE_WINDOW.into())
@@ -64,6 +70,7 @@ pub fn transport_config() -> quinn::TransportConfig {
         .send_window(SEND_WINDOW)
         .max_concurrent_bidi_streams(MAX_CONCURRENT_FETCHES.into())
         .max_concurrent_uni_streams(0u32.into())
+        .mtu_discovery_config(Some(mtu_discovery))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
