@@ -81,15 +81,48 @@ impl WeightSource for LocalSource {
 pub struct RemoteSource {
     client: surf_transport::WeightClient,
     runtime: tokio::runtime::Handle,
+    /// The runtime `connect` made, kept alive as long as the source.
+    _owned_runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl RemoteSource {
+    /// Wraps a client whose connection lives on `runtime`.
     pub fn new(client: surf_transport::WeightClient, runtime: tokio::runtime::Handle) -> Self {
-        Self { client, runtime }
+        Self {
+            client,
+            runtime,
+            _owned_runtime: None,
+        }
+    }
+
+    /// Connects to the servers of `config` on a runtime of its own.
+    pub fn connect(config: surf_transport::ClientConfig) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("surf-net")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::WeightSource(format!("cannot start the network runtime: {e}")))?;
+        let servers = config.servers.clone();
+        let client = runtime
+            .block_on(surf_transport::WeightClient::connect(config))
+            .map_err(|e| Error::WeightSource(format!("connecting to {servers:?}: {e}")))?;
+        Ok(Self {
+            client,
+            runtime: runtime.handle().clone(),
+            _owned_runtime: Some(runtime),
+        })
+    }
+
+    pub fn client(&self) -> &surf_transport::WeightClient {
+        &self.client
     }
 
     fn label(&self) -> PathBuf {
-        PathBuf::from(format!("weight server model {}", self.client.manifest().model_id))
+        PathBuf::from(format!(
+            "weight server model {}",
+            self.client.manifest().model_id
+        ))
     }
 }
 
@@ -130,9 +163,18 @@ impl TensorSource for ComponentTensors {
         let data = self
             .bytes
             .get(range.start as usize..range.end as usize)
-            .ok_or_else(|| Error::WeightSource(format!("tensor {name} lies outside its component")))?;
+            .ok_or_else(|| {
+                Error::WeightSource(format!("tensor {name} lies outside its component"))
+            })?;
         let actual: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
-        decode(&self.origin, name, safetensors_dtype(entry.dtype), &actual, data, shape)
+        decode(
+            &self.origin,
+            name,
+            safetensors_dtype(entry.dtype),
+            &actual,
+            data,
+            shape,
+        )
     }
 }
 
@@ -143,7 +185,9 @@ impl WeightSource for RemoteSource {
 
     fn spec(&self) -> Result<ModelSpec> {
         let manifest = self.client.manifest();
-        ModelSpec::from_files(&self.label(), |name| Ok(manifest.file(name).map(<[u8]>::to_vec)))
+        ModelSpec::from_files(&self.label(), |name| {
+            Ok(manifest.file(name).map(<[u8]>::to_vec))
+        })
     }
 
     fn fetch(&self, component: &str) -> Result<FetchedComponent> {
