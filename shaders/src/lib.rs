@@ -3,6 +3,9 @@
 
 /// Tiled matrix multiply with fused bias and activation.
 pub const MATMUL: &str = include_str!("../matmul.wgsl");
+/// The same multiply for vec4-aligned operands, sharing A through subgroup
+/// broadcasts; needs subgroups of at least 8 invocations.
+pub const MATMUL_SUBGROUPS: &str = include_str!("../matmul_subgroups.wgsl");
 /// Word + position + token-type embedding gather.
 pub const EMBED: &str = include_str!("../embed.wgsl");
 /// LayerNorm with a fused residual add.

@@ -66,7 +66,7 @@ impl MatmulVariant {
     fn tile(self) -> (u32, u32) {
         match self {
             MatmulVariant::General => (128, 64),
-            MatmulVariant::Subgroups => (256, 64),
+            MatmulVariant::Subgroups => (128, 64),
         }
     }
 }
@@ -84,9 +84,15 @@ impl Matmul {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
         // A workgroup of 8 must sit in one subgroup for the broadcasts to see
         // every lane, so smaller subgroups rule the fast kernel out.
-        let subgroups = (gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES).then(|| {
-            Kernel::new(gpu, "matmul_subgroups", surf_shaders::MATMUL_SUBGROUPS, &storage)
-        });
+        let subgroups =
+            (gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES).then(|| {
+                Kernel::new(
+                    gpu,
+                    "matmul_subgroups",
+                    surf_shaders::MATMUL_SUBGROUPS,
+                    &storage,
+                )
+            });
         Self {
             general: Kernel::new(gpu, "matmul", surf_shaders::MATMUL, &storage),
             subgroups,
@@ -104,11 +110,15 @@ impl Matmul {
 
     /// The fastest variant that can run this multiply.
     pub fn choose(&self, n: usize, k: usize, operands: &MatmulOperands<'_>) -> MatmulVariant {
-        let aligned = n % 4 == 0
-            && k % 4 == 0
-            && [operands.a_offset, operands.b_offset, operands.bias_offset, operands.c_offset]
-                .iter()
-                .all(|offset| offset % 4 == 0);
+        let offsets = [
+            operands.a_offset,
+            operands.b_offset,
+            operands.bias_offset,
+            operands.c_offset,
+        ];
+        let aligned = n.is_multiple_of(4)
+            && k.is_multiple_of(4)
+            && offsets.iter().all(|offset| offset.is_multiple_of(4));
         if aligned && self.subgroups.is_some() {
             MatmulVariant::Subgroups
         } else {
@@ -169,6 +179,11 @@ impl Matmul {
         };
         let (tile_m, tile_n) = variant.tile();
         let groups = [(n as u32).div_ceil(tile_n), (m as u32).div_ceil(tile_m), 1];
-        plan.push(kernel, &params, &[operands.lhs, operands.weights, operands.out], groups);
+        plan.push(
+            kernel,
+            &params,
+            &[operands.lhs, operands.weights, operands.out],
+            groups,
+        );
     }
 }

@@ -1,0 +1,619 @@
+//! Every WGSL kernel against a CPU reference computed in f64.
+//!
+//! Inputs are small because CI runs these on a software rasterizer. Errors are
+//! measured as max |gpu - reference| / max |reference| over the compared
+//! elements, which is the relative error of the result as a whole and does not
+//! blow up on individual elements that happen to be near zero.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use surf_engine::gpu::{Gpu, gpu_for_tests};
+use surf_engine::kernels::DispatchPlan;
+use surf_engine::kernels::attention::{Attention, MASKED};
+use surf_engine::kernels::embed::{Embed, EmbeddingTables};
+use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
+use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
+use surf_engine::kernels::normalize::Normalize;
+use surf_engine::kernels::pool::Pool;
+use surf_engine::{Activation, Pooling};
+
+const TOLERANCE: f64 = 1e-4;
+
+/// Written around every output so that stray writes show up.
+const SENTINEL: f32 = 12345.0;
+
+fn random_vec(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn upload(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {
+    gpu.storage_buffer_with(label, bytemuck::cast_slice(data))
+}
+
+fn upload_u32(gpu: &Gpu, label: &str, data: &[u32]) -> wgpu::Buffer {
+    gpu.storage_buffer_with(label, bytemuck::cast_slice(data))
+}
+
+fn run_and_read(gpu: &Gpu, plan: DispatchPlan, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    plan.submit(gpu);
+    let bytes = gpu
+        .read_buffer(buffer, (len * 4) as u64)
+        .expect("reading back the output");
+    gpu.check_errors().expect("the GPU reported an error");
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+
+/// max |actual - expected| / max |expected|, failing on any non-finite value.
+fn relative_error(actual: &[f32], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let scale = expected
+        .iter()
+        .fold(0.0f64, |m, e| m.max(e.abs()))
+        .max(f64::MIN_POSITIVE);
+    let mut worst = 0.0f64;
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        assert!(a.is_finite(), "element {i} is {a}, expected {e}");
+        worst = worst.max((f64::from(a) - e).abs());
+    }
+    worst / scale
+}
+
+fn assert_close(what: &str, actual: &[f32], expected: &[f64]) {
+    let error = relative_error(actual, expected);
+    assert!(
+        error < TOLERANCE,
+        "{what}: relative error {error:e} exceeds {TOLERANCE:e}"
+    );
+}
+
+/// erf to about 1e-15: its Maclaurin series where it converges without
+/// cancellation, the continued fraction of erfc beyond.
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let value = if z < 2.5 {
+        let mut term = z;
+        let mut sum = z;
+        for n in 1..200 {
+            term *= -z * z / n as f64;
+            let next = term / (2 * n + 1) as f64;
+            sum += next;
+            if next.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(z) = exp(-z^2) / sqrt(pi) / (z + (1/2) / (z + 1 / (z + (3/2) / (z + ...))))
+        let mut tail = z;
+        for n in (1..80).rev() {
+            tail = z + (n as f64 / 2.0) / tail;
+        }
+        1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / tail
+    };
+    value.copysign(x)
+}
+
+fn activate(activation: Option<Activation>, x: f64) -> f64 {
+    match activation {
+        None => x,
+        Some(Activation::GeluErf) => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        Some(Activation::GeluTanh) => {
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            0.5 * x * (1.0 + inner.tanh())
+        }
+        Some(Activation::Relu) => x.max(0.0),
+    }
+}
+
+#[test]
+fn reference_erf_matches_known_values() {
+    // erf(0.5), erf(1), erf(2), erf(3) from Abramowitz & Stegun, table 7.1.
+    let known = [
+        (0.5, 0.520_499_877_813_046_5),
+        (1.0, 0.842_700_792_949_714_9),
+        (2.0, 0.995_322_265_018_952_7),
+        (3.0, 0.999_977_909_503_001_4),
+    ];
+    for (x, expected) in known {
+        assert!((erf(x) - expected).abs() < 1e-14, "erf({x}) = {}", erf(x));
+        assert!((erf(-x) + expected).abs() < 1e-14);
+    }
+}
+
+struct MatmulCase {
+    m: usize,
+    k: usize,
+    n: usize,
+    a_offset: usize,
+    b_offset: usize,
+    bias_offset: usize,
+    c_offset: usize,
+    activation: Option<Activation>,
+}
+
+impl MatmulCase {
+    fn epilogue(&self) -> Epilogue {
+        match self.activation {
+            None => Epilogue::Bias,
+            Some(a) => Epilogue::BiasThen(a),
+        }
+    }
+
+    /// Runs the case with `variant` (or the launcher's own choice) and checks
+    /// C and the sentinels around it.
+    fn check(&self, gpu: &Gpu, matmul: &Matmul, variant: Option<MatmulVariant>, rng: &mut StdRng) {
+        let Self { m, k, n, .. } = *self;
+        let lhs = random_vec(rng, self.a_offset + m * k);
+        let weight_len = (self.b_offset + k * n).max(self.bias_offset + n);
+        let weights = random_vec(rng, weight_len);
+        let out_len = self.c_offset + m * n + 8;
+
+        let mut expected = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut sum = f64::from(weights[self.bias_offset + j]);
+                for p in 0..k {
+                    sum += f64::from(lhs[self.a_offset + i * k + p])
+                        * f64::from(weights[self.b_offset + p * n + j]);
+                }
+                expected[i * n + j] = activate(self.activation, sum);
+            }
+        }
+
+        let lhs_buffer = upload(gpu, "lhs", &lhs);
+        let weights_buffer = upload(gpu, "weights", &weights);
+        let out_buffer = upload(gpu, "out", &vec![SENTINEL; out_len]);
+        let operands = MatmulOperands {
+            lhs: &lhs_buffer,
+            a_offset: self.a_offset as u32,
+            weights: &weights_buffer,
+            b_offset: self.b_offset as u32,
+            bias_offset: self.bias_offset as u32,
+            out: &out_buffer,
+            c_offset: self.c_offset as u32,
+        };
+        let mut plan = DispatchPlan::new(gpu);
+        match variant {
+            Some(variant) => {
+                matmul.push_variant(variant, &mut plan, m, n, k, self.epilogue(), operands)
+            }
+            None => matmul.push(&mut plan, m, n, k, self.epilogue(), operands),
+        }
+        let out = run_and_read(gpu, plan, &out_buffer, out_len);
+
+        let what = format!(
+            "matmul {variant:?} m={m} k={k} n={n} offsets a={} b={} bias={} c={} {:?}",
+            self.a_offset, self.b_offset, self.bias_offset, self.c_offset, self.activation
+        );
+        let c_end = self.c_offset + m * n;
+        assert!(
+            out[..self.c_offset]
+                .iter()
+                .chain(&out[c_end..])
+                .all(|&v| v == SENTINEL),
+            "{what}: wrote outside C"
+        );
+        assert_close(&what, &out[self.c_offset..c_end], &expected);
+    }
+}
+
+const ACTIVATIONS: [Option<Activation>; 4] = [
+    None,
+    Some(Activation::GeluErf),
+    Some(Activation::GeluTanh),
+    Some(Activation::Relu),
+];
+
+#[test]
+fn matmul_general_matches_reference_for_odd_shapes_and_offsets() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let matmul = Matmul::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(1);
+    let shapes = [
+        (37, 53, 70, 4, 8, 4),
+        (130, 385, 67, 12, 4, 0),
+        (1, 1, 1, 0, 0, 0),
+        (5, 3, 129, 8, 0, 4),
+    ];
+    for (i, &(m, k, n, a_offset, b_offset, c_offset)) in shapes.iter().enumerate() {
+        let case = MatmulCase {
+            m,
+            k,
+            n,
+            a_offset,
+            b_offset,
+            bias_offset: b_offset + k * n + 4,
+            c_offset,
+            activation: ACTIVATIONS[i % ACTIVATIONS.len()],
+        };
+        case.check(&gpu, &matmul, Some(MatmulVariant::General), &mut rng);
+    }
+    // Every activation on one shape that leaves partial tiles in both directions.
+    for activation in ACTIVATIONS {
+        let case = MatmulCase {
+            m: 37,
+            k: 53,
+            n: 70,
+            a_offset: 0,
+            b_offset: 4,
+            bias_offset: 0,
+            c_offset: 8,
+            activation,
+        };
+        case.check(&gpu, &matmul, Some(MatmulVariant::General), &mut rng);
+    }
+}
+
+#[test]
+fn matmul_every_variant_matches_reference_for_aligned_shapes() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let matmul = Matmul::new(&gpu);
+    if !matmul.variants().contains(&MatmulVariant::Subgroups) {
+        eprintln!(
+            "note: this adapter has no subgroups of 8 or more; only the general matmul is tested"
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(2);
+    // Partial tiles in m and n (the subgroup tile is 128 x 64), k not a
+    // multiple of the general kernel's K step, nonzero vec4-aligned offsets.
+    let shapes = [
+        (37, 52, 72, 4, 8, 12),
+        (130, 388, 68, 8, 4, 4),
+        (3, 4, 4, 0, 0, 0),
+        (129, 20, 132, 0, 4, 0),
+    ];
+    for variant in matmul.variants() {
+        for (i, &(m, k, n, a_offset, b_offset, c_offset)) in shapes.iter().enumerate() {
+            for activation in [ACTIVATIONS[i % 4], ACTIVATIONS[(i + 1) % 4]] {
+                let case = MatmulCase {
+                    m,
+                    k,
+                    n,
+                    a_offset,
+                    b_offset,
+                    bias_offset: b_offset + k * n,
+                    c_offset,
+                    activation,
+                };
+                case.check(&gpu, &matmul, Some(variant), &mut rng);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_push_picks_a_variant_that_handles_the_operands() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let matmul = Matmul::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(3);
+    // Aligned, then each alignment requirement broken in turn.
+    let cases = [
+        (40, 36, 44, 4, 8, 4, 12),
+        (40, 37, 44, 4, 8, 4, 12),
+        (40, 36, 45, 4, 8, 4, 12),
+        (40, 36, 44, 1, 8, 4, 12),
+        (40, 36, 44, 4, 2, 4, 12),
+        (40, 36, 44, 4, 8, 3, 12),
+        (40, 36, 44, 4, 8, 4, 5),
+    ];
+    for (m, k, n, a_offset, b_offset, bias_extra, c_offset) in cases {
+        let case = MatmulCase {
+            m,
+            k,
+            n,
+            a_offset,
+            b_offset,
+            bias_offset: b_offset + k * n + bias_extra,
+            c_offset,
+            activation: Some(Activation::GeluErf),
+        };
+        case.check(&gpu, &matmul, None, &mut rng);
+    }
+}
+
+#[test]
+fn embed_gathers_and_sums_the_three_tables() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let embed = Embed::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(4);
+    let (vocab, positions, types, hidden) = (50, 20, 2, 36);
+    let tables = EmbeddingTables {
+        word_offset: 4,
+        position_offset: (4 + vocab * hidden + 8) as u32,
+        type_offset: (4 + vocab * hidden + 8 + positions * hidden) as u32,
+    };
+    let table = random_vec(&mut rng, tables.type_offset as usize + types * hidden);
+    let token_count = 29;
+    let tokens: Vec<u32> = (0..token_count)
+        .flat_map(|t| {
+            [
+                rng.random_range(0..vocab as u32),
+                (t % positions) as u32,
+                rng.random_range(0..types as u32),
+            ]
+        })
+        .collect();
+
+    let tokens_buffer = upload_u32(&gpu, "tokens", &tokens);
+    let table_buffer = upload(&gpu, "table", &table);
+    let out_buffer = gpu.storage_buffer("out", (token_count * hidden * 4) as u64);
+    let mut plan = DispatchPlan::new(&gpu);
+    embed.push(
+        &gpu,
+        &mut plan,
+        token_count,
+        hidden,
+        &tokens_buffer,
+        &table_buffer,
+        tables,
+        &out_buffer,
+    );
+    let out = run_and_read(&gpu, plan, &out_buffer, token_count * hidden);
+
+    let mut expected = Vec::with_capacity(token_count * hidden);
+    for ids in tokens.chunks(3) {
+        for h in 0..hidden {
+            let at =
+                |offset: u32, id: u32| f64::from(table[offset as usize + id as usize * hidden + h]);
+            expected.push(
+                at(tables.word_offset, ids[0])
+                    + at(tables.position_offset, ids[1])
+                    + at(tables.type_offset, ids[2]),
+            );
+        }
+    }
+    assert_close("embed", &out, &expected);
+}
+
+fn layernorm_reference(
+    x: &[f32],
+    residual: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Vec<f64> {
+    let cols = gamma.len();
+    let mut out = Vec::with_capacity(x.len());
+    for (r, row) in x.chunks(cols).enumerate() {
+        let values: Vec<f64> = row
+            .iter()
+            .enumerate()
+            .map(|(c, &v)| f64::from(v) + residual.map_or(0.0, |res| f64::from(res[r * cols + c])))
+            .collect();
+        let mean = values.iter().sum::<f64>() / cols as f64;
+        let variance = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / cols as f64;
+        let inv_std = 1.0 / (variance + eps).sqrt();
+        out.extend(
+            values
+                .iter()
+                .enumerate()
+                .map(|(c, v)| (v - mean) * inv_std * f64::from(gamma[c]) + f64::from(beta[c])),
+        );
+    }
+    out
+}
+
+#[test]
+fn layernorm_matches_reference_with_and_without_residual() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let layernorm = LayerNorm::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(5);
+    let eps = 1e-12f32;
+    for cols in [36, 200] {
+        let rows = 7;
+        let mut x = random_vec(&mut rng, rows * cols);
+        // A constant row has zero variance: the output must be beta, not NaN.
+        x[2 * cols..3 * cols].fill(0.75);
+        let residual = random_vec(&mut rng, rows * cols);
+        let gamma_offset = 4;
+        let beta_offset = gamma_offset + cols + 4;
+        let weights = random_vec(&mut rng, beta_offset + cols);
+        let gamma = &weights[gamma_offset..gamma_offset + cols];
+        let beta = &weights[beta_offset..beta_offset + cols];
+
+        let x_buffer = upload(&gpu, "x", &x);
+        let residual_buffer = upload(&gpu, "residual", &residual);
+        let weights_buffer = upload(&gpu, "weights", &weights);
+        for with_residual in [false, true] {
+            let out_buffer = gpu.storage_buffer("out", (rows * cols * 4) as u64);
+            let mut plan = DispatchPlan::new(&gpu);
+            layernorm.push(
+                &gpu,
+                &mut plan,
+                rows,
+                cols,
+                eps,
+                LayerNormOperands {
+                    x: &x_buffer,
+                    residual: with_residual.then_some(&residual_buffer),
+                    weights: &weights_buffer,
+                    gamma_offset: gamma_offset as u32,
+                    beta_offset: beta_offset as u32,
+                    out: &out_buffer,
+                },
+            );
+            let out = run_and_read(&gpu, plan, &out_buffer, rows * cols);
+            let expected = layernorm_reference(
+                &x,
+                with_residual.then_some(&residual[..]),
+                gamma,
+                beta,
+                f64::from(eps),
+            );
+            assert_close(
+                &format!("layernorm cols={cols} residual={with_residual}"),
+                &out,
+                &expected,
+            );
+            if !with_residual {
+                // The residual would make the constant row vary again.
+                let constant_row = &out[2 * cols..3 * cols];
+                assert!(
+                    constant_row
+                        .iter()
+                        .zip(beta)
+                        .all(|(o, b)| (o - b).abs() <= 1e-6),
+                    "a zero-variance row must come out as beta"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_reference_on_real_query_rows() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let attention = Attention::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(6);
+    // seq is a multiple of neither the 16-key block nor the 64-query group.
+    for (heads, head_dim, seq, lengths) in [(3, 32, 21, [21, 13]), (2, 64, 70, [70, 9])] {
+        let batch = lengths.len();
+        let hidden = heads * head_dim;
+        let rows = batch * seq;
+        // Scaled so that softmax weights are far from uniform.
+        let qkv: Vec<f32> = random_vec(&mut rng, rows * 3 * hidden)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let mask: Vec<f32> = (0..rows)
+            .map(|r| {
+                if r % seq < lengths[r / seq] {
+                    0.0
+                } else {
+                    MASKED
+                }
+            })
+            .collect();
+
+        let qkv_buffer = upload(&gpu, "qkv", &qkv);
+        let mask_buffer = upload(&gpu, "mask", &mask);
+        let out_buffer = gpu.storage_buffer("out", (rows * hidden * 4) as u64);
+        let mut plan = DispatchPlan::new(&gpu);
+        attention.push(
+            &mut plan,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            &qkv_buffer,
+            &mask_buffer,
+            &out_buffer,
+        );
+        let out = run_and_read(&gpu, plan, &out_buffer, rows * hidden);
+
+        let at = |row: usize, part: usize, head: usize, d: usize| {
+            f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+        };
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let mut actual = Vec::new();
+        let mut expected = Vec::new();
+        for (b, &len) in lengths.iter().enumerate() {
+            for i in 0..len {
+                let query_row = b * seq + i;
+                for head in 0..heads {
+                    // Padding keys get probability exactly zero, so only real keys count.
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| {
+                            (0..head_dim)
+                                .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for d in 0..head_dim {
+                        let context = (0..len)
+                            .map(|j| weights[j] * at(b * seq + j, 2, head, d))
+                            .sum::<f64>()
+                            / total;
+                        expected.push(context);
+                        actual.push(out[query_row * hidden + head * head_dim + d]);
+                    }
+                }
+            }
+        }
+        assert_close(
+            &format!("attention heads={heads} head_dim={head_dim} seq={seq}"),
+            &actual,
+            &expected,
+        );
+    }
+}
+
+#[test]
+fn pool_matches_reference_in_every_mode() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let pool = Pool::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(7);
+    let (seq, hidden) = (11, 150);
+    let lengths = [11u32, 4, 1];
+    let batch = lengths.len();
+    let x = random_vec(&mut rng, batch * seq * hidden);
+    let x_buffer = upload(&gpu, "x", &x);
+    let lengths_buffer = upload_u32(&gpu, "lengths", &lengths);
+    for mode in [
+        Pooling::Mean,
+        Pooling::Cls,
+        Pooling::Max,
+        Pooling::MeanSqrtLen,
+    ] {
+        let out_buffer = gpu.storage_buffer("out", (batch * hidden * 4) as u64);
+        let mut plan = DispatchPlan::new(&gpu);
+        pool.push(
+            &mut plan,
+            batch,
+            seq,
+            hidden,
+            mode,
+            &x_buffer,
+            &lengths_buffer,
+            &out_buffer,
+        );
+        let out = run_and_read(&gpu, plan, &out_buffer, batch * hidden);
+
+        let mut expected = Vec::new();
+        for (b, &len) in lengths.iter().enumerate() {
+            let len = len as usize;
+            for h in 0..hidden {
+                let tokens = (0..len).map(|t| f64::from(x[(b * seq + t) * hidden + h]));
+                expected.push(match mode {
+                    Pooling::Mean => tokens.sum::<f64>() / len as f64,
+                    Pooling::Cls => f64::from(x[b * seq * hidden + h]),
+                    Pooling::Max => tokens.fold(f64::NEG_INFINITY, f64::max),
+                    Pooling::MeanSqrtLen => tokens.sum::<f64>() / (len as f64).sqrt(),
+                });
+            }
+        }
+        assert_close(&format!("pool {mode:?}"), &out, &expected);
+    }
+}
+
+#[test]
+fn normalize_scales_rows_to_unit_length() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let normalize = Normalize::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(8);
+    let (rows, cols) = (5, 300);
+    let mut x = random_vec(&mut rng, rows * cols);
+    // An all-zero row must stay zero rather than become NaN.
+    x[3 * cols..4 * cols].fill(0.0);
+    let buffer = upload(&gpu, "x", &x);
+    let mut plan = DispatchPlan::new(&gpu);
+    normalize.push(&mut plan, rows, cols, &buffer);
+    let out = run_and_read(&gpu, plan, &buffer, rows * cols);
+
+    let mut expected = Vec::new();
+    for row in x.chunks(cols) {
+        let norm = row
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        expected.extend(row.iter().map(|&v| f64::from(v) / norm));
+    }
+    assert_close("normalize", &out, &expected);
+    assert!(out[3 * cols..4 * cols].iter().all(|&v| v == 0.0));
+}
