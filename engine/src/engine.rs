@@ -87,7 +87,11 @@ impl EngineBuilder {
         let source: Arc<dyn WeightSource> = match (self.source, self.model_dir) {
             (Some(source), _) => source,
             (None, Some(dir)) => Arc::new(LocalSource::open(&dir)?),
-            (None, None) => return Err(Error::InvalidInput("no model folder or weight source was given".into())),
+            (None, None) => {
+                return Err(Error::InvalidInput(
+                    "no model folder or weight source was given".into(),
+                ));
+            }
         };
         let spec = source.spec()?;
         let gpu = match self.gpu {
@@ -167,7 +171,8 @@ impl Engine {
         pager.counters.bytes_fetched += fetched.bytes;
         pager.counters.bytes_uploaded += embeddings.buffer_bytes();
 
-        let binding_limit = u64::from(gpu.limits.max_storage_buffer_binding_size).min(gpu.limits.max_buffer_size);
+        let binding_limit =
+            u64::from(gpu.limits.max_storage_buffer_binding_size).min(gpu.limits.max_buffer_size);
         let rows_by_memory = (binding_limit / BatchBuffers::widest_row_bytes(config)) as usize;
         if rows_by_memory < spec.max_seq_length {
             return Err(Error::AdapterLimit {
@@ -266,7 +271,9 @@ impl Engine {
 
     /// Sets the weight budget in MiB of GPU memory, pinned parts included.
     pub fn set_vram_budget(&self, megabytes: u64) -> Result<()> {
-        self.state()?.pager.set_budget(VramBudget::Bytes(megabytes << 20))
+        self.state()?
+            .pager
+            .set_budget(VramBudget::Bytes(megabytes << 20))
     }
 
     /// Sets the weight budget in encoder layers (besides the pinned parts).
@@ -300,7 +307,12 @@ impl Engine {
         let state = self.state()?;
         let pager = &state.pager;
         let mut cached_components = vec!["embeddings".to_string()];
-        cached_components.extend(pager.resident_layers().into_iter().map(|l| format!("encoder.layer.{l}")));
+        cached_components.extend(
+            pager
+                .resident_layers()
+                .into_iter()
+                .map(|l| format!("encoder.layer.{l}")),
+        );
         let bytes = pager.vram_bytes();
         Ok(CacheInfo {
             cached_components,
@@ -337,13 +349,19 @@ impl Engine {
                 )));
             }
             if t.ids.len() != t.type_ids.len() {
-                return Err(Error::InvalidInput(format!("input {i} has mismatched token type ids")));
+                return Err(Error::InvalidInput(format!(
+                    "input {i} has mismatched token type ids"
+                )));
             }
             if let Some(bad) = t.ids.iter().find(|&&id| id >= vocab) {
-                return Err(Error::InvalidInput(format!("input {i} has token id {bad} outside the vocabulary")));
+                return Err(Error::InvalidInput(format!(
+                    "input {i} has token id {bad} outside the vocabulary"
+                )));
             }
             if let Some(bad) = t.type_ids.iter().find(|&&id| id >= types) {
-                return Err(Error::InvalidInput(format!("input {i} has token type {bad}")));
+                return Err(Error::InvalidInput(format!(
+                    "input {i} has token type {bad}"
+                )));
             }
         }
         let mut order: Vec<usize> = (0..inputs.len()).collect();
@@ -354,7 +372,13 @@ impl Engine {
         let mut start = 0;
         while start < order.len() {
             let seq_len = inputs[order[start]].ids.len();
-            let end = start + batch_length(&order[start..], |i| inputs[i].ids.len(), self.batch_size, self.max_rows);
+            let end = start
+                + batch_length(
+                    &order[start..],
+                    |i| inputs[i].ids.len(),
+                    self.batch_size,
+                    self.max_rows,
+                );
             let members = &order[start..end];
             let vectors = self.run_batch(&mut state, inputs, members, seq_len)?;
             for (&i, v) in members.iter().zip(vectors) {
@@ -362,11 +386,19 @@ impl Engine {
             }
             start = end;
         }
-        state.timings.record(started.elapsed().as_secs_f64(), inputs.len());
+        state
+            .timings
+            .record(started.elapsed().as_secs_f64(), inputs.len());
         Ok(results)
     }
 
-    fn run_batch(&self, state: &mut RunState, inputs: &[Tokens], members: &[usize], seq_len: usize) -> Result<Vec<Vec<f32>>> {
+    fn run_batch(
+        &self,
+        state: &mut RunState,
+        inputs: &[Tokens],
+        members: &[usize],
+        seq_len: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let config = &self.spec.config;
         let sequences = members.len();
         let rows = sequences * seq_len;
@@ -376,8 +408,14 @@ impl Engine {
             .is_some_and(|w| w.capacity_rows >= rows && w.capacity_sequences >= sequences);
         if !fits {
             let capacity_rows = rows.max(workspace.as_ref().map_or(0, |w| w.capacity_rows));
-            let capacity_sequences = sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
-            *workspace = Some(BatchBuffers::new(&self.gpu, config, capacity_rows, capacity_sequences));
+            let capacity_sequences =
+                sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
+            *workspace = Some(BatchBuffers::new(
+                &self.gpu,
+                config,
+                capacity_rows,
+                capacity_sequences,
+            ));
         }
         let Some(batch) = workspace.as_mut() else {
             return Err(Error::Gpu("no activation buffers".into()));
@@ -418,7 +456,8 @@ impl Engine {
         let paging = pager.capacity() < pager.layers();
         let mut plan = DispatchPlan::new(&self.gpu);
         let mut recorded: Vec<usize> = Vec::new();
-        self.embeddings.forward(&self.gpu, &self.kernels, &mut plan, batch);
+        self.embeddings
+            .forward(&self.gpu, &self.kernels, &mut plan, batch);
         for layer in 0..pager.layers() {
             pager.prefetch_after(layer);
             if !pager.is_resident(layer) && !plan.is_empty() {
@@ -443,14 +482,26 @@ impl Engine {
                 pager.upload_ready(layer)?;
             }
         }
-        record_head(&self.kernels, &mut plan, config, self.spec.pooling, self.spec.normalize, batch);
+        record_head(
+            &self.kernels,
+            &mut plan,
+            config,
+            self.spec.pooling,
+            self.spec.normalize,
+            batch,
+        );
         plan.submit(&self.gpu);
 
         let hidden = config.hidden_size;
-        let bytes = self.gpu.read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
+        let bytes = self
+            .gpu
+            .read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
         let floats: &[f32] = bytemuck::cast_slice(&bytes);
         let vectors: Vec<Vec<f32>> = floats.chunks_exact(hidden).map(|c| c.to_vec()).collect();
-        if let Some(position) = vectors.iter().position(|v| v.iter().any(|x| !x.is_finite())) {
+        if let Some(position) = vectors
+            .iter()
+            .position(|v| v.iter().any(|x| !x.is_finite()))
+        {
             return Err(Error::Gpu(format!(
                 "the embedding of input {} is not finite",
                 members[position]
@@ -463,7 +514,12 @@ impl Engine {
 /// How many of `sorted` (longest first) go into the next padded batch: at most
 /// `batch_size` inputs and `max_rows` padded rows, and no more padding than real
 /// tokens, so that one long text does not make a batch of short ones slow.
-fn batch_length(sorted: &[usize], len_of: impl Fn(usize) -> usize, batch_size: usize, max_rows: usize) -> usize {
+fn batch_length(
+    sorted: &[usize],
+    len_of: impl Fn(usize) -> usize,
+    batch_size: usize,
+    max_rows: usize,
+) -> usize {
     let Some(&first) = sorted.first() else {
         return 0;
     };

@@ -18,8 +18,8 @@ pub mod weights;
 
 pub use config::{Activation, BertConfig, ModelSpec, Pooling};
 pub use engine::{Embedding, Engine, EngineBuilder};
+pub use error::{Error, Result};
+pub use gpu::Gpu;
 pub use paging::{PagerConfig, VramBudget};
 pub use source::{LocalSource, RemoteSource, WeightSource};
 pub use stats::{CacheInfo, InferenceStats};
-pub use error::{Error, Result};
-pub use gpu::Gpu;

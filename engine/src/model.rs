@@ -11,7 +11,11 @@ use crate::kernels::matmul::{Epilogue, MatmulOperands};
 use crate::kernels::{DispatchPlan, attention, embed, layernorm, matmul, normalize, pool};
 use crate::weights::TensorSource;
 
-fn read_tensor(weights: &dyn TensorSource, specs: &[(String, Vec<usize>)], name: &str) -> Result<Vec<f32>> {
+fn read_tensor(
+    weights: &dyn TensorSource,
+    specs: &[(String, Vec<usize>)],
+    name: &str,
+) -> Result<Vec<f32>> {
     let (_, shape) = specs
         .iter()
         .find(|(n, _)| n == name)
@@ -108,8 +112,14 @@ impl BertEmbeddings {
         let h = config.hidden_size;
         [
             ("word_embeddings.weight", vec![config.vocab_size, h]),
-            ("position_embeddings.weight", vec![config.max_position_embeddings, h]),
-            ("token_type_embeddings.weight", vec![config.type_vocab_size, h]),
+            (
+                "position_embeddings.weight",
+                vec![config.max_position_embeddings, h],
+            ),
+            (
+                "token_type_embeddings.weight",
+                vec![config.type_vocab_size, h],
+            ),
             ("LayerNorm.weight", vec![h]),
             ("LayerNorm.bias", vec![h]),
         ]
@@ -119,7 +129,10 @@ impl BertEmbeddings {
     }
 
     /// Reads and packs the `embeddings.*` tensors.
-    pub fn pack(weights: &dyn TensorSource, config: &BertConfig) -> Result<(EmbeddingsLayout, Vec<f32>)> {
+    pub fn pack(
+        weights: &dyn TensorSource,
+        config: &BertConfig,
+    ) -> Result<(EmbeddingsLayout, Vec<f32>)> {
         let specs = Self::tensors(config);
         let t = |short: &str| read_tensor(weights, &specs, &format!("embeddings.{short}"));
         let mut packer = Packer { data: Vec::new() };
@@ -156,7 +169,13 @@ impl BertEmbeddings {
         })
     }
 
-    pub fn forward(&self, gpu: &Gpu, kernels: &Kernels, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        kernels: &Kernels,
+        plan: &mut DispatchPlan,
+        batch: &BatchBuffers,
+    ) {
         let tokens = batch.rows;
         kernels.embed.push(
             gpu,
@@ -239,11 +258,16 @@ impl BertLayer {
     }
 
     /// Reads and packs the tensors of layer `index`.
-    pub fn pack(weights: &dyn TensorSource, config: &BertConfig, index: usize) -> Result<(LayerLayout, Vec<f32>)> {
+    pub fn pack(
+        weights: &dyn TensorSource,
+        config: &BertConfig,
+        index: usize,
+    ) -> Result<(LayerLayout, Vec<f32>)> {
         let h = config.hidden_size;
         let i = config.intermediate_size;
         let specs = Self::tensors(config, index);
-        let t = |short: &str| read_tensor(weights, &specs, &format!("encoder.layer.{index}.{short}"));
+        let t =
+            |short: &str| read_tensor(weights, &specs, &format!("encoder.layer.{index}.{short}"));
 
         let query = t("attention.self.query.weight")?;
         let key = t("attention.self.key.weight")?;
@@ -259,7 +283,8 @@ impl BertLayer {
         let mut packer = Packer { data: Vec::new() };
         let qkv_weight = packer.put_transposed(&qkv, 3 * h, h);
         let qkv_bias = packer.put(&qkv_bias);
-        let attention_out_weight = packer.put_transposed(&t("attention.output.dense.weight")?, h, h);
+        let attention_out_weight =
+            packer.put_transposed(&t("attention.output.dense.weight")?, h, h);
         let attention_out_bias = packer.put(&t("attention.output.dense.bias")?);
         let attention_norm_gamma = packer.put(&t("attention.output.LayerNorm.weight")?);
         let attention_norm_beta = packer.put(&t("attention.output.LayerNorm.bias")?);
@@ -318,15 +343,22 @@ impl BertLayer {
         let rows = batch.rows;
         let eps = config.layer_norm_eps as f32;
         let mm = &kernels.matmul;
-        mm.push(plan, rows, 3 * h, h, Epilogue::Bias, MatmulOperands {
-            lhs: &batch.hidden,
-            a_offset: 0,
-            weights,
-            b_offset: layout.qkv_weight,
-            bias_offset: layout.qkv_bias,
-            out: &batch.qkv,
-            c_offset: 0,
-        });
+        mm.push(
+            plan,
+            rows,
+            3 * h,
+            h,
+            Epilogue::Bias,
+            MatmulOperands {
+                lhs: &batch.hidden,
+                a_offset: 0,
+                weights,
+                b_offset: layout.qkv_weight,
+                bias_offset: layout.qkv_bias,
+                out: &batch.qkv,
+                c_offset: 0,
+            },
+        );
         kernels.attention.push(
             plan,
             batch.sequences,
@@ -337,49 +369,84 @@ impl BertLayer {
             &batch.mask,
             &batch.context,
         );
-        mm.push(plan, rows, h, h, Epilogue::Bias, MatmulOperands {
-            lhs: &batch.context,
-            a_offset: 0,
-            weights,
-            b_offset: layout.attention_out_weight,
-            bias_offset: layout.attention_out_bias,
-            out: &batch.scratch,
-            c_offset: 0,
-        });
-        kernels.layernorm.push(gpu, plan, rows, h, eps, LayerNormOperands {
-            x: &batch.scratch,
-            residual: Some(&batch.hidden),
-            weights,
-            gamma_offset: layout.attention_norm_gamma,
-            beta_offset: layout.attention_norm_beta,
-            out: &batch.attention_output,
-        });
-        mm.push(plan, rows, inter, h, Epilogue::BiasThen(activation), MatmulOperands {
-            lhs: &batch.attention_output,
-            a_offset: 0,
-            weights,
-            b_offset: layout.intermediate_weight,
-            bias_offset: layout.intermediate_bias,
-            out: &batch.intermediate,
-            c_offset: 0,
-        });
-        mm.push(plan, rows, h, inter, Epilogue::Bias, MatmulOperands {
-            lhs: &batch.intermediate,
-            a_offset: 0,
-            weights,
-            b_offset: layout.output_weight,
-            bias_offset: layout.output_bias,
-            out: &batch.scratch,
-            c_offset: 0,
-        });
-        kernels.layernorm.push(gpu, plan, rows, h, eps, LayerNormOperands {
-            x: &batch.scratch,
-            residual: Some(&batch.attention_output),
-            weights,
-            gamma_offset: layout.output_norm_gamma,
-            beta_offset: layout.output_norm_beta,
-            out: &batch.hidden,
-        });
+        mm.push(
+            plan,
+            rows,
+            h,
+            h,
+            Epilogue::Bias,
+            MatmulOperands {
+                lhs: &batch.context,
+                a_offset: 0,
+                weights,
+                b_offset: layout.attention_out_weight,
+                bias_offset: layout.attention_out_bias,
+                out: &batch.scratch,
+                c_offset: 0,
+            },
+        );
+        kernels.layernorm.push(
+            gpu,
+            plan,
+            rows,
+            h,
+            eps,
+            LayerNormOperands {
+                x: &batch.scratch,
+                residual: Some(&batch.hidden),
+                weights,
+                gamma_offset: layout.attention_norm_gamma,
+                beta_offset: layout.attention_norm_beta,
+                out: &batch.attention_output,
+            },
+        );
+        mm.push(
+            plan,
+            rows,
+            inter,
+            h,
+            Epilogue::BiasThen(activation),
+            MatmulOperands {
+                lhs: &batch.attention_output,
+                a_offset: 0,
+                weights,
+                b_offset: layout.intermediate_weight,
+                bias_offset: layout.intermediate_bias,
+                out: &batch.intermediate,
+                c_offset: 0,
+            },
+        );
+        mm.push(
+            plan,
+            rows,
+            h,
+            inter,
+            Epilogue::Bias,
+            MatmulOperands {
+                lhs: &batch.intermediate,
+                a_offset: 0,
+                weights,
+                b_offset: layout.output_weight,
+                bias_offset: layout.output_bias,
+                out: &batch.scratch,
+                c_offset: 0,
+            },
+        );
+        kernels.layernorm.push(
+            gpu,
+            plan,
+            rows,
+            h,
+            eps,
+            LayerNormOperands {
+                x: &batch.scratch,
+                residual: Some(&batch.attention_output),
+                weights,
+                gamma_offset: layout.output_norm_gamma,
+                beta_offset: layout.output_norm_beta,
+                out: &batch.hidden,
+            },
+        );
     }
 }
 
@@ -424,7 +491,8 @@ impl BatchBuffers {
             context: gpu.storage_buffer("context", r * h * f),
             scratch: gpu.storage_buffer("scratch", r * h * f),
             attention_output: gpu.storage_buffer("attention_output", r * h * f),
-            intermediate: gpu.storage_buffer("intermediate", r * config.intermediate_size as u64 * f),
+            intermediate: gpu
+                .storage_buffer("intermediate", r * config.intermediate_size as u64 * f),
             pooled: gpu.storage_buffer("pooled", sequences as u64 * h * f),
         }
     }

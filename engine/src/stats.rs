@@ -55,7 +55,11 @@ pub struct CacheInfo {
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {
-    if whole == 0 { 0.0 } else { part as f64 / whole as f64 }
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -86,11 +90,21 @@ impl Timings {
         InferenceStats {
             total_inferences: sorted.len() as u64,
             total_texts: self.texts,
-            avg_inference_time: if sorted.is_empty() { 0.0 } else { total / sorted.len() as f64 },
+            avg_inference_time: if sorted.is_empty() {
+                0.0
+            } else {
+                total / sorted.len() as f64
+            },
             p50_inference_time: percentile(&sorted, 0.5),
             p95_inference_time: percentile(&sorted, 0.95),
-            cache_hit_rate: ratio(counters.vram_hits, counters.vram_hits + counters.vram_misses),
-            host_cache_hit_rate: ratio(counters.host_hits, counters.host_hits + counters.host_misses),
+            cache_hit_rate: ratio(
+                counters.vram_hits,
+                counters.vram_hits + counters.vram_misses,
+            ),
+            host_cache_hit_rate: ratio(
+                counters.host_hits,
+                counters.host_hits + counters.host_misses,
+            ),
             bytes_fetched: counters.bytes_fetched,
             bytes_uploaded: counters.bytes_uploaded,
             evictions: counters.evictions,

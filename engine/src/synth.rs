@@ -85,8 +85,14 @@ impl SplitMix64 {
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
         _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     }
 }
@@ -113,7 +119,11 @@ pub fn random_tensors(spec: &SynthSpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
 }
 
 /// Writes `model.safetensors` holding `tensors` in `dtype`.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], dtype: Dtype) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: Dtype,
+) -> Result<()> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, shape, values)| (name.clone(), shape.clone(), encode(values, dtype)))
@@ -150,7 +160,10 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
         "position_embedding_type": config.position_embedding_type,
     });
     let files: [(&str, String); 5] = [
-        ("config.json", serde_json::to_string_pretty(&config_json).unwrap_or_default()),
+        (
+            "config.json",
+            serde_json::to_string_pretty(&config_json).unwrap_or_default(),
+        ),
         (
             "modules.json",
             r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
@@ -160,7 +173,10 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
         ),
         (
             "sentence_bert_config.json",
-            format!(r#"{{"max_seq_length": {}, "do_lower_case": false}}"#, spec.max_position_embeddings),
+            format!(
+                r#"{{"max_seq_length": {}, "do_lower_case": false}}"#,
+                spec.max_position_embeddings
+            ),
         ),
         (
             "1_Pooling/config.json",
@@ -173,8 +189,16 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
     ];
     for (name, text) in &files {
         let path = dir.join(name);
-        let bytes: &[u8] = if *name == "tokenizer.json" { tokenizer_json } else { text.as_bytes() };
+        let bytes: &[u8] = if *name == "tokenizer.json" {
+            tokenizer_json
+        } else {
+            text.as_bytes()
+        };
         std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
     }
-    write_safetensors(&dir.join("model.safetensors"), &random_tensors(spec), spec.dtype)
+    write_safetensors(
+        &dir.join("model.safetensors"),
+        &random_tensors(spec),
+        spec.dtype,
+    )
 }

@@ -50,13 +50,13 @@ impl TextTokenizer {
     }
 
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+        let encodings =
+            self.inner
+                .encode_batch(texts.to_vec(), true)
+                .map_err(|e| Error::Tokenizer {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                })?;
         Ok(encodings
             .into_iter()
             .map(|e| Tokens {

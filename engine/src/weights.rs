@@ -89,9 +89,8 @@ impl SafetensorsFile {
 }
 
 fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
-    SafeTensors::deserialize(bytes).map_err(|e| {
-        Error::bad_model(path, format!("not a valid safetensors file ({e})"))
-    })
+    SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::bad_model(path, format!("not a valid safetensors file ({e})")))
 }
 
 impl TensorSource for SafetensorsFile {
@@ -102,7 +101,14 @@ impl TensorSource for SafetensorsFile {
             path: self.path.clone(),
             tensor: full.clone(),
         })?;
-        decode(&self.path, &full, view.dtype(), view.shape(), view.data(), shape)
+        decode(
+            &self.path,
+            &full,
+            view.dtype(),
+            view.shape(),
+            view.data(),
+            shape,
+        )
     }
 }
 

@@ -7,8 +7,8 @@ pub mod policy;
 
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::mpsc::{Receiver, TryRecvError, channel};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError, channel};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -71,6 +71,8 @@ pub struct Pager {
     pending: HashMap<usize, PendingFetch>,
     /// Fetched layers that found no free slot yet and no room in the host cache.
     arrived: HashMap<usize, PackedLayer>,
+    /// Layers put in the host cache by a fetch and not yet used from it.
+    unused_fetches: std::collections::HashSet<usize>,
     prefetch: usize,
     staging: wgpu::util::StagingBelt,
     pub counters: PagingCounters,
@@ -102,6 +104,7 @@ impl Pager {
             host_capacity: settings.host_cache_bytes,
             pending: HashMap::new(),
             arrived: HashMap::new(),
+            unused_fetches: Default::default(),
             prefetch: settings.prefetch,
             staging,
             counters: PagingCounters::default(),
@@ -178,6 +181,7 @@ impl Pager {
         self.host.clear();
         self.host_bytes = 0;
         self.arrived.clear();
+        self.unused_fetches.clear();
     }
 
     /// Starts background fetches of the layers that follow `current`.
@@ -207,19 +211,22 @@ impl Pager {
             })
             .map(|_| ())
             .unwrap_or_else(|e| tracing::warn!("could not start a fetch thread: {e}"));
-        self.pending.insert(layer, PendingFetch { result: receiver });
+        self.pending
+            .insert(layer, PendingFetch { result: receiver });
     }
 
     /// Host bytes of `layer`: from the host cache, a fetch in flight, or the source.
     fn host_layer(&mut self, layer: usize) -> Result<PackedLayer> {
         if let Some(packed) = self.host.get(&layer) {
-            self.counters.host_hits += 1;
+            // A layer fetched ahead and not used yet was a miss, counted when it arrived.
+            if !self.unused_fetches.remove(&layer) {
+                self.counters.host_hits += 1;
+            }
             return Ok(Arc::clone(packed));
         }
         if let Some(packed) = self.arrived.remove(&layer) {
             return Ok(packed);
         }
-        self.counters.host_misses += 1;
         let (packed, bytes) = match self.pending.remove(&layer) {
             Some(pending) => {
                 let outcome = match pending.result.try_recv() {
@@ -229,14 +236,13 @@ impl Pager {
                     }
                     Err(TryRecvError::Empty) => {
                         self.counters.prefetches_late += 1;
-                        pending
-                            .result
-                            .recv()
-                            .map_err(|_| Error::WeightSource(format!("the fetch of layer {layer} died")))?
+                        pending.result.recv().map_err(|_| {
+                            Error::WeightSource(format!("the fetch of layer {layer} died"))
+                        })?
                     }
-                    Err(TryRecvError::Disconnected) => {
-                        Err(Error::WeightSource(format!("the fetch of layer {layer} died")))
-                    }
+                    Err(TryRecvError::Disconnected) => Err(Error::WeightSource(format!(
+                        "the fetch of layer {layer} died"
+                    ))),
                 };
                 self.policy.fetch_finished(layer);
                 outcome?
@@ -244,12 +250,15 @@ impl Pager {
             None => fetch_layer(self.source.as_ref(), &self.config, layer)?,
         };
         self.accept_fetched(layer, &packed, bytes)?;
+        // Used right away, so later reads from the host cache are real hits.
+        self.unused_fetches.remove(&layer);
         Ok(packed)
     }
 
     /// Counts a finished fetch and keeps its bytes in the host cache.
     fn accept_fetched(&mut self, layer: usize, packed: &PackedLayer, bytes: u64) -> Result<()> {
         self.counters.fetches += 1;
+        self.counters.host_misses += 1;
         self.counters.bytes_fetched += bytes;
         if (packed.len() * 4) as u64 != self.slot_bytes {
             return Err(Error::WeightSource(format!(
@@ -261,6 +270,7 @@ impl Pager {
         if self.host_capacity >= self.slot_bytes {
             self.host_bytes += self.slot_bytes;
             self.host.put(layer, Arc::clone(packed));
+            self.unused_fetches.insert(layer);
             self.trim_host();
         }
         Ok(())
@@ -270,7 +280,9 @@ impl Pager {
         match &self.slots[slot] {
             Some(buffer) => buffer.clone(),
             None => {
-                let buffer = self.gpu.storage_buffer(&format!("layer slot {slot}"), self.slot_bytes);
+                let buffer = self
+                    .gpu
+                    .storage_buffer(&format!("layer slot {slot}"), self.slot_bytes);
                 self.slots[slot] = Some(buffer.clone());
                 buffer
             }
@@ -283,10 +295,11 @@ impl Pager {
 
     fn trim_host(&mut self) {
         while self.host_bytes > self.host_capacity {
-            if self.host.pop_lru().is_none() {
+            let Some((layer, _)) = self.host.pop_lru() else {
                 self.host_bytes = 0;
                 break;
-            }
+            };
+            self.unused_fetches.remove(&layer);
             self.host_bytes -= self.slot_bytes;
         }
     }
@@ -304,11 +317,15 @@ impl Pager {
                     return Ok(buffer.clone());
                 }
             }
-            return Err(Error::Gpu(format!("layer {layer} is resident but has no buffer")));
+            return Err(Error::Gpu(format!(
+                "layer {layer} is resident but has no buffer"
+            )));
         }
         let packed = self.host_layer(layer)?;
         let placement = self.policy.place(layer, protected).ok_or_else(|| {
-            Error::Gpu(format!("no slot can take layer {layer}: every slot is in use"))
+            Error::Gpu(format!(
+                "no slot can take layer {layer}: every slot is in use"
+            ))
         })?;
         self.sync_counters();
         let Placement::Load { slot, .. } = placement else {
@@ -326,7 +343,10 @@ impl Pager {
             .map(|a| (current + a) % self.layers())
             .collect();
         for &layer in &ahead {
-            let arrived = self.pending.get(&layer).and_then(|p| p.result.try_recv().ok());
+            let arrived = self
+                .pending
+                .get(&layer)
+                .and_then(|p| p.result.try_recv().ok());
             let Some(result) = arrived else { continue };
             self.pending.remove(&layer);
             self.policy.fetch_finished(layer);
@@ -347,6 +367,7 @@ impl Pager {
             };
             self.sync_counters();
             if let Placement::Load { slot, .. } = placement {
+                self.unused_fetches.remove(&layer);
                 let buffer = self.slot_buffer(slot);
                 self.upload(&buffer, &packed)?;
             }
@@ -361,7 +382,9 @@ impl Pager {
         let mut encoder = self
             .gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("upload") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("upload"),
+            });
         {
             let mut view = self.staging.write_buffer(&mut encoder, buffer, 0, size);
             view.copy_from_slice(bytes);
@@ -381,14 +404,23 @@ impl Pager {
     }
 }
 
-fn fetch_layer(source: &dyn WeightSource, config: &BertConfig, layer: usize) -> Result<(PackedLayer, u64)> {
+fn fetch_layer(
+    source: &dyn WeightSource,
+    config: &BertConfig,
+    layer: usize,
+) -> Result<(PackedLayer, u64)> {
     let component = source.fetch(&format!("encoder.layer.{layer}"))?;
     let (_, packed) = BertLayer::pack(component.tensors.as_ref(), config, layer)?;
     Ok((Arc::new(packed), component.bytes))
 }
 
 /// Slots that `budget` allows, or an error that names the smallest budget that works.
-pub fn slots_for(budget: VramBudget, layers: usize, slot_bytes: u64, pinned_bytes: u64) -> Result<usize> {
+pub fn slots_for(
+    budget: VramBudget,
+    layers: usize,
+    slot_bytes: u64,
+    pinned_bytes: u64,
+) -> Result<usize> {
     let smallest = pinned_bytes + slot_bytes;
     let to_mb = |b: u64| b.div_ceil(1 << 20);
     match budget {

@@ -162,7 +162,9 @@ mod tests {
     fn pass(policy: &mut PagePolicy) {
         for layer in 0..policy.layers() {
             let protected = [layer];
-            policy.place(layer, &protected).expect("a slot is free or evictable");
+            policy
+                .place(layer, &protected)
+                .expect("a slot is free or evictable");
         }
     }
 
@@ -172,7 +174,14 @@ mod tests {
         for _ in 0..5 {
             pass(&mut policy);
         }
-        assert_eq!(policy.counters, PolicyCounters { hits: 24, misses: 6, evictions: 0 });
+        assert_eq!(
+            policy.counters,
+            PolicyCounters {
+                hits: 24,
+                misses: 6,
+                evictions: 0
+            }
+        );
     }
 
     #[test]
@@ -180,9 +189,23 @@ mod tests {
         // LRU on a cyclic scan larger than the cache misses every time.
         let mut policy = PagePolicy::new(6, 2);
         pass(&mut policy);
-        assert_eq!(policy.counters, PolicyCounters { hits: 0, misses: 6, evictions: 4 });
+        assert_eq!(
+            policy.counters,
+            PolicyCounters {
+                hits: 0,
+                misses: 6,
+                evictions: 4
+            }
+        );
         pass(&mut policy);
-        assert_eq!(policy.counters, PolicyCounters { hits: 0, misses: 12, evictions: 10 });
+        assert_eq!(
+            policy.counters,
+            PolicyCounters {
+                hits: 0,
+                misses: 12,
+                evictions: 10
+            }
+        );
         assert!(policy.resident_layers().len() <= 2);
     }
 
@@ -192,7 +215,13 @@ mod tests {
         policy.place(0, &[]);
         policy.place(1, &[]);
         policy.place(0, &[]);
-        assert_eq!(policy.place(2, &[]), Some(Placement::Load { slot: 1, evicted: Some(1) }));
+        assert_eq!(
+            policy.place(2, &[]),
+            Some(Placement::Load {
+                slot: 1,
+                evicted: Some(1)
+            })
+        );
         assert_eq!(policy.resident_layers(), vec![0, 2]);
     }
 
@@ -201,7 +230,13 @@ mod tests {
         let mut policy = PagePolicy::new(4, 2);
         policy.place(0, &[]);
         policy.place(1, &[]);
-        assert_eq!(policy.place(2, &[0]), Some(Placement::Load { slot: 1, evicted: Some(1) }));
+        assert_eq!(
+            policy.place(2, &[0]),
+            Some(Placement::Load {
+                slot: 1,
+                evicted: Some(1)
+            })
+        );
         assert_eq!(policy.place(3, &[0, 2]), None);
     }
 
@@ -217,7 +252,13 @@ mod tests {
         assert_eq!(policy.capacity(), 2);
         assert_eq!(policy.counters.evictions, 2);
         // The next load evicts within the smaller capacity.
-        assert!(matches!(policy.place(4, &[]), Some(Placement::Load { slot: 0 | 1, evicted: Some(_) })));
+        assert!(matches!(
+            policy.place(4, &[]),
+            Some(Placement::Load {
+                slot: 0 | 1,
+                evicted: Some(_)
+            })
+        ));
     }
 
     #[test]
@@ -226,7 +267,13 @@ mod tests {
         policy.place(0, &[]);
         policy.place(1, &[]);
         assert!(policy.resize(4).is_empty());
-        assert_eq!(policy.place(2, &[]), Some(Placement::Load { slot: 2, evicted: None }));
+        assert_eq!(
+            policy.place(2, &[]),
+            Some(Placement::Load {
+                slot: 2,
+                evicted: None
+            })
+        );
     }
 
     #[test]
@@ -235,7 +282,10 @@ mod tests {
         pass(&mut policy);
         policy.clear();
         assert!(policy.resident_layers().is_empty());
-        assert!(matches!(policy.place(1, &[]), Some(Placement::Load { evicted: None, .. })));
+        assert!(matches!(
+            policy.place(1, &[]),
+            Some(Placement::Load { evicted: None, .. })
+        ));
     }
 
     #[test]
