@@ -105,7 +105,7 @@ impl BertConfig {
                 return Err(Error::bad_model(path, format!("`{name}` must be positive")));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::bad_model(
                 path,
                 format!(
@@ -114,7 +114,7 @@ impl BertConfig {
                 ),
             ));
         }
-        if self.head_dim() % 4 != 0 {
+        if !self.head_dim().is_multiple_of(4) {
             return Err(Error::bad_model(
                 path,
                 format!("head size {} is not a multiple of 4", self.head_dim()),

@@ -43,7 +43,8 @@ impl Gpu {
         descriptor.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
         let instance = wgpu::Instance::new(descriptor);
         let mut adapters = instance.enumerate_adapters(descriptor_backends()).await;
-        adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Other || wanted.is_some());
+        adapters
+            .retain(|a| a.get_info().device_type != wgpu::DeviceType::Other || wanted.is_some());
         if adapters.is_empty() {
             return Err(Error::NoAdapter {
                 detail: String::new(),
@@ -67,7 +68,10 @@ impl Gpu {
                 adapters.sort_by_key(|a| {
                     let info = a.get_info();
                     // Vulkan first among equals: it is the best-tested compute path.
-                    (rank(info.device_type), info.backend != wgpu::Backend::Vulkan)
+                    (
+                        rank(info.device_type),
+                        info.backend != wgpu::Backend::Vulkan,
+                    )
                 });
                 adapters.remove(0)
             }
@@ -132,7 +136,9 @@ impl Gpu {
 
     /// Fails unless one binding of `bytes` fits the device.
     pub fn check_binding_size(&self, what: &'static str, bytes: u64) -> Result<()> {
-        let limit = u64::from(self.limits.max_storage_buffer_binding_size)
+        let limit = self
+            .limits
+            .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size);
         if bytes > limit {
             return Err(Error::AdapterLimit {
@@ -173,6 +179,15 @@ impl Gpu {
         buffer
     }
 
+    /// Blocks until the device has finished all submitted work, so that a
+    /// host clock around a submission measures the GPU's time.
+    pub fn wait_idle(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        Ok(())
+    }
+
     /// Copies `bytes` bytes from the start of `buffer` back to the host.
     pub fn read_buffer(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -183,7 +198,9 @@ impl Gpu {
         });
         let mut encoder = self
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, staging.size());
         self.queue.submit([encoder.finish()]);
         let (sender, receiver) = std::sync::mpsc::channel();

@@ -328,6 +328,7 @@ impl BertLayer {
     }
 
     /// Records the layer: `batch.hidden` in, `batch.hidden` out.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         gpu: &Gpu,
         kernels: &Kernels,

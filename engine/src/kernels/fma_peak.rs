@@ -23,7 +23,12 @@ impl FmaPeak {
     pub fn new(gpu: &Gpu, invocations: u32) -> Self {
         let invocations = invocations.next_multiple_of(64);
         Self {
-            kernel: Kernel::new(gpu, "fma_peak", surf_shaders::FMA_PEAK, &[Access::ReadWrite]),
+            kernel: Kernel::new(
+                gpu,
+                "fma_peak",
+                surf_shaders::FMA_PEAK,
+                &[Access::ReadWrite],
+            ),
             out: gpu.storage_buffer("fma_peak", u64::from(invocations) * 16),
             invocations,
         }
@@ -35,7 +40,12 @@ impl FmaPeak {
             iterations,
             _pad: [0; 3],
         };
-        plan.push(&self.kernel, &params, &[&self.out], [self.invocations / 64, 1, 1]);
+        plan.push(
+            &self.kernel,
+            &params,
+            &[&self.out],
+            [self.invocations / 64, 1, 1],
+        );
         u64::from(self.invocations) * u64::from(iterations) * FLOPS_PER_ITERATION
     }
 }

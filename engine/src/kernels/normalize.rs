@@ -18,7 +18,12 @@ pub struct Normalize {
 impl Normalize {
     pub fn new(gpu: &Gpu) -> Self {
         Self {
-            kernel: Kernel::new(gpu, "normalize", surf_shaders::NORMALIZE, &[Access::ReadWrite]),
+            kernel: Kernel::new(
+                gpu,
+                "normalize",
+                surf_shaders::NORMALIZE,
+                &[Access::ReadWrite],
+            ),
         }
     }
 

@@ -49,6 +49,11 @@ impl Pool {
             mode: pooling.code(),
             _pad: 0,
         };
-        plan.push(&self.kernel, &params, &[x, lengths, out], [batch as u32, 1, 1]);
+        plan.push(
+            &self.kernel,
+            &params,
+            &[x, lengths, out],
+            [batch as u32, 1, 1],
+        );
     }
 }

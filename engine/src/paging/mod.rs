@@ -312,10 +312,10 @@ impl Pager {
         if self.policy.is_resident(layer) {
             let placement = self.policy.place(layer, protected);
             self.sync_counters();
-            if let Some(Placement::Resident { slot }) = placement {
-                if let Some(buffer) = &self.slots[slot] {
-                    return Ok(buffer.clone());
-                }
+            if let Some(Placement::Resident { slot }) = placement
+                && let Some(buffer) = &self.slots[slot]
+            {
+                return Ok(buffer.clone());
             }
             return Err(Error::Gpu(format!(
                 "layer {layer} is resident but has no buffer"
