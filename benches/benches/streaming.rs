@@ -1,0 +1,200 @@
+//! Streamed inference: compute-only, fetch-only and cold streamed time in one
+//! run (the overlap ratio), and throughput against the VRAM budget with a warm
+//! host cache, from a weight server on loopback.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use surf_benches::{minilm_dir, quick};
+use surf_engine::{Engine, RemoteSource, VramBudget};
+use surf_server::{RunningServer, ServerConfig, WeightServer};
+use surf_transport::{ClientConfig, WeightClient};
+
+const SENTENCES: [&str; 8] = [
+    "Weights stream from the server while the GPU computes.",
+    "A layer is fetched, checked and uploaded into a slot.",
+    "The budget decides how many layers stay resident.",
+    "Short texts make batches with little padding.",
+    "Embeddings are normalised to unit length.",
+    "The host cache keeps layers that the GPU evicted.",
+    "Prefetching hides the network behind the kernels.",
+    "Every byte is checked against its blake3 hash.",
+];
+
+struct Loopback {
+    runtime: tokio::runtime::Runtime,
+    server: Option<RunningServer>,
+}
+
+impl Loopback {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = runtime
+            .block_on(WeightServer::bind(ServerConfig::new(
+                minilm_dir(),
+                ([127, 0, 0, 1], 0).into(),
+            )))
+            .expect("weight server starts");
+        Self {
+            runtime,
+            server: Some(server),
+        }
+    }
+
+    fn engine(
+        &self,
+        gpu: &surf_engine::Gpu,
+        budget: VramBudget,
+        host_bytes: u64,
+        prefetch: usize,
+    ) -> Engine {
+        let server = self.server.as_ref().expect("running");
+        let config = ClientConfig::new(
+            vec![server.local_addr()],
+            vec![server.certificate_der().clone()],
+        );
+        let client = self
+            .runtime
+            .block_on(WeightClient::connect(config))
+            .expect("client connects");
+        Engine::builder()
+            .source(Arc::new(RemoteSource::new(
+                client,
+                self.runtime.handle().clone(),
+            )))
+            .gpu(gpu.clone())
+            .vram_budget(budget)
+            .host_cache_bytes(host_bytes)
+            .prefetch(prefetch)
+            .build()
+            .expect("engine starts")
+    }
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn measure(repeats: usize, mut run: impl FnMut() -> Duration) -> Duration {
+    median((0..repeats).map(|_| run()).collect())
+}
+
+fn main() {
+    if !minilm_dir().join("model.safetensors").is_file() {
+        println!("streaming bench skipped: run `bash assets/fetch-model.sh` first");
+        return;
+    }
+    let Ok(gpu) = surf_engine::Gpu::new() else {
+        println!("streaming bench skipped: no GPU adapter");
+        return;
+    };
+    let texts: Vec<&str> = if quick() {
+        SENTENCES[..2].to_vec()
+    } else {
+        SENTENCES.repeat(4)
+    };
+    let repeats = if quick() { 1 } else { 5 };
+    let loopback = Loopback::start();
+    let layers: Vec<usize> = (0..6).collect();
+
+    // Compute only: every layer resident.
+    let resident = loopback.engine(&gpu, VramBudget::Unbounded, 0, 2);
+    resident.infer(&texts).expect("warm-up run");
+    let compute = measure(repeats, || {
+        let start = Instant::now();
+        resident.infer(&texts).expect("runs");
+        start.elapsed()
+    });
+
+    // Fetch only: every layer fetched from the server and uploaded, no compute.
+    let fetching = loopback.engine(&gpu, VramBudget::Unbounded, 0, 0);
+    let fetch = measure(repeats, || {
+        fetching.clear_cache().expect("cleared");
+        let start = Instant::now();
+        fetching.warmup(&layers).expect("fetched and uploaded");
+        start.elapsed()
+    });
+
+    // Cold streamed: nothing resident, no host cache; prefetch overlaps fetches with compute.
+    let cold = loopback.engine(&gpu, VramBudget::Unbounded, 0, 2);
+    let streamed = measure(repeats, || {
+        cold.clear_cache().expect("cleared");
+        let start = Instant::now();
+        cold.infer(&texts).expect("runs");
+        start.elapsed()
+    });
+    let ratio = streamed.as_secs_f64() / compute.max(fetch).as_secs_f64();
+    println!("adapter: {}", gpu.adapter_name());
+    println!(
+        "streaming, {} texts, all-MiniLM-L6-v2 over QUIC on loopback:",
+        texts.len()
+    );
+    println!(
+        "  compute only (all layers resident): {:>9.1} ms",
+        compute.as_secs_f64() * 1e3
+    );
+    println!(
+        "  fetch only (fetch + upload, 6 layers): {:>6.1} ms",
+        fetch.as_secs_f64() * 1e3
+    );
+    println!(
+        "  cold streamed:                      {:>9.1} ms",
+        streamed.as_secs_f64() * 1e3
+    );
+    println!("  overlap ratio: cold / max(compute, fetch) = {ratio:.3} (target <= 1.15)");
+
+    // Throughput against the budget, host cache warm.
+    let resident_rate = texts.len() as f64 / compute.as_secs_f64();
+    println!("throughput against the VRAM budget (host cache warm), ratio to fully resident:");
+    for budget_layers in [1usize, 2, 3, 6] {
+        let paged = loopback.engine(&gpu, VramBudget::Layers(budget_layers), 512 << 20, 2);
+        paged.infer(&texts).expect("fills the host cache");
+        let time = measure(repeats, || {
+            let start = Instant::now();
+            paged.infer(&texts).expect("runs");
+            start.elapsed()
+        });
+        let rate = texts.len() as f64 / time.as_secs_f64();
+        println!(
+            "  {budget_layers} of 6 layers: {rate:>8.1} embeddings/s  ({:.3} of resident)",
+            rate / resident_rate
+        );
+    }
+
+    // The same measurements under criterion, for its statistics.
+    let mut criterion = Criterion::default()
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(if quick() { 1 } else { 5 }))
+        .warm_up_time(Duration::from_millis(if quick() { 100 } else { 500 }))
+        .configure_from_args();
+    criterion.bench_function("streaming/resident", |b| {
+        b.iter(|| resident.infer(&texts).expect("runs"))
+    });
+    criterion.bench_function("streaming/cold", |b| {
+        b.iter_custom(|iterations| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iterations {
+                cold.clear_cache().expect("cleared");
+                let start = Instant::now();
+                cold.infer(&texts).expect("runs");
+                total += start.elapsed();
+            }
+            total
+        })
+    });
+    criterion.final_summary();
+}
