@@ -1,1 +1,204 @@
-fn main() {}
+//! Matmul GFLOP/s at the shapes of a MiniLM-sized BERT layer, next to the
+//! adapter's FMA peak measured in the same run, and end-to-end embeddings per
+//! second through the `Engine`.
+//!
+//! Criterion reports the matmuls in Gelem/s, one element being one
+//! floating-point operation, so its figure reads as GFLOP/s. A summary table
+//! follows on stdout. `SURF_BENCH_QUICK=1` takes few, short samples.
+
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use surf_benches::{Tally, minilm_dir, quick, time_launches};
+use surf_engine::gpu::Gpu;
+use surf_engine::kernels::fma_peak::FmaPeak;
+use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
+
+/// (m, k, n) of the layer's matmuls at 256 tokens: FFN up, FFN down, and the
+/// attention output projection at 2048 tokens.
+const SHAPES: [(usize, usize, usize); 3] = [(256, 384, 1536), (256, 1536, 384), (2048, 384, 384)];
+
+/// FMA-chain launch size: enough invocations to fill every core.
+const PEAK_INVOCATIONS: u32 = 64 * 256;
+const PEAK_ITERATIONS: u32 = 2048;
+
+const SENTENCES: [&str; 8] = [
+    "The cat sits on the mat.",
+    "A quick brown fox jumps over the lazy dog.",
+    "Weights stream to the GPU layer by layer.",
+    "How fast can a software rasterizer multiply matrices?",
+    "Embeddings map sentences to vectors.",
+    "It rained all day in the city.",
+    "The server caches hot layers in memory.",
+    "Short sentences make small batches.",
+];
+
+fn configure(quick: bool) -> Criterion {
+    let criterion = Criterion::default().configure_from_args();
+    if quick {
+        criterion
+            .sample_size(10)
+            .warm_up_time(Duration::from_millis(100))
+            .measurement_time(Duration::from_millis(500))
+    } else {
+        criterion
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(5))
+    }
+}
+
+fn fma_peak(criterion: &mut Criterion, gpu: &Gpu, peak: &FmaPeak) -> f64 {
+    let flops = {
+        let mut plan = surf_engine::kernels::DispatchPlan::new(gpu);
+        peak.push(&mut plan, PEAK_ITERATIONS)
+    };
+    time_launches(gpu, 1, |plan| {
+        peak.push(plan, PEAK_ITERATIONS);
+    });
+    let tally = Tally::default();
+    let mut group = criterion.benchmark_group("fma_peak");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(flops));
+    group.bench_function("fma_chains", |b| {
+        b.iter_custom(|iterations| {
+            let elapsed = time_launches(gpu, iterations, |plan| {
+                peak.push(plan, PEAK_ITERATIONS);
+            });
+            tally.add(elapsed, iterations)
+        })
+    });
+    group.finish();
+    tally.rate(flops as f64) / 1e9
+}
+
+/// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`.
+fn matmuls(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<(f64, MatmulVariant)> {
+    let mut group = criterion.benchmark_group("matmul");
+    group.sampling_mode(SamplingMode::Flat);
+    let mut rates = Vec::new();
+    for (m, k, n) in SHAPES {
+        let flops = 2 * (m * k * n) as u64;
+        let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
+        let weights = gpu.storage_buffer("weights", ((k * n + n) * 4) as u64);
+        let out = gpu.storage_buffer("out", (m * n * 4) as u64);
+        let operands = || MatmulOperands {
+            lhs: &lhs,
+            a_offset: 0,
+            weights: &weights,
+            b_offset: 0,
+            bias_offset: (k * n) as u32,
+            out: &out,
+            c_offset: 0,
+        };
+        // The first launch of a pipeline may include driver work the tally
+        // must not average in.
+        time_launches(gpu, 1, |plan| {
+            matmul.push(plan, m, n, k, Epilogue::Bias, operands());
+        });
+        let tally = Tally::default();
+        group.throughput(Throughput::Elements(flops));
+        group.bench_function(format!("{m}x{k}x{n}"), |b| {
+            b.iter_custom(|iterations| {
+                let elapsed = time_launches(gpu, iterations, |plan| {
+                    matmul.push(plan, m, n, k, Epilogue::Bias, operands());
+                });
+                tally.add(elapsed, iterations)
+            })
+        });
+        rates.push((
+            tally.rate(flops as f64) / 1e9,
+            matmul.choose(n, k, &operands()),
+        ));
+    }
+    group.finish();
+    gpu.check_errors().expect("the GPU reported an error");
+    rates
+}
+
+/// Embeddings per second for a batch of 32 short sentences, or `None` when
+/// the model has not been fetched.
+fn embeddings(criterion: &mut Criterion, gpu: &Gpu, quick: bool) -> Option<f64> {
+    let dir = minilm_dir();
+    if !dir.join("model.safetensors").is_file() {
+        println!(
+            "skipping the embedding bench: no model at {}; run `bash assets/fetch-model.sh`",
+            dir.display()
+        );
+        return None;
+    }
+    let engine = surf_engine::Engine::builder()
+        .model_dir(&dir)
+        .gpu(gpu.clone())
+        .build()
+        .expect("loading all-MiniLM-L6-v2");
+    let texts: Vec<&str> = SENTENCES.iter().cycle().take(32).copied().collect();
+    // The first batch pays for uploads and pipeline warm-up.
+    engine.embed(&texts).expect("embedding a warm-up batch");
+    if quick {
+        // Criterion's ten samples of a multi-second batch would blow the
+        // quick run's budget; one timed batch shows the figure.
+        let start = Instant::now();
+        std::hint::black_box(engine.embed(&texts).expect("embedding"));
+        return Some(texts.len() as f64 / start.elapsed().as_secs_f64());
+    }
+    let tally = Tally::default();
+    let mut group = criterion.benchmark_group("engine");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(texts.len() as u64));
+    group.bench_function("embed_32_short_sentences", |b| {
+        b.iter_custom(|iterations| {
+            let start = Instant::now();
+            for _ in 0..iterations {
+                std::hint::black_box(engine.embed(&texts).expect("embedding"));
+            }
+            tally.add(start.elapsed(), iterations)
+        })
+    });
+    group.finish();
+    Some(tally.rate(texts.len() as f64))
+}
+
+fn main() {
+    let gpu = match Gpu::new() {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            println!("skipping the kernel benches: {e}");
+            return;
+        }
+    };
+    let quick = quick();
+    let mut criterion = configure(quick);
+    let peak = FmaPeak::new(&gpu, PEAK_INVOCATIONS);
+    let matmul = Matmul::new(&gpu);
+
+    // The peak is measured on both sides of the matmuls because other load on
+    // the machine moves it; the matmuls are compared with the mean.
+    let peak_before = fma_peak(&mut criterion, &gpu, &peak);
+    let rates = matmuls(&mut criterion, &gpu, &matmul);
+    let peak_after = fma_peak(&mut criterion, &gpu, &peak);
+    let peak_gflops = (peak_before + peak_after) / 2.0;
+    let per_second = embeddings(&mut criterion, &gpu, quick);
+    criterion.final_summary();
+
+    println!();
+    println!(
+        "adapter: {} ({:?}, subgroups: {}){}",
+        gpu.adapter_name(),
+        gpu.info.backend,
+        gpu.subgroups,
+        if quick { ", quick run" } else { "" }
+    );
+    println!(
+        "FMA-chain peak: {peak_gflops:.2} GFLOP/s (before the matmuls {peak_before:.2}, after {peak_after:.2})"
+    );
+    for ((m, k, n), (gflops, variant)) in SHAPES.iter().zip(&rates) {
+        println!(
+            "matmul m={m:<5} k={k:<5} n={n:<5} {gflops:8.2} GFLOP/s  {:5.1}% of peak  ({variant:?} kernel)",
+            100.0 * gflops / peak_gflops
+        );
+    }
+    if let Some(per_second) = per_second {
+        println!("engine: {per_second:.1} embeddings/s (batches of 32 short sentences)");
+    }
+}
