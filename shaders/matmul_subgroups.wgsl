@@ -31,7 +31,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 
 const LANES: u32 = 8u;
-const TILE_M: u32 = 32u;
+const TILE_M: u32 = 128u;
 // Columns of the tile, in vec4 groups: two per lane.
 const TILE_N4: u32 = 16u;
 

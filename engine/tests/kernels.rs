@@ -261,6 +261,8 @@ fn matmul_every_variant_matches_reference_for_aligned_shapes() {
         (130, 388, 68, 8, 4, 4),
         (3, 4, 4, 0, 0, 0),
         (129, 20, 132, 0, 4, 0),
+        // Three row tiles: every tile must start at its own 128-row boundary.
+        (300, 36, 20, 0, 0, 8),
     ];
     for variant in matmul.variants() {
         for (i, &(m, k, n, a_offset, b_offset, c_offset)) in shapes.iter().enumerate() {
