@@ -171,8 +171,10 @@ impl Engine {
         pager.counters.bytes_fetched += fetched.bytes;
         pager.counters.bytes_uploaded += embeddings.buffer_bytes();
 
-        let binding_limit =
-            gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+        let binding_limit = gpu
+            .limits
+            .max_storage_buffer_binding_size
+            .min(gpu.limits.max_buffer_size);
         let rows_by_memory = (binding_limit / BatchBuffers::widest_row_bytes(config)) as usize;
         if rows_by_memory < spec.max_seq_length {
             return Err(Error::AdapterLimit {

@@ -36,7 +36,11 @@ fn has_gpu() -> bool {
 fn a_missing_model_folder_exits_with_2_and_names_it() {
     let output = surf(&["embed", "--model", "/nonexistent/model-folder", "hello"]);
     assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
-    assert!(stderr(&output).contains("/nonexistent/model-folder"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("/nonexistent/model-folder"),
+        "{}",
+        stderr(&output)
+    );
     assert!(output.stdout.is_empty());
 }
 
@@ -55,7 +59,10 @@ fn invalid_utf8_in_the_input_file_exits_with_2_and_names_the_line() {
     ]);
     assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
     let message = stderr(&output);
-    assert!(message.contains("texts.txt") && message.contains("line 2"), "{message}");
+    assert!(
+        message.contains("texts.txt") && message.contains("line 2"),
+        "{message}"
+    );
     assert!(!message.contains("panicked"), "{message}");
 }
 
@@ -76,9 +83,20 @@ fn a_missing_input_file_exits_with_2() {
 #[test]
 fn a_zero_batch_size_exits_with_2() {
     let model = model_dir();
-    let output = surf(&["embed", "--model", model.to_str().expect("utf-8 path"), "--batch-size", "0", "x"]);
+    let output = surf(&[
+        "embed",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--batch-size",
+        "0",
+        "x",
+    ]);
     assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
-    assert!(stderr(&output).contains("batch size"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("batch size"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -89,7 +107,11 @@ fn embed_writes_one_json_line_per_input_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let input = dir.path().join("texts.txt");
     // An empty line is an empty text, and CRLF endings are stripped.
-    std::fs::write(&input, "first text\r\n\nthe third text is the longest of the three\n").expect("written");
+    std::fs::write(
+        &input,
+        "first text\r\n\nthe third text is the longest of the three\n",
+    )
+    .expect("written");
     let model = model_dir();
     let output = surf(&[
         "embed",
@@ -105,7 +127,10 @@ fn embed_writes_one_json_line_per_input_in_order() {
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
         .collect();
     assert_eq!(lines.len(), 3);
-    let tokens: Vec<u64> = lines.iter().map(|l| l["tokens"].as_u64().expect("tokens")).collect();
+    let tokens: Vec<u64> = lines
+        .iter()
+        .map(|l| l["tokens"].as_u64().expect("tokens"))
+        .collect();
     // [CLS] first text [SEP]; [CLS] [SEP]; the third is longer than both.
     assert_eq!(tokens[..2], [4, 2]);
     assert!(tokens[2] > 4);
@@ -113,7 +138,11 @@ fn embed_writes_one_json_line_per_input_in_order() {
         assert_eq!(line["index"].as_u64(), Some(i as u64));
         let embedding = line["embedding"].as_array().expect("embedding array");
         assert_eq!(embedding.len(), 384);
-        let norm: f64 = embedding.iter().map(|v| v.as_f64().expect("number").powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = embedding
+            .iter()
+            .map(|v| v.as_f64().expect("number").powi(2))
+            .sum::<f64>()
+            .sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "line {i} has norm {norm}");
     }
 }
@@ -146,12 +175,28 @@ fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
         .collect();
     assert_eq!(lines.len(), items.len());
     for (i, (line, item)) in lines.iter().zip(items).enumerate() {
-        let ours: Vec<f64> = line["embedding"].as_array().expect("array").iter().map(|v| v.as_f64().expect("f64")).collect();
-        let theirs: Vec<f64> = item["embedding"].as_array().expect("array").iter().map(|v| v.as_f64().expect("f64")).collect();
+        let ours: Vec<f64> = line["embedding"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|v| v.as_f64().expect("f64"))
+            .collect();
+        let theirs: Vec<f64> = item["embedding"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|v| v.as_f64().expect("f64"))
+            .collect();
         let dot: f64 = ours.iter().zip(&theirs).map(|(a, b)| a * b).sum();
-        let norms = ours.iter().map(|a| a * a).sum::<f64>().sqrt() * theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
+        let norms = ours.iter().map(|a| a * a).sum::<f64>().sqrt()
+            * theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
         let cosine = dot / norms;
         assert!(cosine >= 0.9999, "line {}: cosine {cosine}", i + 1);
-        assert_eq!(line["tokens"], item["n_tokens"], "token count of line {}", i + 1);
+        assert_eq!(
+            line["tokens"],
+            item["n_tokens"],
+            "token count of line {}",
+            i + 1
+        );
     }
 }

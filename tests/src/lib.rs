@@ -64,7 +64,11 @@ pub fn dev_sentences() -> Vec<String> {
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "vectors of different lengths");
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
@@ -76,10 +80,26 @@ pub fn assert_matches_golden(golden: &Golden, token_ids: &[Vec<u32>], vectors: &
     assert_eq!(vectors.len(), golden.items.len(), "one embedding per input");
     let mut worst = 1.0f64;
     for (i, item) in golden.items.iter().enumerate() {
-        assert_eq!(token_ids[i], item.ids, "token ids of line {} ({:?})", i + 1, item.text);
-        assert_eq!(token_ids[i].len(), item.n_tokens, "token count of line {}", i + 1);
+        assert_eq!(
+            token_ids[i],
+            item.ids,
+            "token ids of line {} ({:?})",
+            i + 1,
+            item.text
+        );
+        assert_eq!(
+            token_ids[i].len(),
+            item.n_tokens,
+            "token count of line {}",
+            i + 1
+        );
         let c = cosine(&vectors[i], &item.embedding);
-        assert!(c >= 0.9999, "line {}: cosine {c} below 0.9999 ({:?})", i + 1, item.text);
+        assert!(
+            c >= 0.9999,
+            "line {}: cosine {c} below 0.9999 ({:?})",
+            i + 1,
+            item.text
+        );
         worst = worst.min(c);
     }
     worst

@@ -28,7 +28,10 @@ fn open_error(dir: &Path) -> Error {
 }
 
 fn assert_bad_input(error: &Error, needles: &[&str]) {
-    assert!(error.is_bad_input(), "{error} should be reported as bad input");
+    assert!(
+        error.is_bad_input(),
+        "{error} should be reported as bad input"
+    );
     let text = error.to_string();
     for needle in needles {
         assert!(text.contains(needle), "`{text}` should mention `{needle}`");
@@ -71,7 +74,10 @@ fn an_unknown_activation_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
     edit_config(dir.path(), "hidden_act", "swishy".into());
-    assert_bad_input(&open_error(dir.path()), &["config.json", "hidden_act", "swishy"]);
+    assert_bad_input(
+        &open_error(dir.path()),
+        &["config.json", "hidden_act", "swishy"],
+    );
 }
 
 #[test]
@@ -79,7 +85,10 @@ fn an_unknown_model_type_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
     edit_config(dir.path(), "model_type", "gpt2".into());
-    assert_bad_input(&open_error(dir.path()), &["config.json", "model_type", "gpt2"]);
+    assert_bad_input(
+        &open_error(dir.path()),
+        &["config.json", "model_type", "gpt2"],
+    );
 }
 
 #[test]
@@ -88,10 +97,15 @@ fn a_missing_tensor_is_refused() {
     tiny_model(dir.path());
     let mut tensors = random_tensors(&tiny_spec());
     tensors.retain(|(name, _, _)| name != "encoder.layer.1.output.dense.bias");
-    write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::F32).expect("written");
+    write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::F32)
+        .expect("written");
     assert_bad_input(
         &open_error(dir.path()),
-        &["model.safetensors", "encoder.layer.1.output.dense.bias", "missing"],
+        &[
+            "model.safetensors",
+            "encoder.layer.1.output.dense.bias",
+            "missing",
+        ],
     );
 }
 
@@ -105,10 +119,16 @@ fn a_tensor_of_the_wrong_shape_is_refused() {
             shape.reverse();
         }
     }
-    write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::F32).expect("written");
+    write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::F32)
+        .expect("written");
     assert_bad_input(
         &open_error(dir.path()),
-        &["model.safetensors", "encoder.layer.0.intermediate.dense.weight", "[32, 64]", "[64, 32]"],
+        &[
+            "model.safetensors",
+            "encoder.layer.0.intermediate.dense.weight",
+            "[32, 64]",
+            "[64, 32]",
+        ],
     );
 }
 
@@ -119,15 +139,25 @@ fn a_truncated_weights_file_is_refused() {
     let path = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&path).expect("weights");
     std::fs::write(&path, &bytes[..bytes.len() - 1000]).expect("truncated");
-    assert_bad_input(&open_error(dir.path()), &["model.safetensors", "not a valid safetensors file"]);
+    assert_bad_input(
+        &open_error(dir.path()),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
 fn a_weights_file_that_is_not_safetensors_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
-    std::fs::write(dir.path().join("model.safetensors"), b"PK\x03\x04 this is a zip").expect("written");
-    assert_bad_input(&open_error(dir.path()), &["model.safetensors", "not a valid safetensors file"]);
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        b"PK\x03\x04 this is a zip",
+    )
+    .expect("written");
+    assert_bad_input(
+        &open_error(dir.path()),
+        &["model.safetensors", "not a valid safetensors file"],
+    );
 }
 
 #[test]
@@ -140,7 +170,9 @@ fn a_missing_weights_file_is_refused() {
 
 #[test]
 fn a_tokenizer_that_is_not_json_is_refused() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
     std::fs::write(dir.path().join("tokenizer.json"), b"not a tokenizer").expect("written");
@@ -155,8 +187,14 @@ fn a_tokenizer_that_is_not_json_is_refused() {
 /// precision gives the embeddings of the f32 checkpoint holding the same values.
 #[test]
 fn half_precision_weights_match_f32_weights_of_the_same_values() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
-    let texts = ["a short sentence", "", "another, somewhat longer sentence about weights"];
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
+    let texts = [
+        "a short sentence",
+        "",
+        "another, somewhat longer sentence about weights",
+    ];
     for dtype in [Dtype::F16, Dtype::BF16] {
         let exact = tempfile::tempdir().expect("tempdir");
         let half = tempfile::tempdir().expect("tempdir");
@@ -171,8 +209,14 @@ fn half_precision_weights_match_f32_weights_of_the_same_values() {
                 };
             }
         }
-        write_safetensors(&exact.path().join("model.safetensors"), &tensors, Dtype::F32).expect("written");
-        write_safetensors(&half.path().join("model.safetensors"), &tensors, dtype).expect("written");
+        write_safetensors(
+            &exact.path().join("model.safetensors"),
+            &tensors,
+            Dtype::F32,
+        )
+        .expect("written");
+        write_safetensors(&half.path().join("model.safetensors"), &tensors, dtype)
+            .expect("written");
         let run = |dir: &Path| {
             Engine::builder()
                 .model_dir(dir)
@@ -187,8 +231,15 @@ fn half_precision_weights_match_f32_weights_of_the_same_values() {
         for (a, b) in reference.iter().zip(&converted) {
             assert_eq!(a, b, "{dtype:?} weights give the f32 result bit for bit");
         }
-        let half_size = std::fs::metadata(half.path().join("model.safetensors")).expect("file").len();
-        let full_size = std::fs::metadata(exact.path().join("model.safetensors")).expect("file").len();
-        assert!(half_size < full_size * 6 / 10, "{dtype:?} file is stored in half precision");
+        let half_size = std::fs::metadata(half.path().join("model.safetensors"))
+            .expect("file")
+            .len();
+        let full_size = std::fs::metadata(exact.path().join("model.safetensors"))
+            .expect("file")
+            .len();
+        assert!(
+            half_size < full_size * 6 / 10,
+            "{dtype:?} file is stored in half precision"
+        );
     }
 }

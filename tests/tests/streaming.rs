@@ -22,7 +22,13 @@ fn six_layer_model(dir: &Path) {
     write_model(dir, &SynthSpec::sized(6, 32, 4, 64), &tokenizer).expect("model written");
 }
 
-fn engine(dir: &Path, gpu: &surf_engine::Gpu, budget: VramBudget, host_mb: u64, prefetch: usize) -> Engine {
+fn engine(
+    dir: &Path,
+    gpu: &surf_engine::Gpu,
+    budget: VramBudget,
+    host_mb: u64,
+    prefetch: usize,
+) -> Engine {
     Engine::builder()
         .model_dir(dir)
         .gpu(gpu.clone())
@@ -46,10 +52,14 @@ fn assert_within_budget(engine: &Engine) {
 
 #[test]
 fn every_budget_gives_the_vectors_of_the_fully_resident_model() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
-    let reference = engine(dir.path(), &gpu, VramBudget::Unbounded, 0, 0).infer(&TEXTS).expect("runs");
+    let reference = engine(dir.path(), &gpu, VramBudget::Unbounded, 0, 0)
+        .infer(&TEXTS)
+        .expect("runs");
     for (budget, prefetch) in [
         (VramBudget::Layers(1), 0),
         (VramBudget::Layers(2), 0),
@@ -68,19 +78,30 @@ fn every_budget_gives_the_vectors_of_the_fully_resident_model() {
 
 #[test]
 fn the_budget_is_never_exceeded() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 0);
     let pinned = probe.pinned_bytes();
     let layer = probe.layer_bytes();
     // Budgets in bytes that fall between whole layers, too.
-    for budget in [pinned + layer, pinned + 2 * layer + layer / 2, pinned + 4 * layer - 1, pinned + 10 * layer] {
+    for budget in [
+        pinned + layer,
+        pinned + 2 * layer + layer / 2,
+        pinned + 4 * layer - 1,
+        pinned + 10 * layer,
+    ] {
         let paged = engine(dir.path(), &gpu, VramBudget::Bytes(budget), 64, 2);
         for _ in 0..3 {
             paged.infer(&TEXTS).expect("runs");
             let info = paged.cache_info().expect("cache info");
-            assert!(info.memory_usage_bytes <= budget, "{} > {budget}", info.memory_usage_bytes);
+            assert!(
+                info.memory_usage_bytes <= budget,
+                "{} > {budget}",
+                info.memory_usage_bytes
+            );
             assert_eq!(info.layer_slots as u64, ((budget - pinned) / layer).min(6));
         }
     }
@@ -88,7 +109,9 @@ fn the_budget_is_never_exceeded() {
 
 #[test]
 fn a_budget_too_small_for_one_layer_names_the_smallest_that_works() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 0);
@@ -101,13 +124,20 @@ fn a_budget_too_small_for_one_layer_names_the_smallest_that_works() {
         .err()
         .expect("a budget without room for a layer is refused");
     assert!(error.is_bad_input());
-    assert!(error.to_string().contains(&format!("smallest budget that works is {smallest_mb} MB")), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("smallest budget that works is {smallest_mb} MB")),
+        "{error}"
+    );
     assert!(probe.set_cache_size(0).is_err());
 }
 
 #[test]
 fn sequential_passes_evict_as_lru_predicts() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let paged = engine(dir.path(), &gpu, VramBudget::Layers(2), 64, 0);
@@ -121,13 +151,19 @@ fn sequential_passes_evict_as_lru_predicts() {
     // host cache serves them: no new fetch.
     assert_eq!((second.evictions, second.fetches), (10, 6));
     assert_eq!(second.cache_hit_rate, 0.0);
-    assert!((second.host_cache_hit_rate - 0.5).abs() < 1e-12, "{}", second.host_cache_hit_rate);
+    assert!(
+        (second.host_cache_hit_rate - 0.5).abs() < 1e-12,
+        "{}",
+        second.host_cache_hit_rate
+    );
     assert_eq!(second.total_inferences, 2);
 }
 
 #[test]
 fn a_budget_for_the_whole_model_fetches_each_layer_once() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let resident = engine(dir.path(), &gpu, VramBudget::Layers(6), 0, 2);
@@ -137,13 +173,22 @@ fn a_budget_for_the_whole_model_fetches_each_layer_once() {
     let stats = resident.inference_stats().expect("stats");
     assert_eq!(stats.fetches, 6);
     assert_eq!(stats.evictions, 0);
-    assert_eq!(stats.bytes_uploaded, resident.pinned_bytes() + 6 * resident.layer_bytes());
-    assert!((stats.cache_hit_rate - 12.0 / 18.0).abs() < 1e-12, "{}", stats.cache_hit_rate);
+    assert_eq!(
+        stats.bytes_uploaded,
+        resident.pinned_bytes() + 6 * resident.layer_bytes()
+    );
+    assert!(
+        (stats.cache_hit_rate - 12.0 / 18.0).abs() < 1e-12,
+        "{}",
+        stats.cache_hit_rate
+    );
 }
 
 #[test]
 fn the_budget_changes_at_run_time_and_clear_cache_empties_it() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let paged = engine(dir.path(), &gpu, VramBudget::Layers(2), 64, 0);
@@ -155,15 +200,27 @@ fn the_budget_changes_at_run_time_and_clear_cache_empties_it() {
     paged.infer(&TEXTS).expect("runs");
     let evictions = paged.inference_stats().expect("stats").evictions;
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
-    assert_eq!(paged.inference_stats().expect("stats").evictions, evictions, "a full budget evicts nothing");
-    assert_eq!(paged.cache_info().expect("info").memory_usage_bytes, pinned + 6 * layer);
+    assert_eq!(
+        paged.inference_stats().expect("stats").evictions,
+        evictions,
+        "a full budget evicts nothing"
+    );
+    assert_eq!(
+        paged.cache_info().expect("info").memory_usage_bytes,
+        pinned + 6 * layer
+    );
 
     paged.set_cache_size(1).expect("shrinks");
     let info = paged.cache_info().expect("info");
-    assert!(info.memory_usage_bytes <= pinned + layer, "shrinking frees slots");
+    assert!(
+        info.memory_usage_bytes <= pinned + layer,
+        "shrinking frees slots"
+    );
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
 
-    paged.set_vram_budget((pinned + 3 * layer).div_ceil(1 << 20) + 1).expect("budget in MiB");
+    paged
+        .set_vram_budget((pinned + 3 * layer).div_ceil(1 << 20) + 1)
+        .expect("budget in MiB");
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
     assert_within_budget(&paged);
 
@@ -174,20 +231,37 @@ fn the_budget_changes_at_run_time_and_clear_cache_empties_it() {
     assert_eq!(info.host_cache_bytes, 0);
     let fetches = paged.inference_stats().expect("stats").fetches;
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
-    assert_eq!(paged.inference_stats().expect("stats").fetches, fetches + 6, "cleared layers are fetched again");
+    assert_eq!(
+        paged.inference_stats().expect("stats").fetches,
+        fetches + 6,
+        "cleared layers are fetched again"
+    );
 }
 
 #[test]
 fn warmup_loads_layers_before_the_first_request() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
     let paged = engine(dir.path(), &gpu, VramBudget::Layers(3), 0, 0);
     paged.warmup(&[0, 1, 2]).expect("warms up");
     let info = paged.cache_info().expect("info");
-    assert_eq!(info.cached_components, ["embeddings", "encoder.layer.0", "encoder.layer.1", "encoder.layer.2"]);
+    assert_eq!(
+        info.cached_components,
+        [
+            "embeddings",
+            "encoder.layer.0",
+            "encoder.layer.1",
+            "encoder.layer.2"
+        ]
+    );
     assert_eq!(paged.inference_stats().expect("stats").fetches, 3);
-    assert!(paged.warmup(&[6]).is_err(), "a layer past the model is refused");
+    assert!(
+        paged.warmup(&[6]).is_err(),
+        "a layer past the model is refused"
+    );
 }
 
 /// The acceptance test of streaming: MiniLM from a weight server on loopback,
@@ -195,17 +269,27 @@ fn warmup_loads_layers_before_the_first_request() {
 /// first run and on repeated ones.
 #[test]
 fn minilm_streamed_through_a_two_layer_budget_matches_the_references() {
-    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else { return };
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     let server = runtime
-        .block_on(WeightServer::bind(ServerConfig::new(minilm_dir(), ([127, 0, 0, 1], 0).into())))
+        .block_on(WeightServer::bind(ServerConfig::new(
+            minilm_dir(),
+            ([127, 0, 0, 1], 0).into(),
+        )))
         .expect("server starts");
-    let config = ClientConfig::new(vec![server.local_addr()], vec![server.certificate_der().clone()]);
-    let client = runtime.block_on(WeightClient::connect(config)).expect("client connects");
+    let config = ClientConfig::new(
+        vec![server.local_addr()],
+        vec![server.certificate_der().clone()],
+    );
+    let client = runtime
+        .block_on(WeightClient::connect(config))
+        .expect("client connects");
     let source = RemoteSource::new(client, runtime.handle().clone());
     let engine = Engine::builder()
         .source(Arc::new(source))
@@ -229,6 +313,9 @@ fn minilm_streamed_through_a_two_layer_budget_matches_the_references() {
     }
     let stats = engine.inference_stats().expect("stats");
     assert!(stats.evictions > 0, "the budget forced evictions");
-    assert!(stats.fetches >= 12, "without a host cache every pass fetches again");
+    assert!(
+        stats.fetches >= 12,
+        "without a host cache every pass fetches again"
+    );
     runtime.block_on(server.shutdown());
 }

@@ -128,7 +128,9 @@ fn default_model_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn start_embedded_server(model_dir: PathBuf) -> anyhow::Result<(EmbeddedServer, SocketAddr, CertificateDer<'static>)> {
+fn start_embedded_server(
+    model_dir: PathBuf,
+) -> anyhow::Result<(EmbeddedServer, SocketAddr, CertificateDer<'static>)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("surf-embedded-server")
@@ -136,7 +138,9 @@ fn start_embedded_server(model_dir: PathBuf) -> anyhow::Result<(EmbeddedServer, 
         .build()
         .context("cannot start the weight server's runtime")?;
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let server = runtime.block_on(crate::WeightServer::bind(crate::ServerConfig::new(model_dir, listen)))?;
+    let server = runtime.block_on(crate::WeightServer::bind(crate::ServerConfig::new(
+        model_dir, listen,
+    )))?;
     let addr = server.local_addr();
     let cert = server.certificate_der().clone();
     Ok((
@@ -184,11 +188,12 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
                 )
                 .into());
             };
-            let certs = surf_transport::tls::load_certificates_pem(pem)
-                .map_err(|e| EngineError::InputFile {
+            let certs = surf_transport::tls::load_certificates_pem(pem).map_err(|e| {
+                EngineError::InputFile {
                     path: pem.clone(),
                     problem: e.to_string(),
-                })?;
+                }
+            })?;
             (args.server.clone(), certs)
         };
         let mut config = ClientConfig::new(servers.clone(), trusted);
