@@ -33,6 +33,7 @@ pub struct EngineBuilder {
     source: Option<Arc<dyn WeightSource>>,
     batch_size: usize,
     pager: PagerConfig,
+    observer: Option<crate::paging::FetchObserver>,
     gpu: Option<Gpu>,
 }
 
@@ -74,6 +75,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Calls `observer(layer, bytes)` whenever a layer arrives from the source.
+    pub fn on_layer_fetched(mut self, observer: crate::paging::FetchObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Uses an already opened device instead of choosing an adapter.
     pub fn gpu(mut self, gpu: Gpu) -> Self {
         self.gpu = Some(gpu);
@@ -98,7 +105,9 @@ impl EngineBuilder {
             Some(gpu) => gpu,
             None => Gpu::new()?,
         };
-        Engine::start(gpu, spec, source, self.batch_size, self.pager)
+        let engine = Engine::start(gpu, spec, source, self.batch_size, self.pager)?;
+        engine.state()?.pager.set_observer(self.observer);
+        Ok(engine)
     }
 }
 
@@ -129,6 +138,7 @@ impl Engine {
             source: None,
             batch_size: DEFAULT_BATCH_SIZE,
             pager: PagerConfig::default(),
+            observer: None,
             gpu: None,
         }
     }

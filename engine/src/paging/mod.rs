@@ -50,6 +50,10 @@ impl Default for PagerConfig {
 
 type PackedLayer = Arc<Vec<f32>>;
 
+/// Called with (layer, bytes received) each time a layer arrives from the
+/// weight source; the command line drives its progress bar with it.
+pub type FetchObserver = Arc<dyn Fn(usize, u64) + Send + Sync>;
+
 /// A layer being fetched and packed on a background thread.
 struct PendingFetch {
     result: Receiver<Result<(PackedLayer, u64)>>,
@@ -75,6 +79,7 @@ pub struct Pager {
     unused_fetches: std::collections::HashSet<usize>,
     prefetch: usize,
     staging: wgpu::util::StagingBelt,
+    observer: Option<FetchObserver>,
     pub counters: PagingCounters,
 }
 
@@ -107,12 +112,17 @@ impl Pager {
             unused_fetches: Default::default(),
             prefetch: settings.prefetch,
             staging,
+            observer: None,
             counters: PagingCounters::default(),
         })
     }
 
     pub fn layers(&self) -> usize {
         self.policy.layers()
+    }
+
+    pub fn set_observer(&mut self, observer: Option<FetchObserver>) {
+        self.observer = observer;
     }
 
     pub fn capacity(&self) -> usize {
@@ -260,6 +270,9 @@ impl Pager {
         self.counters.fetches += 1;
         self.counters.host_misses += 1;
         self.counters.bytes_fetched += bytes;
+        if let Some(observer) = &self.observer {
+            observer(layer, bytes);
+        }
         if (packed.len() * 4) as u64 != self.slot_bytes {
             return Err(Error::WeightSource(format!(
                 "layer {layer} packs to {} bytes, other layers to {}",

@@ -163,7 +163,15 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         (None, Some(layers)) => VramBudget::Layers(layers),
         (None, None) => VramBudget::Unbounded,
     };
+    // Shown while layers stream in on a cold start; hidden when stderr is not a terminal.
+    let progress = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    progress.set_message("streaming weights");
+    let bar = progress.clone();
     let builder = Engine::builder()
+        .on_layer_fetched(Arc::new(move |_layer, _bytes| bar.inc(1)))
         .batch_size(args.batch_size)
         .vram_budget(budget)
         .host_cache_bytes(args.host_cache_mb << 20)
@@ -205,8 +213,11 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             .with_context(|| format!("streaming the model from {servers:?}"))?
     };
 
+    progress.set_length(engine.spec().config.num_hidden_layers as u64);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let embeddings = engine.embed(&refs)?;
+    let embeddings = engine.embed(&refs);
+    progress.finish_and_clear();
+    let embeddings = embeddings?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     for (index, e) in embeddings.iter().enumerate() {
