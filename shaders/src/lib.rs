@@ -2,10 +2,16 @@
 //! owns the pipelines; this crate only carries the text.
 
 /// Tiled matrix multiply with fused bias and activation.
-pub const MATMUL: &str = include_str!("../matmul.wgsl");
+pub const MATMUL: &str = concat!(
+    include_str!("../activation.wgsl"),
+    include_str!("../matmul.wgsl")
+);
 /// The same multiply for vec4-aligned operands, sharing A through subgroup
 /// broadcasts; needs subgroups of at least 8 invocations.
-pub const MATMUL_SUBGROUPS: &str = include_str!("../matmul_subgroups.wgsl");
+pub const MATMUL_SUBGROUPS: &str = concat!(
+    include_str!("../activation.wgsl"),
+    include_str!("../matmul_subgroups.wgsl")
+);
 /// Word + position + token-type embedding gather.
 pub const EMBED: &str = include_str!("../embed.wgsl");
 /// LayerNorm with a fused residual add.
