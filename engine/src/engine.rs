@@ -195,7 +195,7 @@ impl Engine {
             });
         }
         let max_rows = rows_by_memory.min(batch_size * spec.max_seq_length);
-        Ok(Self {
+        let engine = Self {
             gpu,
             spec,
             tokenizer,
@@ -209,7 +209,11 @@ impl Engine {
                 pager,
                 timings: Timings::default(),
             }),
-        })
+        };
+        let mut state = engine.state()?;
+        engine.prime_pipelines(&mut state)?;
+        drop(state);
+        Ok(engine)
     }
 
     fn state(&self) -> Result<MutexGuard<'_, RunState>> {
@@ -404,13 +408,15 @@ impl Engine {
         Ok(results)
     }
 
-    fn run_batch(
+    /// Sizes the activation buffers for the batch `members` of `inputs`,
+    /// padded to `seq_len`, and writes its tokens and mask.
+    fn load_batch(
         &self,
         state: &mut RunState,
         inputs: &[Tokens],
         members: &[usize],
         seq_len: usize,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<()> {
         let config = &self.spec.config;
         let sequences = members.len();
         let rows = sequences * seq_len;
@@ -460,6 +466,66 @@ impl Engine {
         queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
         queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
         queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
+        Ok(())
+    }
+
+    /// Runs every pipeline of the graph once on a one-token input, against an
+    /// empty layer slot. Software adapters such as llvmpipe compile a shader
+    /// on its first dispatch, not when the pipeline is made; without this the
+    /// first request of every engine pays about a second of compilation.
+    /// The result is thrown away, and no layer weights are needed.
+    fn prime_pipelines(&self, state: &mut RunState) -> Result<()> {
+        let Some(scratch) = state.pager.empty_slot_buffer() else {
+            return Ok(());
+        };
+        let probe = Tokens {
+            ids: vec![self.spec.config.pad_token_id as u32],
+            type_ids: vec![0],
+        };
+        self.load_batch(state, std::slice::from_ref(&probe), &[0], 1)?;
+        let Some(batch) = state.workspace.as_ref() else {
+            return Err(Error::Gpu("no activation buffers".into()));
+        };
+        let config = &self.spec.config;
+        let mut plan = DispatchPlan::new(&self.gpu);
+        self.embeddings
+            .forward(&self.gpu, &self.kernels, &mut plan, batch);
+        BertLayer::forward(
+            &self.gpu,
+            &self.kernels,
+            &mut plan,
+            config,
+            self.spec.activation,
+            &self.layer_layout,
+            &scratch,
+            batch,
+        );
+        record_head(
+            &self.kernels,
+            &mut plan,
+            config,
+            self.spec.pooling,
+            self.spec.normalize,
+            batch,
+        );
+        plan.submit(&self.gpu);
+        self.gpu.wait_idle()?;
+        self.gpu.check_errors()
+    }
+
+    fn run_batch(
+        &self,
+        state: &mut RunState,
+        inputs: &[Tokens],
+        members: &[usize],
+        seq_len: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.load_batch(state, inputs, members, seq_len)?;
+        let config = &self.spec.config;
+        let sequences = members.len();
+        let Some(batch) = state.workspace.as_ref() else {
+            return Err(Error::Gpu("no activation buffers".into()));
+        };
 
         let pager = &mut state.pager;
         // With every layer resident the whole batch is one submission; when
@@ -470,8 +536,11 @@ impl Engine {
         let mut recorded: Vec<usize> = Vec::new();
         self.embeddings
             .forward(&self.gpu, &self.kernels, &mut plan, batch);
+        // Fetches start before the embeddings are computed, the first layer
+        // first, so that the weight stream never waits for the GPU.
+        pager.prefetch_from(0);
         for layer in 0..pager.layers() {
-            pager.prefetch_after(layer);
+            pager.prefetch_from(layer);
             if !pager.is_resident(layer) && !plan.is_empty() {
                 std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
                 recorded.clear();

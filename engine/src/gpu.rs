@@ -134,6 +134,12 @@ impl Gpu {
         &self.info.name
     }
 
+    /// Whether the adapter computes on the host's CPU cores (llvmpipe, WARP,
+    /// SwiftShader), which the rest of the process then competes for.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Fails unless one binding of `bytes` fits the device.
     pub fn check_binding_size(&self, what: &'static str, bytes: u64) -> Result<()> {
         let limit = self

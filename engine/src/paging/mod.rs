@@ -8,7 +8,8 @@ pub mod policy;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError, channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 
 use crate::config::BertConfig;
 use crate::error::{Error, Result};
@@ -54,9 +55,17 @@ type PackedLayer = Arc<Vec<f32>>;
 /// weight source; the command line drives its progress bar with it.
 pub type FetchObserver = Arc<dyn Fn(usize, u64) + Send + Sync>;
 
-/// A layer being fetched and packed on a background thread.
+type FetchResult = Result<(PackedLayer, u64)>;
+
+/// A layer being fetched and packed on the fetch thread.
 struct PendingFetch {
-    result: Receiver<Result<(PackedLayer, u64)>>,
+    result: Receiver<FetchResult>,
+}
+
+/// A request to the fetch thread.
+struct FetchJob {
+    layer: usize,
+    reply: Sender<FetchResult>,
 }
 
 pub struct Pager {
@@ -73,6 +82,14 @@ pub struct Pager {
     host_bytes: u64,
     host_capacity: u64,
     pending: HashMap<usize, PendingFetch>,
+    /// Queue of the fetch thread, which fetches and packs one layer at a time
+    /// in the order asked. One stream in order beats several at once: the
+    /// layer needed next arrives first instead of sharing the link with the
+    /// ones after it.
+    fetch_queue: Sender<FetchJob>,
+    /// Set when the pager is dropped, so that the fetch thread skips the jobs
+    /// still queued instead of fetching layers nobody will use.
+    fetch_stop: Arc<AtomicBool>,
     /// Fetched layers that found no free slot yet and no room in the host cache.
     arrived: HashMap<usize, PackedLayer>,
     /// Layers put in the host cache by a fetch and not yet used from it.
@@ -95,6 +112,12 @@ impl Pager {
         let layers = config.num_hidden_layers;
         let capacity = slots_for(settings.vram_budget, layers, slot_bytes, pinned_bytes)?;
         let staging = wgpu::util::StagingBelt::new(gpu.device.clone(), slot_bytes.max(4));
+        let fetch_stop = Arc::new(AtomicBool::new(false));
+        let fetch_queue = spawn_fetch_thread(
+            Arc::clone(&source),
+            Arc::clone(&config),
+            Arc::clone(&fetch_stop),
+        )?;
         Ok(Self {
             gpu,
             source,
@@ -108,6 +131,8 @@ impl Pager {
             host_bytes: 0,
             host_capacity: settings.host_cache_bytes,
             pending: HashMap::new(),
+            fetch_queue,
+            fetch_stop,
             arrived: HashMap::new(),
             unused_fetches: Default::default(),
             prefetch: settings.prefetch,
@@ -194,35 +219,39 @@ impl Pager {
         self.unused_fetches.clear();
     }
 
-    /// Starts background fetches of the layers that follow `current`.
-    pub fn prefetch_after(&mut self, current: usize) {
+    /// Queues fetches of `current`, when it is not at hand, and of the
+    /// layers that follow it up to the prefetch depth.
+    pub fn prefetch_from(&mut self, current: usize) {
+        if current < self.layers() && !self.policy.is_resident(current) {
+            self.start_fetch(current);
+        }
         for layer in self.policy.prefetch_candidates(current, self.prefetch) {
-            if self.host.contains(&layer) {
-                continue;
-            }
             self.start_fetch(layer);
         }
     }
 
     fn start_fetch(&mut self, layer: usize) {
-        if self.pending.contains_key(&layer) {
+        let at_hand = self.host.contains(&layer) || self.arrived.contains_key(&layer);
+        if at_hand || self.pending.contains_key(&layer) {
             return;
         }
-        let (sender, receiver) = channel();
-        let source = Arc::clone(&self.source);
-        let config = Arc::clone(&self.config);
+        let (reply, result) = channel();
+        if self.fetch_queue.send(FetchJob { layer, reply }).is_err() {
+            // The fetch thread is gone; `host_layer` fetches on this thread.
+            tracing::warn!("the fetch thread has stopped; layer {layer} is fetched on demand");
+            return;
+        }
         self.policy.fetch_started(layer);
-        std::thread::Builder::new()
-            .name(format!("surf-fetch-{layer}"))
-            .spawn(move || {
-                let result = fetch_layer(source.as_ref(), &config, layer);
-                // The pager may have been dropped; then nobody wants the layer.
-                let _ = sender.send(result);
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::warn!("could not start a fetch thread: {e}"));
-        self.pending
-            .insert(layer, PendingFetch { result: receiver });
+        self.pending.insert(layer, PendingFetch { result });
+    }
+
+    /// The buffer of a slot while no layer has been placed yet, to run the
+    /// pipelines once against; `None` once any layer is resident.
+    pub fn empty_slot_buffer(&mut self) -> Option<wgpu::Buffer> {
+        if !self.policy.resident_layers().is_empty() || self.slots.is_empty() {
+            return None;
+        }
+        Some(self.slot_buffer(0))
     }
 
     /// Host bytes of `layer`: from the host cache, a fetch in flight, or the source.
@@ -415,6 +444,35 @@ impl Pager {
         self.counters.vram_misses = c.misses;
         self.counters.evictions = c.evictions;
     }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.fetch_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn spawn_fetch_thread(
+    source: Arc<dyn WeightSource>,
+    config: Arc<BertConfig>,
+    stop: Arc<AtomicBool>,
+) -> Result<Sender<FetchJob>> {
+    let (queue, jobs) = channel::<FetchJob>();
+    std::thread::Builder::new()
+        .name("surf-fetch".into())
+        .spawn(move || {
+            // Ends when the pager, and with it the queue's sender, is dropped.
+            for job in jobs {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let result = fetch_layer(source.as_ref(), &config, job.layer);
+                // The pager may have stopped waiting; then nobody wants the layer.
+                let _ = job.reply.send(result);
+            }
+        })
+        .map_err(|e| Error::WeightSource(format!("cannot start the fetch thread: {e}")))?;
+    Ok(queue)
 }
 
 fn fetch_layer(
