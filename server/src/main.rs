@@ -16,6 +16,8 @@ enum Command {
     Embed(cli::embed::EmbedArgs),
     /// Serve a model's weights over QUIC.
     Serve(cli::serve::ServeArgs),
+    /// Write a BERT model folder with random weights, for benchmarks at scale.
+    Synth(cli::synth::SynthArgs),
 }
 
 fn main() {
@@ -30,6 +32,7 @@ fn main() {
     let result = match cli.command {
         Command::Embed(args) => cli::embed::run(args),
         Command::Serve(args) => cli::serve::run(args),
+        Command::Synth(args) => cli::synth::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

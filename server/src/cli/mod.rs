@@ -2,6 +2,7 @@
 
 pub mod embed;
 pub mod serve;
+pub mod synth;
 
 /// Exit status for input the user can fix: a bad model folder, bad flags, bad text.
 pub const EXIT_BAD_INPUT: i32 = 2;
