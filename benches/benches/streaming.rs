@@ -2,14 +2,12 @@
 //! run (the overlap ratio), and throughput against the VRAM budget with a warm
 //! host cache, from a weight server on loopback.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use surf_benches::{minilm_dir, quick};
-use surf_engine::{Engine, RemoteSource, VramBudget};
-use surf_server::{RunningServer, ServerConfig, WeightServer};
-use surf_transport::{ClientConfig, WeightClient};
+use surf_benches::loopback::{Loopback, Paging};
+use surf_benches::{minilm_dir, quick, write_json};
+use surf_engine::VramBudget;
 
 const SENTENCES: [&str; 8] = [
     "Weights stream from the server while the GPU computes.",
@@ -21,68 +19,6 @@ const SENTENCES: [&str; 8] = [
     "Prefetching hides the network behind the kernels.",
     "Every byte is checked against its blake3 hash.",
 ];
-
-struct Loopback {
-    runtime: tokio::runtime::Runtime,
-    server: Option<RunningServer>,
-}
-
-impl Loopback {
-    fn start() -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let server = runtime
-            .block_on(WeightServer::bind(ServerConfig::new(
-                minilm_dir(),
-                ([127, 0, 0, 1], 0).into(),
-            )))
-            .expect("weight server starts");
-        Self {
-            runtime,
-            server: Some(server),
-        }
-    }
-
-    fn engine(
-        &self,
-        gpu: &surf_engine::Gpu,
-        budget: VramBudget,
-        host_bytes: u64,
-        prefetch: usize,
-    ) -> Engine {
-        let server = self.server.as_ref().expect("running");
-        let config = ClientConfig::new(
-            vec![server.local_addr()],
-            vec![server.certificate_der().clone()],
-        );
-        let client = self
-            .runtime
-            .block_on(WeightClient::connect(config))
-            .expect("client connects");
-        Engine::builder()
-            .source(Arc::new(RemoteSource::new(
-                client,
-                self.runtime.handle().clone(),
-            )))
-            .gpu(gpu.clone())
-            .vram_budget(budget)
-            .host_cache_bytes(host_bytes)
-            .prefetch(prefetch)
-            .build()
-            .expect("engine starts")
-    }
-}
-
-impl Drop for Loopback {
-    fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            self.runtime.block_on(server.shutdown());
-        }
-    }
-}
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -108,11 +44,18 @@ fn main() {
         SENTENCES.repeat(4)
     };
     let repeats = if quick() { 1 } else { 5 };
-    let loopback = Loopback::start();
+    let loopback = Loopback::serve(&minilm_dir());
     let layers: Vec<usize> = (0..6).collect();
 
     // Compute only: every layer resident.
-    let resident = loopback.engine(&gpu, VramBudget::Unbounded, 0, 2);
+    let resident = loopback.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Unbounded,
+            host_cache_bytes: 0,
+            prefetch: 2,
+        },
+    );
     resident.infer(&texts).expect("warm-up run");
     let compute = measure(repeats, || {
         let start = Instant::now();
@@ -121,7 +64,14 @@ fn main() {
     });
 
     // Fetch only: every layer fetched from the server and uploaded, no compute.
-    let fetching = loopback.engine(&gpu, VramBudget::Unbounded, 0, 0);
+    let fetching = loopback.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Unbounded,
+            host_cache_bytes: 0,
+            prefetch: 0,
+        },
+    );
     let fetch = measure(repeats, || {
         fetching.clear_cache().expect("cleared");
         let start = Instant::now();
@@ -132,7 +82,14 @@ fn main() {
     // Cold streamed: nothing resident, no host cache; prefetch overlaps fetches
     // with compute. One run first, so that each measured run differs from the
     // compute-only one by the weights alone.
-    let cold = loopback.engine(&gpu, VramBudget::Unbounded, 0, 2);
+    let cold = loopback.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Unbounded,
+            host_cache_bytes: 0,
+            prefetch: 2,
+        },
+    );
     cold.infer(&texts).expect("warm-up run");
     let streamed = measure(repeats, || {
         cold.clear_cache().expect("cleared");
@@ -182,8 +139,16 @@ fn main() {
     // Throughput against the budget, host cache warm.
     let resident_rate = texts.len() as f64 / compute.as_secs_f64();
     println!("throughput against the VRAM budget (host cache warm), ratio to fully resident:");
+    let mut budget_rows = Vec::new();
     for budget_layers in [1usize, 2, 3, 6] {
-        let paged = loopback.engine(&gpu, VramBudget::Layers(budget_layers), 512 << 20, 2);
+        let paged = loopback.engine(
+            &gpu,
+            Paging {
+                budget: VramBudget::Layers(budget_layers),
+                host_cache_bytes: 512 << 20,
+                prefetch: 2,
+            },
+        );
         paged.infer(&texts).expect("fills the host cache");
         let time = measure(repeats, || {
             let start = Instant::now();
@@ -195,7 +160,29 @@ fn main() {
             "  {budget_layers} of 6 layers: {rate:>8.1} embeddings/s  ({:.3} of resident)",
             rate / resident_rate
         );
+        budget_rows.push(serde_json::json!({
+            "budget_layers": budget_layers,
+            "per_s": rate,
+            "ratio_to_resident": rate / resident_rate,
+        }));
     }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    write_json(
+        "streaming",
+        &serde_json::json!({
+            "adapter": gpu.adapter_name(),
+            "software_adapter": gpu.is_software(),
+            "cpu_cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+            "quick": quick(),
+            "texts": texts.len(),
+            "compute_ms": ms(compute),
+            "fetch_ms": ms(fetch),
+            "cold_ms": ms(streamed),
+            "overlap_ratio": ratio,
+            "hidden_share": hidden,
+            "budgets": budget_rows,
+        }),
+    );
 
     // The same measurements under criterion, for its statistics.
     let mut criterion = Criterion::default()

@@ -236,6 +236,17 @@ fn transport(criterion: &mut Criterion) {
         100.0 * one_rate / plain_rate,
         100.0 * eight_rate / plain_rate,
     );
+    surf_benches::write_json(
+        "transport",
+        &serde_json::json!({
+            "quick": quick(),
+            "mb_per_client": one.bytes_per_client as f64 / 1e6,
+            "rounds": rounds,
+            "plain_quinn_mb_s": plain_rate,
+            "surf_1_client_mb_s": one_rate,
+            "surf_8_clients_mb_s": eight_rate,
+        }),
+    );
 
     runtime.block_on(async {
         for client in one.clients.iter().chain(&eight.clients) {

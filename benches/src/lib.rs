@@ -1,6 +1,8 @@
 //! Shared set-up for the criterion benches.
 
-use std::path::PathBuf;
+pub mod loopback;
+
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use surf_engine::gpu::Gpu;
@@ -14,6 +16,33 @@ pub fn quick() -> bool {
 /// Where `assets/fetch-model.sh` puts all-MiniLM-L6-v2.
 pub fn minilm_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/models/all-MiniLM-L6-v2")
+}
+
+/// Where benches leave their figures as JSON for `bench-report`.
+pub fn out_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench-out")
+}
+
+/// Writes `value` to `bench-out/<name>.json`. A bench that cannot write its
+/// figures says so and goes on: the printed tables are still there.
+pub fn write_json(name: &str, value: &serde_json::Value) {
+    let dir = out_dir();
+    let path = dir.join(format!("{name}.json"));
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+        std::fs::write(&path, text)
+    });
+    match written {
+        Ok(()) => println!("figures written to {}", display(&path)),
+        Err(e) => println!("could not write {}: {e}", display(&path)),
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.canonicalize()
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// Runs `launches` launches recorded by `record` in one submission and waits

@@ -1,0 +1,208 @@
+//! Paging at scale: a BERT-large shaped model with random weights (24 layers,
+//! hidden 1024, about 1.3 GB of f32), served over QUIC on loopback, run under
+//! VRAM budgets far smaller than the model. Reports throughput against the
+//! budget with the host cache warm, as a ratio to the fully resident model,
+//! and the time of a cold pass that streams every layer from the server.
+//!
+//! The model is written once under `target/synth/` and reused.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use surf_benches::loopback::{Loopback, Paging};
+use surf_benches::{minilm_dir, quick, write_json};
+use surf_engine::synth::{SynthSpec, write_model};
+use surf_engine::{Engine, Gpu, VramBudget};
+
+const TEXTS: [&str; 2] = [
+    "Layers stream in from the weight server while earlier ones compute.",
+    "A budget smaller than the model keeps only a few layers in memory.",
+];
+
+/// The synthetic model of this run, written on first use.
+fn model(spec: &SynthSpec, name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/synth/{name}"));
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return dir;
+    }
+    let tokenizer = std::fs::read(minilm_dir().join("tokenizer.json"))
+        .expect("the MiniLM tokenizer (bash assets/fetch-model.sh)");
+    println!("writing the {name} model to {} once", dir.display());
+    let started = Instant::now();
+    write_model(&dir, spec, &tokenizer).expect("the synthetic model is written");
+    println!("  written in {:.1} s", started.elapsed().as_secs_f64());
+    dir
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// What a steady run costs: bytes moved per run, from the engine's counters.
+struct PerRun {
+    time: Duration,
+    uploaded: u64,
+    fetched: u64,
+}
+
+/// Median time of `repeats` runs of `texts`, after one run that fills
+/// caches, with the bytes the timed runs moved.
+fn time_runs(engine: &Engine, texts: &[&str], repeats: usize) -> PerRun {
+    engine.infer(texts).expect("fills the caches");
+    let before = engine.inference_stats().expect("stats");
+    let time = median(
+        (0..repeats)
+            .map(|_| {
+                let start = Instant::now();
+                engine.infer(texts).expect("runs");
+                start.elapsed()
+            })
+            .collect(),
+    );
+    let after = engine.inference_stats().expect("stats");
+    PerRun {
+        time,
+        uploaded: (after.bytes_uploaded - before.bytes_uploaded) / repeats as u64,
+        fetched: (after.bytes_fetched - before.bytes_fetched) / repeats as u64,
+    }
+}
+
+fn main() {
+    if !minilm_dir().join("tokenizer.json").is_file() {
+        println!("paging bench skipped: run `bash assets/fetch-model.sh` first");
+        return;
+    }
+    let Ok(gpu) = Gpu::new() else {
+        println!("paging bench skipped: no GPU adapter");
+        return;
+    };
+    let (spec, name, budgets, repeats): (SynthSpec, &str, &[usize], usize) = if quick() {
+        (
+            SynthSpec::sized(4, 128, 2, 512),
+            "tiny-4x128",
+            &[1, 2, 4],
+            1,
+        )
+    } else {
+        (
+            SynthSpec::bert_large(),
+            "bert-large",
+            &[1, 2, 4, 8, 12, 16, 24],
+            3,
+        )
+    };
+    let dir = model(&spec, name);
+    let texts: Vec<&str> = if quick() {
+        TEXTS[..1].to_vec()
+    } else {
+        TEXTS.to_vec()
+    };
+    let loopback = Loopback::serve(&dir);
+    let layers = spec.layers;
+
+    // Everything resident: the reference rate.
+    let resident = loopback.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Unbounded,
+            host_cache_bytes: 0,
+            prefetch: 2,
+        },
+    );
+    let layer_bytes = resident.layer_bytes();
+    let pinned_bytes = resident.pinned_bytes();
+    let model_bytes = pinned_bytes + layers as u64 * layer_bytes;
+    let resident_time = time_runs(&resident, &texts, repeats).time;
+    drop(resident);
+    let resident_rate = texts.len() as f64 / resident_time.as_secs_f64();
+    let mb = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+
+    println!("adapter: {}", gpu.adapter_name());
+    println!(
+        "paging, {name} ({layers} layers, hidden {}, {:.0} MB of weights), {} texts, over QUIC on loopback:",
+        spec.hidden,
+        mb(model_bytes),
+        texts.len()
+    );
+    println!(
+        "  fully resident: {resident_rate:>8.3} embeddings/s ({:.0} ms per run)",
+        resident_time.as_secs_f64() * 1e3
+    );
+    println!("  budget (layers, MB)   embeddings/s   of resident   MB uploaded per run");
+    let mut rows = Vec::new();
+    for &budget_layers in budgets.iter().filter(|&&b| b <= layers) {
+        let engine = loopback.engine(
+            &gpu,
+            Paging {
+                budget: VramBudget::Layers(budget_layers),
+                // The host cache holds the whole model: the GPU budget alone limits.
+                host_cache_bytes: model_bytes,
+                prefetch: 2,
+            },
+        );
+        let steady = time_runs(&engine, &texts, repeats);
+        let time = steady.time;
+        let uploaded_per_run = steady.uploaded;
+        let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
+        let rate = texts.len() as f64 / time.as_secs_f64();
+        println!(
+            "  {budget_layers:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0}",
+            mb(budget_bytes),
+            rate / resident_rate,
+            mb(uploaded_per_run),
+        );
+        rows.push(serde_json::json!({
+            "budget_layers": budget_layers,
+            "budget_mb": mb(budget_bytes),
+            "per_s": rate,
+            "ratio_to_resident": rate / resident_rate,
+            "uploaded_mb_per_run": mb(uploaded_per_run),
+        }));
+    }
+
+    // Cold: a small budget and no host cache, so every layer crosses the
+    // network on every pass, with prefetch running ahead of compute.
+    let cold_layers = 2.min(layers);
+    let cold = loopback.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Layers(cold_layers),
+            host_cache_bytes: 0,
+            prefetch: 2,
+        },
+    );
+    let cold_run = time_runs(&cold, &texts, repeats);
+    let cold_time = cold_run.time;
+    println!(
+        "  streamed from the server on every pass ({cold_layers}-layer budget, no host cache): \
+         {:.0} ms per run, {:.0} MB fetched per run",
+        cold_time.as_secs_f64() * 1e3,
+        mb(cold_run.fetched)
+    );
+
+    write_json(
+        "paging",
+        &serde_json::json!({
+            "adapter": gpu.adapter_name(),
+            "software_adapter": gpu.is_software(),
+            "quick": quick(),
+            "model": {
+                "name": name,
+                "layers": layers,
+                "hidden": spec.hidden,
+                "weights_mb": mb(model_bytes),
+                "layer_mb": mb(layer_bytes),
+                "pinned_mb": mb(pinned_bytes),
+            },
+            "texts": texts.len(),
+            "resident_per_s": resident_rate,
+            "budgets": rows,
+            "streamed_every_pass": {
+                "budget_layers": cold_layers,
+                "ms_per_run": cold_time.as_secs_f64() * 1e3,
+                "fetched_mb_per_run": mb(cold_run.fetched),
+            },
+        }),
+    );
+}
