@@ -1,6 +1,8 @@
 //! Matmul GFLOP/s at the shapes of a MiniLM-sized BERT layer, next to the
-//! adapter's FMA peak measured in the same run, and end-to-end embeddings per
-//! second through the `Engine`.
+//! adapter's FMA peak measured in the same run; GFLOP/s of every matmul
+//! variant from a few rows to a few tiles, which is what the launcher's tile
+//! choice is tuned on; and end-to-end embeddings per second through the
+//! `Engine`.
 //!
 //! Criterion reports the matmuls in Gelem/s, one element being one
 //! floating-point operation, so its figure reads as GFLOP/s. A summary table
@@ -8,15 +10,25 @@
 
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, SamplingMode, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use surf_benches::{Tally, minilm_dir, quick, time_launches};
 use surf_engine::gpu::Gpu;
+use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::fma_peak::FmaPeak;
-use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
+use surf_engine::kernels::matmul::{
+    Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
+};
 
 /// (m, k, n) of the layer's matmuls at 256 tokens: FFN up, FFN down, and the
 /// attention output projection at 2048 tokens.
 const SHAPES: [(usize, usize, usize); 3] = [(256, 384, 1536), (256, 1536, 384), (2048, 384, 384)];
+
+/// Rows of A for the per-variant comparison: a short batch, a batch of a few
+/// sentences, and one and two of the tallest tiles.
+const VARIANT_ROWS: [usize; 4] = [16, 32, 128, 256];
+/// (k, n) of the per-variant comparison: the FFN up-projection of MiniLM.
+const VARIANT_KN: (usize, usize) = (384, 1536);
 
 /// FMA-chain launch size: enough invocations to fill every core.
 const PEAK_INVOCATIONS: u32 = 64 * 256;
@@ -50,7 +62,7 @@ fn configure(quick: bool) -> Criterion {
 
 fn fma_peak(criterion: &mut Criterion, gpu: &Gpu, peak: &FmaPeak) -> f64 {
     let flops = {
-        let mut plan = surf_engine::kernels::DispatchPlan::new(gpu);
+        let mut plan = DispatchPlan::new(gpu);
         peak.push(&mut plan, PEAK_ITERATIONS)
     };
     time_launches(gpu, 1, |plan| {
@@ -72,48 +84,106 @@ fn fma_peak(criterion: &mut Criterion, gpu: &Gpu, peak: &FmaPeak) -> f64 {
     tally.rate(flops as f64) / 1e9
 }
 
+/// Measures one matmul shape with `variant`, or the launcher's own choice,
+/// as the criterion bench `name`; returns GFLOP/s and the variant that ran.
+fn time_matmul(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    gpu: &Gpu,
+    matmul: &Matmul,
+    name: String,
+    (m, k, n): (usize, usize, usize),
+    variant: Option<MatmulVariant>,
+) -> (f64, MatmulVariant) {
+    let flops = 2 * (m * k * n) as u64;
+    let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
+    let weights = gpu.storage_buffer("weights", ((k * n + n) * 4) as u64);
+    let out = gpu.storage_buffer("out", (m * n * 4) as u64);
+    let operands = || MatmulOperands {
+        lhs: &lhs,
+        a_offset: 0,
+        weights: &weights,
+        b_offset: 0,
+        bias_offset: (k * n) as u32,
+        out: &out,
+        c_offset: 0,
+    };
+    let variant = variant.unwrap_or_else(|| matmul.choose(m, n, k, &operands()));
+    let push = |plan: &mut DispatchPlan| {
+        matmul.push_variant(variant, plan, m, n, k, Epilogue::Bias, operands());
+    };
+    // The first launch of a pipeline may include driver work the tally must
+    // not average in.
+    time_launches(gpu, 1, push);
+    let tally = Tally::default();
+    group.throughput(Throughput::Elements(flops));
+    group.bench_function(name, |b| {
+        b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, push), iterations))
+    });
+    (tally.rate(flops as f64) / 1e9, variant)
+}
+
 /// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`.
 fn matmuls(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<(f64, MatmulVariant)> {
     let mut group = criterion.benchmark_group("matmul");
     group.sampling_mode(SamplingMode::Flat);
+    let rates = SHAPES
+        .iter()
+        .map(|&(m, k, n)| {
+            let name = format!("{m}x{k}x{n}");
+            time_matmul(&mut group, gpu, matmul, name, (m, k, n), None)
+        })
+        .collect();
+    group.finish();
+    gpu.check_errors().expect("the GPU reported an error");
+    rates
+}
+
+/// GFLOP/s of every variant at each of `VARIANT_ROWS`, indexed [rows][variant]
+/// in the order of `Matmul::variants`.
+fn matmul_variants(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<Vec<f64>> {
+    let (k, n) = VARIANT_KN;
+    let mut group = criterion.benchmark_group("matmul_variants");
+    group.sampling_mode(SamplingMode::Flat);
     let mut rates = Vec::new();
-    for (m, k, n) in SHAPES {
-        let flops = 2 * (m * k * n) as u64;
-        let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
-        let weights = gpu.storage_buffer("weights", ((k * n + n) * 4) as u64);
-        let out = gpu.storage_buffer("out", (m * n * 4) as u64);
-        let operands = || MatmulOperands {
-            lhs: &lhs,
-            a_offset: 0,
-            weights: &weights,
-            b_offset: 0,
-            bias_offset: (k * n) as u32,
-            out: &out,
-            c_offset: 0,
-        };
-        // The first launch of a pipeline may include driver work the tally
-        // must not average in.
-        time_launches(gpu, 1, |plan| {
-            matmul.push(plan, m, n, k, Epilogue::Bias, operands());
-        });
-        let tally = Tally::default();
-        group.throughput(Throughput::Elements(flops));
-        group.bench_function(format!("{m}x{k}x{n}"), |b| {
-            b.iter_custom(|iterations| {
-                let elapsed = time_launches(gpu, iterations, |plan| {
-                    matmul.push(plan, m, n, k, Epilogue::Bias, operands());
-                });
-                tally.add(elapsed, iterations)
+    for m in VARIANT_ROWS {
+        let row = matmul
+            .variants()
+            .into_iter()
+            .map(|variant| {
+                let name = format!("{}/m{m}", variant_name(variant));
+                time_matmul(&mut group, gpu, matmul, name, (m, k, n), Some(variant)).0
             })
-        });
-        rates.push((
-            tally.rate(flops as f64) / 1e9,
-            matmul.choose(n, k, &operands()),
-        ));
+            .collect();
+        rates.push(row);
     }
     group.finish();
     gpu.check_errors().expect("the GPU reported an error");
     rates
+}
+
+/// What `push` runs for an m x k by k x n multiply with vec4-aligned offsets.
+fn aligned_choice(matmul: &Matmul, m: usize, n: usize, k: usize) -> MatmulVariant {
+    let tiles: Vec<u32> = matmul
+        .variants()
+        .into_iter()
+        .filter_map(|variant| match variant {
+            MatmulVariant::Subgroups { rows } => Some(rows),
+            MatmulVariant::General => None,
+        })
+        .collect();
+    if tiles.is_empty() || !n.is_multiple_of(4) || !k.is_multiple_of(4) {
+        return MatmulVariant::General;
+    }
+    MatmulVariant::Subgroups {
+        rows: subgroup_rows(m, &tiles),
+    }
+}
+
+fn variant_name(variant: MatmulVariant) -> String {
+    match variant {
+        MatmulVariant::General => "general".to_string(),
+        MatmulVariant::Subgroups { rows } => format!("subgroups{rows}"),
+    }
 }
 
 /// Embeddings per second for a batch of 32 short sentences, or `None` when
@@ -176,6 +246,7 @@ fn main() {
     // the machine moves it; the matmuls are compared with the mean.
     let peak_before = fma_peak(&mut criterion, &gpu, &peak);
     let rates = matmuls(&mut criterion, &gpu, &matmul);
+    let variant_rates = matmul_variants(&mut criterion, &gpu, &matmul);
     let peak_after = fma_peak(&mut criterion, &gpu, &peak);
     let peak_gflops = (peak_before + peak_after) / 2.0;
     let per_second = embeddings(&mut criterion, &gpu, quick);
@@ -197,6 +268,23 @@ fn main() {
             "matmul m={m:<5} k={k:<5} n={n:<5} {gflops:8.2} GFLOP/s  {:5.1}% of peak  ({variant:?} kernel)",
             100.0 * gflops / peak_gflops
         );
+    }
+    let (k, n) = VARIANT_KN;
+    let variants = matmul.variants();
+    println!("matmul GFLOP/s per variant at k={k} n={n} (* marks the launcher's choice):");
+    print!("  m    ");
+    for &variant in &variants {
+        print!(" {:>12}", variant_name(variant));
+    }
+    println!();
+    for (m, row) in VARIANT_ROWS.iter().zip(&variant_rates) {
+        let chosen = aligned_choice(&matmul, *m, n, k);
+        print!("  {m:<5}");
+        for (&variant, gflops) in variants.iter().zip(row) {
+            let mark = if variant == chosen { "*" } else { " " };
+            print!(" {gflops:>11.2}{mark}");
+        }
+        println!();
     }
     if let Some(per_second) = per_second {
         println!("engine: {per_second:.1} embeddings/s (batches of 32 short sentences)");

@@ -244,28 +244,48 @@ fn matmul_general_matches_reference_for_odd_shapes_and_offsets() {
     }
 }
 
+/// Rows of C one workgroup of `variant` computes.
+fn tile_rows(variant: MatmulVariant) -> usize {
+    match variant {
+        MatmulVariant::General => 128,
+        MatmulVariant::Subgroups { rows } => rows as usize,
+    }
+}
+
 #[test]
 fn matmul_every_variant_matches_reference_for_aligned_shapes() {
     let Some(gpu) = gpu_for_tests() else { return };
     let matmul = Matmul::new(&gpu);
-    if !matmul.variants().contains(&MatmulVariant::Subgroups) {
+    if matmul.variants() == [MatmulVariant::General] {
         eprintln!(
             "note: this adapter has no subgroups of 8 or more; only the general matmul is tested"
         );
     }
     let mut rng = StdRng::seed_from_u64(2);
-    // Partial tiles in m and n (the subgroup tile is 128 x 64), k not a
-    // multiple of the general kernel's K step, nonzero vec4-aligned offsets.
+    // Partial tiles in m and n (subgroup tiles are 16 to 128 rows by 64
+    // columns), k not a multiple of the general kernel's K step, nonzero
+    // vec4-aligned offsets, a single row.
     let shapes = [
         (37, 52, 72, 4, 8, 12),
         (130, 388, 68, 8, 4, 4),
         (3, 4, 4, 0, 0, 0),
         (129, 20, 132, 0, 4, 0),
-        // Three row tiles: every tile must start at its own 128-row boundary.
+        (1, 24, 68, 4, 4, 8),
+        // Three 128-row tiles: every tile must start at its own boundary.
         (300, 36, 20, 0, 0, 8),
     ];
     for variant in matmul.variants() {
-        for (i, &(m, k, n, a_offset, b_offset, c_offset)) in shapes.iter().enumerate() {
+        // Shapes relative to this variant's tile: one row short of a tile,
+        // a tile and a row, and three tiles but for a partial last one.
+        let rows = tile_rows(variant);
+        let relative = [
+            (rows - 1, 40, 68, 4, 12, 8),
+            (rows + 1, 16, 8, 8, 4, 4),
+            (3 * rows - 5, 28, 136, 12, 8, 4),
+        ];
+        for (i, &(m, k, n, a_offset, b_offset, c_offset)) in
+            shapes.iter().chain(&relative).enumerate()
+        {
             for activation in [ACTIVATIONS[i % 4], ACTIVATIONS[(i + 1) % 4]] {
                 let case = MatmulCase {
                     m,
@@ -288,8 +308,13 @@ fn matmul_push_picks_a_variant_that_handles_the_operands() {
     let Some(gpu) = gpu_for_tests() else { return };
     let matmul = Matmul::new(&gpu);
     let mut rng = StdRng::seed_from_u64(3);
-    // Aligned, then each alignment requirement broken in turn.
+    // Aligned at row counts that pick different tile heights, then each
+    // alignment requirement broken in turn.
     let cases = [
+        (1, 36, 44, 4, 8, 4, 12),
+        (28, 36, 44, 4, 8, 4, 12),
+        (100, 36, 44, 4, 8, 4, 12),
+        (600, 36, 44, 4, 8, 4, 12),
         (40, 36, 44, 4, 8, 4, 12),
         (40, 37, 44, 4, 8, 4, 12),
         (40, 36, 45, 4, 8, 4, 12),

@@ -57,8 +57,9 @@ pub struct MatmulOperands<'a> {
 pub enum MatmulVariant {
     /// Any shape and offsets, no optional feature: `matmul.wgsl`.
     General,
-    /// vec4 loads and subgroup broadcasts: `matmul_subgroups.wgsl`.
-    Subgroups,
+    /// vec4 loads and subgroup broadcasts, `rows` rows of C per workgroup:
+    /// `matmul_subgroups.wgsl` expanded for that tile height.
+    Subgroups { rows: u32 },
 }
 
 impl MatmulVariant {
@@ -66,7 +67,7 @@ impl MatmulVariant {
     fn tile(self) -> (u32, u32) {
         match self {
             MatmulVariant::General => (128, 64),
-            MatmulVariant::Subgroups => (128, 64),
+            MatmulVariant::Subgroups { rows } => (rows, 64),
         }
     }
 }
@@ -74,9 +75,37 @@ impl MatmulVariant {
 /// The subgroup kernel runs one workgroup as one subgroup of this many lanes.
 const SUBGROUP_LANES: u32 = 8;
 
+/// Time to compute one row of C with a `rows`-row subgroup tile, in units of
+/// the part that does not depend on the height. Per k step a lane loads one
+/// vec4 of A per 8 rows but 8 vec4s of B whatever the height, so a short tile
+/// spreads the B loads over fewer rows. The weight of those loads is fitted to
+/// the kernels bench on llvmpipe, where the 16-, 32- and 64-row tiles computed
+/// a full tile's rows at about 0.5, 0.7 and 0.85 times the 128-row tile's
+/// GFLOP/s.
+fn row_cost(rows: u32) -> f64 {
+    const B_LOADS: f64 = 2.5;
+    1.0 + B_LOADS * f64::from(SUBGROUP_LANES) / f64::from(rows)
+}
+
+/// The tile height among `tiles` that computes m rows at the least estimated
+/// cost: rows padded to whole tiles, times the cost of a row at that height.
+/// Ties go to the taller tile, which launches fewer workgroups.
+pub fn subgroup_rows(m: usize, tiles: &[u32]) -> u32 {
+    let cost = |rows: u32| {
+        let padded = m.max(1).div_ceil(rows as usize) * rows as usize;
+        padded as f64 * row_cost(rows)
+    };
+    tiles
+        .iter()
+        .copied()
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)).then(b.cmp(&a)))
+        .expect("at least one tile")
+}
+
 pub struct Matmul {
     general: Kernel,
-    subgroups: Option<Kernel>,
+    /// (rows, pipeline) per subgroup tile height, shortest first.
+    subgroups: Vec<(u32, Kernel)>,
 }
 
 impl Matmul {
@@ -84,15 +113,17 @@ impl Matmul {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
         // A workgroup of 8 must sit in one subgroup for the broadcasts to see
         // every lane, so smaller subgroups rule the fast kernel out.
-        let subgroups =
-            (gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES).then(|| {
-                Kernel::new(
-                    gpu,
-                    "matmul_subgroups",
-                    surf_shaders::MATMUL_SUBGROUPS,
-                    &storage,
-                )
-            });
+        let subgroups = if gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES {
+            surf_shaders::MATMUL_SUBGROUPS
+                .iter()
+                .map(|&(rows, source)| {
+                    let kernel = Kernel::new(gpu, "matmul_subgroups", source, &storage);
+                    (rows, kernel)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             general: Kernel::new(gpu, "matmul", surf_shaders::MATMUL, &storage),
             subgroups,
@@ -102,14 +133,22 @@ impl Matmul {
     /// The variants this device can run.
     pub fn variants(&self) -> Vec<MatmulVariant> {
         let mut variants = vec![MatmulVariant::General];
-        if self.subgroups.is_some() {
-            variants.push(MatmulVariant::Subgroups);
-        }
+        variants.extend(
+            self.subgroups
+                .iter()
+                .map(|&(rows, _)| MatmulVariant::Subgroups { rows }),
+        );
         variants
     }
 
     /// The fastest variant that can run this multiply.
-    pub fn choose(&self, n: usize, k: usize, operands: &MatmulOperands<'_>) -> MatmulVariant {
+    pub fn choose(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        operands: &MatmulOperands<'_>,
+    ) -> MatmulVariant {
         let offsets = [
             operands.a_offset,
             operands.b_offset,
@@ -119,8 +158,11 @@ impl Matmul {
         let aligned = n.is_multiple_of(4)
             && k.is_multiple_of(4)
             && offsets.iter().all(|offset| offset.is_multiple_of(4));
-        if aligned && self.subgroups.is_some() {
-            MatmulVariant::Subgroups
+        if aligned && !self.subgroups.is_empty() {
+            let tiles: Vec<u32> = self.subgroups.iter().map(|&(rows, _)| rows).collect();
+            MatmulVariant::Subgroups {
+                rows: subgroup_rows(m, &tiles),
+            }
         } else {
             MatmulVariant::General
         }
@@ -136,7 +178,7 @@ impl Matmul {
         epilogue: Epilogue,
         operands: MatmulOperands<'_>,
     ) {
-        let variant = self.choose(n, k, &operands);
+        let variant = self.choose(m, n, k, &operands);
         self.push_variant(variant, plan, m, n, k, epilogue, operands);
     }
 
@@ -158,13 +200,18 @@ impl Matmul {
         }
         let kernel = match variant {
             MatmulVariant::General => &self.general,
-            MatmulVariant::Subgroups => {
-                assert_eq!(
-                    self.choose(n, k, &operands),
-                    MatmulVariant::Subgroups,
+            MatmulVariant::Subgroups { rows } => {
+                assert!(
+                    matches!(
+                        self.choose(m, n, k, &operands),
+                        MatmulVariant::Subgroups { .. }
+                    ),
                     "the subgroup matmul needs subgroups and vec4-aligned operands"
                 );
-                self.subgroups.as_ref().expect("checked by choose")
+                self.subgroups
+                    .iter()
+                    .find_map(|(tile, kernel)| (*tile == rows).then_some(kernel))
+                    .unwrap_or_else(|| panic!("no {rows}-row subgroup matmul"))
             }
         };
         let params = MatmulParams {
@@ -185,5 +232,33 @@ impl Matmul {
             &[operands.lhs, operands.weights, operands.out],
             groups,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subgroup_rows;
+
+    const TILES: [u32; 4] = [16, 32, 64, 128];
+
+    #[test]
+    fn short_batches_get_short_tiles_and_long_ones_the_tallest() {
+        // One sentence of a few tokens: a 16-row tile wastes the least.
+        assert_eq!(subgroup_rows(1, &TILES), 16);
+        // Two short sentences padded to 14 tokens.
+        assert_eq!(subgroup_rows(28, &TILES), 32);
+        // 128 rows cost less than two 64-row tiles' worth despite the padding.
+        assert_eq!(subgroup_rows(100, &TILES), 128);
+        assert_eq!(subgroup_rows(600, &TILES), 128);
+        // Exact fits use the tile they fit.
+        assert_eq!(subgroup_rows(16, &TILES), 16);
+        assert_eq!(subgroup_rows(64, &TILES), 64);
+    }
+
+    #[test]
+    fn a_single_tile_is_always_chosen() {
+        for m in [0, 1, 127, 129, 5000] {
+            assert_eq!(subgroup_rows(m, &[128]), 128);
+        }
     }
 }
