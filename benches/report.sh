@@ -7,6 +7,7 @@
 #
 # Extra folders of figures (another machine's bench-out/, copied here) go in
 # SURF_BENCH_DIRS, space-separated; each becomes a section of its own.
+# SURF_BENCH_NOTE describes the run's conditions when they are not the usual.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,8 @@ cat > bench-out/machine.json <<JSON
   "cpu_cores": $(nproc),
   "memory_gib": $(awk '/MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo),
   "date": "$(date -u +%Y-%m-%d)",
-  "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)",
+  "conditions": "${SURF_BENCH_NOTE:-release build, idle machine}"
 }
 JSON
 

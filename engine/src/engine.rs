@@ -469,8 +469,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Runs every pipeline of the graph once on a one-token input, against an
-    /// empty layer slot. Software adapters such as llvmpipe compile a shader
+    /// Runs every pipeline of the graph once on short pad-token inputs,
+    /// against an empty layer slot. Software adapters such as llvmpipe compile a shader
     /// on its first dispatch, not when the pipeline is made; without this the
     /// first request of every engine pays about a second of compilation.
     /// The result is thrown away, and no layer weights are needed.
@@ -478,37 +478,44 @@ impl Engine {
         let Some(scratch) = state.pager.empty_slot_buffer() else {
             return Ok(());
         };
-        let probe = Tokens {
-            ids: vec![self.spec.config.pad_token_id as u32],
-            type_ids: vec![0],
-        };
-        self.load_batch(state, std::slice::from_ref(&probe), &[0], 1)?;
-        let Some(batch) = state.workspace.as_ref() else {
-            return Err(Error::Gpu("no activation buffers".into()));
-        };
-        let config = &self.spec.config;
-        let mut plan = DispatchPlan::new(&self.gpu);
-        self.embeddings
-            .forward(&self.gpu, &self.kernels, &mut plan, batch);
-        BertLayer::forward(
-            &self.gpu,
-            &self.kernels,
-            &mut plan,
-            config,
-            self.spec.activation,
-            &self.layer_layout,
-            &scratch,
-            batch,
-        );
-        record_head(
-            &self.kernels,
-            &mut plan,
-            config,
-            self.spec.pooling,
-            self.spec.normalize,
-            batch,
-        );
-        plan.submit(&self.gpu);
+        // The matmul picks its tile height from the row count, so one probe
+        // per height reaches every pipeline.
+        let lengths = [1, 17, 33, 65]
+            .into_iter()
+            .filter(|&rows| rows <= self.spec.max_seq_length);
+        for rows in lengths {
+            let probe = Tokens {
+                ids: vec![self.spec.config.pad_token_id as u32; rows],
+                type_ids: vec![0; rows],
+            };
+            self.load_batch(state, std::slice::from_ref(&probe), &[0], rows)?;
+            let Some(batch) = state.workspace.as_ref() else {
+                return Err(Error::Gpu("no activation buffers".into()));
+            };
+            let config = &self.spec.config;
+            let mut plan = DispatchPlan::new(&self.gpu);
+            self.embeddings
+                .forward(&self.gpu, &self.kernels, &mut plan, batch);
+            BertLayer::forward(
+                &self.gpu,
+                &self.kernels,
+                &mut plan,
+                config,
+                self.spec.activation,
+                &self.layer_layout,
+                &scratch,
+                batch,
+            );
+            record_head(
+                &self.kernels,
+                &mut plan,
+                config,
+                self.spec.pooling,
+                self.spec.normalize,
+                batch,
+            );
+            plan.submit(&self.gpu);
+        }
         self.gpu.wait_idle()?;
         self.gpu.check_errors()
     }
