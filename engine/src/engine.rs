@@ -408,6 +408,32 @@ impl Engine {
         Ok(results)
     }
 
+    /// Records one encoder layer whose packed weights are in `weights`.
+    fn record_layer(&self, plan: &mut DispatchPlan, weights: &wgpu::Buffer, batch: &BatchBuffers) {
+        BertLayer::forward(
+            &self.gpu,
+            &self.kernels,
+            plan,
+            &self.spec.config,
+            self.spec.activation,
+            &self.layer_layout,
+            weights,
+            batch,
+        );
+    }
+
+    /// Records pooling and, where the model asks for it, normalisation.
+    fn record_head(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+        record_head(
+            &self.kernels,
+            plan,
+            &self.spec.config,
+            self.spec.pooling,
+            self.spec.normalize,
+            batch,
+        );
+    }
+
     /// Sizes the activation buffers for the batch `members` of `inputs`,
     /// padded to `seq_len`, and writes its tokens and mask.
     fn load_batch(
@@ -492,28 +518,11 @@ impl Engine {
             let Some(batch) = state.workspace.as_ref() else {
                 return Err(Error::Gpu("no activation buffers".into()));
             };
-            let config = &self.spec.config;
             let mut plan = DispatchPlan::new(&self.gpu);
             self.embeddings
                 .forward(&self.gpu, &self.kernels, &mut plan, batch);
-            BertLayer::forward(
-                &self.gpu,
-                &self.kernels,
-                &mut plan,
-                config,
-                self.spec.activation,
-                &self.layer_layout,
-                &scratch,
-                batch,
-            );
-            record_head(
-                &self.kernels,
-                &mut plan,
-                config,
-                self.spec.pooling,
-                self.spec.normalize,
-                batch,
-            );
+            self.record_layer(&mut plan, &scratch, batch);
+            self.record_head(&mut plan, batch);
             plan.submit(&self.gpu);
         }
         self.gpu.wait_idle()?;
@@ -553,16 +562,7 @@ impl Engine {
                 recorded.clear();
             }
             let weights = pager.acquire(layer, &recorded)?;
-            BertLayer::forward(
-                &self.gpu,
-                &self.kernels,
-                &mut plan,
-                config,
-                self.spec.activation,
-                &self.layer_layout,
-                &weights,
-                batch,
-            );
+            self.record_layer(&mut plan, &weights, batch);
             recorded.push(layer);
             if paging {
                 std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
@@ -570,14 +570,7 @@ impl Engine {
                 pager.upload_ready(layer)?;
             }
         }
-        record_head(
-            &self.kernels,
-            &mut plan,
-            config,
-            self.spec.pooling,
-            self.spec.normalize,
-            batch,
-        );
+        self.record_head(&mut plan, batch);
         plan.submit(&self.gpu);
 
         let hidden = config.hidden_size;
