@@ -15,7 +15,9 @@ use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use surf_benches::{Tally, minilm_dir, quick, time_launches};
 use surf_engine::gpu::Gpu;
 use surf_engine::kernels::DispatchPlan;
+use surf_engine::kernels::attention::Attention;
 use surf_engine::kernels::fma_peak::FmaPeak;
+use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };
@@ -33,6 +35,12 @@ const VARIANT_KN: (usize, usize) = (384, 1536);
 /// FMA-chain launch size: enough invocations to fill every core.
 const PEAK_INVOCATIONS: u32 = 64 * 256;
 const PEAK_ITERATIONS: u32 = 2048;
+
+/// (sequences, tokens per sequence) of the attention bench: one long input,
+/// and a batch of eight of them, at MiniLM's 12 heads of 32.
+const ATTENTION_SHAPES: [(usize, usize); 2] = [(1, 128), (8, 128)];
+const HEADS: usize = 12;
+const HEAD_DIM: usize = 32;
 
 const SENTENCES: [&str; 8] = [
     "The cat sits on the mat.",
@@ -120,6 +128,74 @@ fn time_matmul(
         b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, push), iterations))
     });
     (tally.rate(flops as f64) / 1e9, variant)
+}
+
+/// GFLOP/s of self-attention per shape of `ATTENTION_SHAPES`, counting the
+/// two products (scores and weighted values) and not the softmax.
+fn attention(criterion: &mut Criterion, gpu: &Gpu) -> Vec<f64> {
+    let attention = Attention::new(gpu);
+    let hidden = HEADS * HEAD_DIM;
+    let mut group = criterion.benchmark_group("attention");
+    group.sampling_mode(SamplingMode::Flat);
+    let rates = ATTENTION_SHAPES
+        .iter()
+        .map(|&(sequences, seq)| {
+            let rows = sequences * seq;
+            let qkv = gpu.storage_buffer("qkv", (rows * 3 * hidden * 4) as u64);
+            let mask = gpu.storage_buffer("mask", (rows * 4) as u64);
+            let out = gpu.storage_buffer("context", (rows * hidden * 4) as u64);
+            let flops = (4 * sequences * HEADS * seq * seq * HEAD_DIM) as u64;
+            let push = |plan: &mut DispatchPlan| {
+                attention.push(plan, sequences, seq, HEADS, HEAD_DIM, &qkv, &mask, &out);
+            };
+            time_launches(gpu, 1, push);
+            let tally = Tally::default();
+            group.throughput(Throughput::Elements(flops));
+            group.bench_function(format!("{sequences}x{seq}"), |b| {
+                b.iter_custom(|iterations| {
+                    tally.add(time_launches(gpu, iterations, push), iterations)
+                })
+            });
+            tally.rate(flops as f64) / 1e9
+        })
+        .collect();
+    group.finish();
+    gpu.check_errors().expect("the GPU reported an error");
+    rates
+}
+
+/// GB/s of residual add + LayerNorm over `rows` x 384, counting the bytes
+/// read and written once each.
+fn layernorm(criterion: &mut Criterion, gpu: &Gpu, rows: usize) -> f64 {
+    let layernorm = LayerNorm::new(gpu);
+    let cols = HEADS * HEAD_DIM;
+    let x = gpu.storage_buffer("x", (rows * cols * 4) as u64);
+    let residual = gpu.storage_buffer("residual", (rows * cols * 4) as u64);
+    let weights = gpu.storage_buffer("gamma_beta", (2 * cols * 4) as u64);
+    let out = gpu.storage_buffer("out", (rows * cols * 4) as u64);
+    let bytes = (3 * rows * cols * 4) as u64;
+    let push = |plan: &mut DispatchPlan| {
+        let operands = LayerNormOperands {
+            x: &x,
+            residual: Some(&residual),
+            weights: &weights,
+            gamma_offset: 0,
+            beta_offset: cols as u32,
+            out: &out,
+        };
+        layernorm.push(gpu, plan, rows, cols, 1e-12, operands);
+    };
+    time_launches(gpu, 1, push);
+    let tally = Tally::default();
+    let mut group = criterion.benchmark_group("layernorm");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function(format!("{rows}x{cols}"), |b| {
+        b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, push), iterations))
+    });
+    group.finish();
+    gpu.check_errors().expect("the GPU reported an error");
+    tally.rate(bytes as f64) / 1e9
 }
 
 /// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`.
@@ -247,6 +323,9 @@ fn main() {
     let peak_before = fma_peak(&mut criterion, &gpu, &peak);
     let rates = matmuls(&mut criterion, &gpu, &matmul);
     let variant_rates = matmul_variants(&mut criterion, &gpu, &matmul);
+    let attention_rates = attention(&mut criterion, &gpu);
+    let layernorm_rows = 1024;
+    let layernorm_rate = layernorm(&mut criterion, &gpu, layernorm_rows);
     let peak_after = fma_peak(&mut criterion, &gpu, &peak);
     let peak_gflops = (peak_before + peak_after) / 2.0;
     let per_second = embeddings(&mut criterion, &gpu, quick);
@@ -286,6 +365,16 @@ fn main() {
         }
         println!();
     }
+    for ((sequences, seq), gflops) in ATTENTION_SHAPES.iter().zip(&attention_rates) {
+        println!(
+            "attention {sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}: {gflops:8.2} GFLOP/s  {:5.1}% of peak",
+            100.0 * gflops / peak_gflops
+        );
+    }
+    println!(
+        "layernorm + residual {layernorm_rows} x {}: {layernorm_rate:.2} GB/s",
+        HEADS * HEAD_DIM
+    );
     if let Some(per_second) = per_second {
         println!("engine: {per_second:.1} embeddings/s (batches of 32 short sentences)");
     }

@@ -43,7 +43,7 @@ fn main() {
     } else {
         SENTENCES.repeat(4)
     };
-    let repeats = if quick() { 1 } else { 5 };
+    let repeats = if quick() { 1 } else { 9 };
     let loopback = Loopback::serve(&minilm_dir());
     let layers: Vec<usize> = (0..6).collect();
 
@@ -56,13 +56,6 @@ fn main() {
             prefetch: 2,
         },
     );
-    resident.infer(&texts).expect("warm-up run");
-    let compute = measure(repeats, || {
-        let start = Instant::now();
-        resident.infer(&texts).expect("runs");
-        start.elapsed()
-    });
-
     // Fetch only: every layer fetched from the server and uploaded, no compute.
     let fetching = loopback.engine(
         &gpu,
@@ -72,16 +65,8 @@ fn main() {
             prefetch: 0,
         },
     );
-    let fetch = measure(repeats, || {
-        fetching.clear_cache().expect("cleared");
-        let start = Instant::now();
-        fetching.warmup(&layers).expect("fetched and uploaded");
-        start.elapsed()
-    });
-
-    // Cold streamed: nothing resident, no host cache; prefetch overlaps fetches
-    // with compute. One run first, so that each measured run differs from the
-    // compute-only one by the weights alone.
+    // Cold streamed: nothing resident, no host cache; prefetch overlaps
+    // fetches with compute.
     let cold = loopback.engine(
         &gpu,
         Paging {
@@ -90,13 +75,36 @@ fn main() {
             prefetch: 2,
         },
     );
+    // One unmeasured run of each, so that the measured runs differ from each
+    // other by the weights alone.
+    resident.infer(&texts).expect("warm-up run");
     cold.infer(&texts).expect("warm-up run");
-    let streamed = measure(repeats, || {
+    fetching.warmup(&layers).expect("fetched and uploaded");
+
+    // The three are measured in turn, round after round, so that a slow spell
+    // of the machine lands on all of them rather than on whichever phase ran
+    // during it; each figure is the median of its rounds.
+    let mut compute_runs = Vec::new();
+    let mut fetch_runs = Vec::new();
+    let mut cold_runs = Vec::new();
+    for _ in 0..repeats {
+        let start = Instant::now();
+        resident.infer(&texts).expect("runs");
+        compute_runs.push(start.elapsed());
+
+        fetching.clear_cache().expect("cleared");
+        let start = Instant::now();
+        fetching.warmup(&layers).expect("fetched and uploaded");
+        fetch_runs.push(start.elapsed());
+
         cold.clear_cache().expect("cleared");
         let start = Instant::now();
         cold.infer(&texts).expect("runs");
-        start.elapsed()
-    });
+        cold_runs.push(start.elapsed());
+    }
+    let compute = median(compute_runs);
+    let fetch = median(fetch_runs);
+    let streamed = median(cold_runs);
     let ratio = streamed.as_secs_f64() / compute.max(fetch).as_secs_f64();
     // The share of the shorter phase that ran hidden behind the longer one:
     // 1 is perfect overlap, 0 is one after the other.

@@ -426,7 +426,7 @@ fn layernorm_matches_reference_with_and_without_residual() {
     let layernorm = LayerNorm::new(&gpu);
     let mut rng = StdRng::seed_from_u64(5);
     let eps = 1e-12f32;
-    for cols in [36, 200] {
+    for cols in [36, 200, 384] {
         let rows = 7;
         let mut x = random_vec(&mut rng, rows * cols);
         // A constant row has zero variance: the output must be beta, not NaN.

@@ -52,6 +52,14 @@ impl LayerNorm {
         eps: f32,
         operands: LayerNormOperands<'_>,
     ) {
+        // The kernel reads vec4s; the engine's packing aligns every tensor to
+        // 4 elements and the config check makes the hidden size a multiple of 4.
+        debug_assert!(
+            cols.is_multiple_of(4)
+                && operands.gamma_offset.is_multiple_of(4)
+                && operands.beta_offset.is_multiple_of(4),
+            "layernorm needs cols and offsets that are multiples of 4"
+        );
         let (grid, groups_x) = grid_2d(gpu, rows as u32);
         let params = LayerNormParams {
             rows: rows as u32,
