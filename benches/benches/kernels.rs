@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
-use surf_benches::{Tally, minilm_dir, quick, time_launches};
+use surf_benches::{Tally, minilm_dir, quick, time_launches, write_json};
 use surf_engine::gpu::Gpu;
 use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::Attention;
@@ -378,4 +378,40 @@ fn main() {
     if let Some(per_second) = per_second {
         println!("engine: {per_second:.1} embeddings/s (batches of 32 short sentences)");
     }
+
+    let share = |gflops: f64| gflops / peak_gflops;
+    let mut kernels: Vec<serde_json::Value> = SHAPES
+        .iter()
+        .zip(&rates)
+        .map(|(&(m, k, n), &(gflops, variant))| {
+            serde_json::json!({
+                "kernel": format!("matmul ({})", variant_name(variant)),
+                "shape": format!("m={m} k={k} n={n}"),
+                "gflop_s": gflops,
+                "share_of_peak": share(gflops),
+            })
+        })
+        .collect();
+    kernels.extend(ATTENTION_SHAPES.iter().zip(&attention_rates).map(
+        |(&(sequences, seq), &gflops)| {
+            serde_json::json!({
+                "kernel": "attention",
+                "shape": format!("{sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}"),
+                "gflop_s": gflops,
+                "share_of_peak": share(gflops),
+            })
+        },
+    ));
+    write_json(
+        "kernels",
+        &serde_json::json!({
+            "adapter": gpu.adapter_name(),
+            "quick": quick,
+            "fma_peak_gflop_s": peak_gflops,
+            "layernorm_gb_s": layernorm_rate,
+            "layernorm_shape": format!("{layernorm_rows} x {}", HEADS * HEAD_DIM),
+            "engine_per_s_32_short": per_second,
+            "kernels": kernels,
+        }),
+    );
 }
