@@ -1,4 +1,10 @@
-//! Launcher for `attention.wgsl`: multi-head self-attention over a padded batch.
+//! Launcher for multi-head self-attention over a padded batch.
+//!
+//! Two pipelines compute the same thing. The generated `attention_subgroups`
+//! kernels (heads of 32 and 64, subgroups of at least 8 invocations) share
+//! keys and probabilities across a subgroup and are several times faster on
+//! software rasterizers; `attention.wgsl` runs every other head size, and on
+//! adapters without subgroups.
 
 use super::{Access, DispatchPlan, Kernel};
 use crate::gpu::Gpu;
@@ -6,6 +12,9 @@ use crate::gpu::Gpu;
 /// Largest head size the kernel's registers hold.
 pub const MAX_HEAD_DIM: usize = 64;
 const QUERIES_PER_GROUP: u32 = 64;
+/// Queries per workgroup of the subgroup kernels, which are one 8-lane subgroup.
+const SUBGROUP_QUERIES: u32 = 8;
+const SUBGROUP_LANES: u32 = 8;
 
 /// Additive mask value for padding: exp of it underflows to exactly zero.
 pub const MASKED: f32 = -3.0e38;
@@ -23,18 +32,44 @@ struct AttentionParams {
 
 pub struct Attention {
     kernel: Kernel,
+    /// `(head_dim, kernel)` of the subgroup kernels this adapter can run.
+    subgroups: Vec<(usize, Kernel)>,
 }
 
 impl Attention {
     pub fn new(gpu: &Gpu) -> Self {
+        let storage = [Access::Read, Access::Read, Access::ReadWrite];
+        let subgroups = if gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES {
+            surf_shaders::ATTENTION_SUBGROUPS
+                .iter()
+                .map(|&(head_dim, source)| {
+                    let kernel = Kernel::new(gpu, "attention_subgroups", source, &storage);
+                    (head_dim as usize, kernel)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
-            kernel: Kernel::new(
-                gpu,
-                "attention",
-                surf_shaders::ATTENTION,
-                &[Access::Read, Access::Read, Access::ReadWrite],
-            ),
+            kernel: Kernel::new(gpu, "attention", surf_shaders::ATTENTION, &storage),
+            subgroups,
         }
+    }
+
+    /// Whether `push` runs a subgroup kernel for heads of `head_dim`.
+    pub fn uses_subgroups(&self, head_dim: usize) -> bool {
+        self.subgroups.iter().any(|(dim, _)| *dim == head_dim)
+    }
+
+    /// The kernel that runs heads of `head_dim`, and its workgroups.
+    fn pick(&self, seq: usize, heads: usize, batch: usize, head_dim: usize) -> (&Kernel, [u32; 3]) {
+        let fast = self.subgroups.iter().find(|(dim, _)| *dim == head_dim);
+        let (kernel, queries) = match fast {
+            Some((_, kernel)) => (kernel, SUBGROUP_QUERIES),
+            None => (&self.kernel, QUERIES_PER_GROUP),
+        };
+        let groups = [(seq as u32).div_ceil(queries), heads as u32, batch as u32];
+        (kernel, groups)
     }
 
     /// `qkv` is [batch * seq, 3 * hidden]; `mask` is [batch * seq]; `out` is
@@ -59,11 +94,7 @@ impl Attention {
             scale: 1.0 / (head_dim as f32).sqrt(),
             _pad1: [0; 3],
         };
-        let groups = [
-            (seq as u32).div_ceil(QUERIES_PER_GROUP),
-            heads as u32,
-            batch as u32,
-        ];
-        plan.push(&self.kernel, &params, &[qkv, mask, out], groups);
+        let (kernel, groups) = self.pick(seq, heads, batch, head_dim);
+        plan.push(kernel, &params, &[qkv, mask, out], groups);
     }
 }
