@@ -19,7 +19,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use criterion::{Criterion, SamplingMode, Throughput};
 use surf_benches::{Tally, minilm_dir, quick};
-use surf_engine::{Engine, Gpu};
+use surf_engine::Engine;
 
 /// Agreement that both sides must reach on every input before timing.
 const MIN_COSINE: f32 = 0.9999;
@@ -289,12 +289,8 @@ fn main() {
         println!("embed bench skipped: run `bash assets/fetch-model.sh` first");
         return;
     }
-    let gpu = match Gpu::new() {
-        Ok(gpu) => gpu,
-        Err(e) => {
-            println!("embed bench skipped: {e}");
-            return;
-        }
+    let Some(gpu) = surf_benches::device("embed") else {
+        return;
     };
     let quick = quick();
     let batches: &[usize] = if quick { &[1, 8] } else { &[1, 8, 32] };

@@ -306,12 +306,8 @@ fn embeddings(criterion: &mut Criterion, gpu: &Gpu, quick: bool) -> Option<f64> 
 }
 
 fn main() {
-    let gpu = match Gpu::new() {
-        Ok(gpu) => gpu,
-        Err(e) => {
-            println!("skipping the kernel benches: {e}");
-            return;
-        }
+    let Some(gpu) = surf_benches::device("kernels") else {
+        return;
     };
     let quick = quick();
     let mut criterion = configure(quick);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
 use surf_engine::synth::{SynthSpec, write_model};
-use surf_engine::{Engine, Gpu, VramBudget};
+use surf_engine::{Engine, VramBudget};
 
 const TEXTS: [&str; 2] = [
     "Layers stream in from the weight server while earlier ones compute.",
@@ -73,8 +73,7 @@ fn main() {
         println!("paging bench skipped: run `bash assets/fetch-model.sh` first");
         return;
     }
-    let Ok(gpu) = Gpu::new() else {
-        println!("paging bench skipped: no GPU adapter");
+    let Some(gpu) = surf_benches::device("paging") else {
         return;
     };
     let (spec, name, budgets, repeats): (SynthSpec, &str, &[usize], usize) = if quick() {

@@ -34,8 +34,7 @@ fn main() {
         println!("streaming bench skipped: run `bash assets/fetch-model.sh` first");
         return;
     }
-    let Ok(gpu) = surf_engine::Gpu::new() else {
-        println!("streaming bench skipped: no GPU adapter");
+    let Some(gpu) = surf_benches::device("streaming") else {
         return;
     };
     let texts: Vec<&str> = if quick() {

@@ -13,6 +13,26 @@ pub fn quick() -> bool {
     std::env::var("SURF_BENCH_QUICK").is_ok_and(|value| value == "1")
 }
 
+/// The device every bench runs on: the adapter the engine picks by default
+/// (`SURF_ADAPTER` overrides). Without one a bench says why and measures
+/// nothing, except under `CI=true`, where CI has installed a software adapter
+/// and a missing one is a failure.
+pub fn device(bench: &str) -> Option<Gpu> {
+    match Gpu::new() {
+        Ok(gpu) => {
+            println!("{bench} bench on {}", gpu.adapter_name());
+            Some(gpu)
+        }
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true but the {bench} bench found no usable GPU adapter: {e}")
+        }
+        Err(e) => {
+            println!("{bench} bench skipped: {e}");
+            None
+        }
+    }
+}
+
 /// Where `assets/fetch-model.sh` puts all-MiniLM-L6-v2.
 pub fn minilm_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/models/all-MiniLM-L6-v2")
