@@ -147,6 +147,7 @@ fn main() {
     let resident_rate = texts.len() as f64 / compute.as_secs_f64();
     println!("throughput against the VRAM budget (host cache warm), ratio to fully resident:");
     let mut budget_rows = Vec::new();
+    let mut paged_engines = Vec::new();
     for budget_layers in [1usize, 2, 3, 6] {
         let paged = loopback.engine(
             &gpu,
@@ -172,6 +173,7 @@ fn main() {
             "per_s": rate,
             "ratio_to_resident": rate / resident_rate,
         }));
+        paged_engines.push((budget_layers, paged));
     }
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     write_json(
@@ -212,5 +214,11 @@ fn main() {
             total
         })
     });
+    for (budget_layers, paged) in &paged_engines {
+        criterion.bench_function(
+            &format!("streaming/paged_{budget_layers}_of_6_layers"),
+            |b| b.iter(|| paged.infer(&texts).expect("runs")),
+        );
+    }
     criterion.final_summary();
 }
