@@ -6,7 +6,7 @@
 //! software rasterizers; `attention.wgsl` runs every other head size, and on
 //! adapters without subgroups.
 
-use super::{Access, DispatchPlan, Kernel};
+use super::{Access, DispatchPlan, Kernel, subgroup_kernels};
 use crate::gpu::Gpu;
 
 /// Largest head size the kernel's registers hold.
@@ -14,7 +14,6 @@ pub const MAX_HEAD_DIM: usize = 64;
 const QUERIES_PER_GROUP: u32 = 64;
 /// Queries per workgroup of the subgroup kernels, which are one 8-lane subgroup.
 const SUBGROUP_QUERIES: u32 = 8;
-const SUBGROUP_LANES: u32 = 8;
 
 /// Additive mask value for padding: exp of it underflows to exactly zero.
 pub const MASKED: f32 = -3.0e38;
@@ -39,17 +38,15 @@ pub struct Attention {
 impl Attention {
     pub fn new(gpu: &Gpu) -> Self {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
-        let subgroups = if gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES {
-            surf_shaders::ATTENTION_SUBGROUPS
-                .iter()
-                .map(|&(head_dim, source)| {
-                    let kernel = Kernel::new(gpu, "attention_subgroups", source, &storage);
-                    (head_dim as usize, kernel)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let subgroups = subgroup_kernels(
+            gpu,
+            "attention_subgroups",
+            &surf_shaders::ATTENTION_SUBGROUPS,
+            &storage,
+        )
+        .into_iter()
+        .map(|(head_dim, kernel)| (head_dim as usize, kernel))
+        .collect();
         Self {
             kernel: Kernel::new(gpu, "attention", surf_shaders::ATTENTION, &storage),
             subgroups,

@@ -5,7 +5,7 @@
 //! (k, n and every offset multiples of 4), which every BERT layer satisfies.
 //! `matmul.wgsl` takes any shape and offset and needs no optional feature.
 
-use super::{Access, DispatchPlan, Kernel};
+use super::{Access, DispatchPlan, Kernel, SUBGROUP_LANES, subgroup_kernels};
 use crate::config::Activation;
 use crate::gpu::Gpu;
 
@@ -72,9 +72,6 @@ impl MatmulVariant {
     }
 }
 
-/// The subgroup kernel runs one workgroup as one subgroup of this many lanes.
-const SUBGROUP_LANES: u32 = 8;
-
 /// Time to compute one row of C with a `rows`-row subgroup tile, in units of
 /// the part that does not depend on the height. Per k step a lane loads one
 /// vec4 of A per 8 rows but 8 vec4s of B whatever the height, so a short tile
@@ -111,19 +108,12 @@ pub struct Matmul {
 impl Matmul {
     pub fn new(gpu: &Gpu) -> Self {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
-        // A workgroup of 8 must sit in one subgroup for the broadcasts to see
-        // every lane, so smaller subgroups rule the fast kernel out.
-        let subgroups = if gpu.subgroups && gpu.info.subgroup_min_size >= SUBGROUP_LANES {
-            surf_shaders::MATMUL_SUBGROUPS
-                .iter()
-                .map(|&(rows, source)| {
-                    let kernel = Kernel::new(gpu, "matmul_subgroups", source, &storage);
-                    (rows, kernel)
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let subgroups = subgroup_kernels(
+            gpu,
+            "matmul_subgroups",
+            &surf_shaders::MATMUL_SUBGROUPS,
+            &storage,
+        );
         Self {
             general: Kernel::new(gpu, "matmul", surf_shaders::MATMUL, &storage),
             subgroups,

@@ -11,6 +11,29 @@ pub mod pool;
 
 use crate::gpu::Gpu;
 
+/// Invocations in a workgroup of the subgroup kernels (`matmul_subgroups`,
+/// `attention_subgroups`): one SIMD vector of a software rasterizer.
+pub const SUBGROUP_LANES: u32 = 8;
+
+/// One pipeline per `(variant, source)` of a family of subgroup kernels, or
+/// none on adapters without subgroups of at least `SUBGROUP_LANES`
+/// invocations: a workgroup must sit in one subgroup for the broadcasts and
+/// reductions to see every lane.
+pub fn subgroup_kernels(
+    gpu: &Gpu,
+    label: &'static str,
+    sources: &[(u32, &str)],
+    storage: &[Access],
+) -> Vec<(u32, Kernel)> {
+    if !gpu.subgroups || gpu.info.subgroup_min_size < SUBGROUP_LANES {
+        return Vec::new();
+    }
+    sources
+        .iter()
+        .map(|&(variant, source)| (variant, Kernel::new(gpu, label, source, storage)))
+        .collect()
+}
+
 /// How a kernel uses one storage binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
