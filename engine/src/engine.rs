@@ -504,9 +504,9 @@ impl Engine {
         let Some(scratch) = state.pager.empty_slot_buffer() else {
             return Ok(());
         };
-        // The matmul picks its tile height from the row count, so one probe
-        // per height reaches every pipeline.
-        let lengths = [1, 17, 33, 65]
+        // The matmul picks its tile heights from the row count; these probes
+        // reach every one of them.
+        let lengths = crate::kernels::matmul::PRIMING_ROWS
             .into_iter()
             .filter(|&rows| rows <= self.spec.max_seq_length);
         for rows in lengths {

@@ -99,6 +99,51 @@ pub fn subgroup_rows(m: usize, tiles: &[u32]) -> u32 {
         .expect("at least one tile")
 }
 
+/// The estimated cost of one more dispatch, in rows of a 128-row tile: a
+/// software rasterizer wakes its threads and waits for them once per dispatch.
+const DISPATCH_COST: f64 = 4.0;
+
+/// How `push` covers m rows with subgroup tiles: `(tile rows, first row, row
+/// count)` per dispatch, in row order. The tallest tile for the rows it fills
+/// and a shorter one for the rest often cost less than padding every row to a
+/// single height: 132 rows (one long sentence) take a 128-row and a 16-row
+/// dispatch instead of three 64-row tiles.
+pub fn subgroup_parts(m: usize, tiles: &[u32]) -> Vec<(u32, usize, usize)> {
+    /// The cheapest cover of m rows, as (cost, [(tile rows, row count)]).
+    fn cover(m: usize, tiles: &[u32]) -> (f64, Vec<(u32, usize)>) {
+        let single = subgroup_rows(m, tiles);
+        let padded = m.max(1).div_ceil(single as usize) * single as usize;
+        let mut best = (padded as f64 * row_cost(single), vec![(single, m)]);
+        for &tile in tiles {
+            let full = m / tile as usize * tile as usize;
+            if full == 0 || full == m {
+                continue;
+            }
+            let (rest_cost, rest) = cover(m - full, tiles);
+            let cost = full as f64 * row_cost(tile) + DISPATCH_COST + rest_cost;
+            if cost < best.0 {
+                best = (cost, std::iter::once((tile, full)).chain(rest).collect());
+            }
+        }
+        best
+    }
+    let mut first = 0;
+    cover(m, tiles)
+        .1
+        .into_iter()
+        .map(|(tile, count)| {
+            let part = (tile, first, count);
+            first += count;
+            part
+        })
+        .collect()
+}
+
+/// Row counts whose `push` dispatches, together, run every subgroup tile:
+/// software adapters compile a pipeline on its first dispatch, so an engine
+/// runs one probe of each length at start-up.
+pub const PRIMING_ROWS: [usize; 4] = [1, 17, 33, 128];
+
 pub struct Matmul {
     general: Kernel,
     /// (rows, pipeline) per subgroup tile height, shortest first.
@@ -169,7 +214,29 @@ impl Matmul {
         operands: MatmulOperands<'_>,
     ) {
         let variant = self.choose(m, n, k, &operands);
-        self.push_variant(variant, plan, m, n, k, epilogue, operands);
+        if variant == MatmulVariant::General {
+            self.push_variant(variant, plan, m, n, k, epilogue, operands);
+            return;
+        }
+        let tiles: Vec<u32> = self.subgroups.iter().map(|&(rows, _)| rows).collect();
+        for (rows, first, count) in subgroup_parts(m, &tiles) {
+            // k and n are multiples of 4 here, so the shifted offsets stay
+            // vec4-aligned.
+            let part = MatmulOperands {
+                a_offset: operands.a_offset + (first * k) as u32,
+                c_offset: operands.c_offset + (first * n) as u32,
+                ..operands
+            };
+            self.push_variant(
+                MatmulVariant::Subgroups { rows },
+                plan,
+                count,
+                n,
+                k,
+                epilogue,
+                part,
+            );
+        }
     }
 
     /// Like `push` with a chosen variant, for tests and benches that compare
@@ -227,7 +294,45 @@ impl Matmul {
 
 #[cfg(test)]
 mod tests {
-    use super::subgroup_rows;
+    use super::{subgroup_parts, subgroup_rows};
+
+    #[test]
+    fn parts_cover_every_row_once_in_order() {
+        for m in [1, 16, 28, 100, 132, 148, 352, 1064, 5000] {
+            let parts = subgroup_parts(m, &TILES);
+            let mut next = 0;
+            for &(tile, first, count) in &parts {
+                assert!(TILES.contains(&tile));
+                assert_eq!(first, next, "m={m}: {parts:?}");
+                assert!(count > 0);
+                next = first + count;
+            }
+            assert_eq!(next, m, "m={m}: {parts:?}");
+        }
+    }
+
+    #[test]
+    fn the_priming_lengths_reach_every_tile() {
+        let mut reached: Vec<u32> = super::PRIMING_ROWS
+            .iter()
+            .flat_map(|&m| subgroup_parts(m, &TILES))
+            .map(|(tile, _, _)| tile)
+            .collect();
+        reached.sort_unstable();
+        reached.dedup();
+        assert_eq!(reached, TILES);
+    }
+
+    #[test]
+    fn one_long_sentence_splits_into_a_tall_and_a_short_tile() {
+        assert_eq!(
+            subgroup_parts(132, &TILES),
+            vec![(128, 0, 128), (16, 128, 4)]
+        );
+        // Rows that fit tiles, or a short batch, stay one dispatch.
+        assert_eq!(subgroup_parts(256, &TILES), vec![(128, 0, 256)]);
+        assert_eq!(subgroup_parts(11, &TILES), vec![(16, 0, 11)]);
+    }
 
     const TILES: [u32; 4] = [16, 32, 64, 128];
 
