@@ -119,15 +119,29 @@ fn time_matmul(
     let push = |plan: &mut DispatchPlan| {
         matmul.push_variant(variant, plan, m, n, k, Epilogue::Bias, operands());
     };
+    let rate = time_kernel(group, gpu, name, (Throughput::Elements, flops), push);
+    (rate / 1e9, variant)
+}
+
+/// Times the launches `push` records as the criterion bench `name`, each
+/// doing `work` units of `unit` (FLOPs as elements, or bytes); returns units
+/// per second over every iteration.
+fn time_kernel(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    gpu: &Gpu,
+    name: String,
+    (unit, work): (fn(u64) -> Throughput, u64),
+    push: impl Fn(&mut DispatchPlan),
+) -> f64 {
     // The first launch of a pipeline may include driver work the tally must
     // not average in.
-    time_launches(gpu, 1, push);
+    time_launches(gpu, 1, &push);
     let tally = Tally::default();
-    group.throughput(Throughput::Elements(flops));
+    group.throughput(unit(work));
     group.bench_function(name, |b| {
-        b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, push), iterations))
+        b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, &push), iterations))
     });
-    (tally.rate(flops as f64) / 1e9, variant)
+    tally.rate(work as f64)
 }
 
 /// GFLOP/s of self-attention per shape of `ATTENTION_SHAPES`, counting the
@@ -148,15 +162,8 @@ fn attention(criterion: &mut Criterion, gpu: &Gpu) -> Vec<f64> {
             let push = |plan: &mut DispatchPlan| {
                 attention.push(plan, sequences, seq, HEADS, HEAD_DIM, &qkv, &mask, &out);
             };
-            time_launches(gpu, 1, push);
-            let tally = Tally::default();
-            group.throughput(Throughput::Elements(flops));
-            group.bench_function(format!("{sequences}x{seq}"), |b| {
-                b.iter_custom(|iterations| {
-                    tally.add(time_launches(gpu, iterations, push), iterations)
-                })
-            });
-            tally.rate(flops as f64) / 1e9
+            let name = format!("{sequences}x{seq}");
+            time_kernel(&mut group, gpu, name, (Throughput::Elements, flops), push) / 1e9
         })
         .collect();
     group.finish();
@@ -185,17 +192,13 @@ fn layernorm(criterion: &mut Criterion, gpu: &Gpu, rows: usize) -> f64 {
         };
         layernorm.push(gpu, plan, rows, cols, 1e-12, operands);
     };
-    time_launches(gpu, 1, push);
-    let tally = Tally::default();
     let mut group = criterion.benchmark_group("layernorm");
     group.sampling_mode(SamplingMode::Flat);
-    group.throughput(Throughput::Bytes(bytes));
-    group.bench_function(format!("{rows}x{cols}"), |b| {
-        b.iter_custom(|iterations| tally.add(time_launches(gpu, iterations, push), iterations))
-    });
+    let name = format!("{rows}x{cols}");
+    let rate = time_kernel(&mut group, gpu, name, (Throughput::Bytes, bytes), push);
     group.finish();
     gpu.check_errors().expect("the GPU reported an error");
-    tally.rate(bytes as f64) / 1e9
+    rate / 1e9
 }
 
 /// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`.

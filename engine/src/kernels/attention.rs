@@ -55,14 +55,19 @@ impl Attention {
 
     /// Whether `push` runs a subgroup kernel for heads of `head_dim`.
     pub fn uses_subgroups(&self, head_dim: usize) -> bool {
-        self.subgroups.iter().any(|(dim, _)| *dim == head_dim)
+        self.subgroup_kernel(head_dim).is_some()
+    }
+
+    fn subgroup_kernel(&self, head_dim: usize) -> Option<&Kernel> {
+        self.subgroups
+            .iter()
+            .find_map(|(dim, kernel)| (*dim == head_dim).then_some(kernel))
     }
 
     /// The kernel that runs heads of `head_dim`, and its workgroups.
     fn pick(&self, seq: usize, heads: usize, batch: usize, head_dim: usize) -> (&Kernel, [u32; 3]) {
-        let fast = self.subgroups.iter().find(|(dim, _)| *dim == head_dim);
-        let (kernel, queries) = match fast {
-            Some((_, kernel)) => (kernel, SUBGROUP_QUERIES),
+        let (kernel, queries) = match self.subgroup_kernel(head_dim) {
+            Some(kernel) => (kernel, SUBGROUP_QUERIES),
             None => (&self.kernel, QUERIES_PER_GROUP),
         };
         let groups = [(seq as u32).div_ceil(queries), heads as u32, batch as u32];

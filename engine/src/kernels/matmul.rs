@@ -88,15 +88,19 @@ fn row_cost(rows: u32) -> f64 {
 /// cost: rows padded to whole tiles, times the cost of a row at that height.
 /// Ties go to the taller tile, which launches fewer workgroups.
 pub fn subgroup_rows(m: usize, tiles: &[u32]) -> u32 {
-    let cost = |rows: u32| {
-        let padded = m.max(1).div_ceil(rows as usize) * rows as usize;
-        padded as f64 * row_cost(rows)
-    };
+    let cost = |rows: u32| padded_cost(m, rows);
     tiles
         .iter()
         .copied()
         .min_by(|&a, &b| cost(a).total_cmp(&cost(b)).then(b.cmp(&a)))
         .expect("at least one tile")
+}
+
+/// The estimated cost of m rows computed by `rows`-row tiles, padded to whole
+/// tiles.
+fn padded_cost(m: usize, rows: u32) -> f64 {
+    let padded = m.max(1).div_ceil(rows as usize) * rows as usize;
+    padded as f64 * row_cost(rows)
 }
 
 /// The estimated cost of one more dispatch, in rows of a 128-row tile: a
@@ -112,8 +116,7 @@ pub fn subgroup_parts(m: usize, tiles: &[u32]) -> Vec<(u32, usize, usize)> {
     /// The cheapest cover of m rows, as (cost, [(tile rows, row count)]).
     fn cover(m: usize, tiles: &[u32]) -> (f64, Vec<(u32, usize)>) {
         let single = subgroup_rows(m, tiles);
-        let padded = m.max(1).div_ceil(single as usize) * single as usize;
-        let mut best = (padded as f64 * row_cost(single), vec![(single, m)]);
+        let mut best = (padded_cost(m, single), vec![(single, m)]);
         for &tile in tiles {
             let full = m / tile as usize * tile as usize;
             if full == 0 || full == m {
@@ -176,6 +179,11 @@ impl Matmul {
         variants
     }
 
+    /// Heights of the subgroup tiles this adapter runs, shortest first.
+    fn tile_heights(&self) -> Vec<u32> {
+        self.subgroups.iter().map(|&(rows, _)| rows).collect()
+    }
+
     /// The fastest variant that can run this multiply.
     pub fn choose(
         &self,
@@ -194,9 +202,8 @@ impl Matmul {
             && k.is_multiple_of(4)
             && offsets.iter().all(|offset| offset.is_multiple_of(4));
         if aligned && !self.subgroups.is_empty() {
-            let tiles: Vec<u32> = self.subgroups.iter().map(|&(rows, _)| rows).collect();
             MatmulVariant::Subgroups {
-                rows: subgroup_rows(m, &tiles),
+                rows: subgroup_rows(m, &self.tile_heights()),
             }
         } else {
             MatmulVariant::General
@@ -218,8 +225,7 @@ impl Matmul {
             self.push_variant(variant, plan, m, n, k, epilogue, operands);
             return;
         }
-        let tiles: Vec<u32> = self.subgroups.iter().map(|&(rows, _)| rows).collect();
-        for (rows, first, count) in subgroup_parts(m, &tiles) {
+        for (rows, first, count) in subgroup_parts(m, &self.tile_heights()) {
             // k and n are multiples of 4 here, so the shifted offsets stay
             // vec4-aligned.
             let part = MatmulOperands {
