@@ -13,7 +13,7 @@ use crate::kernels::attention::MASKED;
 use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
 use crate::paging::{Pager, PagerConfig, VramBudget};
 use crate::source::{LocalSource, WeightSource};
-use crate::stats::{CacheInfo, InferenceStats, Timings};
+use crate::stats::{CacheInfo, InferenceStats, PagingCounters, Timings};
 use crate::tokenize::{TextTokenizer, Tokens};
 
 pub const WEIGHTS_FILE: &str = "model.safetensors";
@@ -35,6 +35,7 @@ pub struct EngineBuilder {
     pager: PagerConfig,
     observer: Option<crate::paging::FetchObserver>,
     gpu: Option<Gpu>,
+    normalize: Option<bool>,
 }
 
 impl EngineBuilder {
@@ -87,6 +88,14 @@ impl EngineBuilder {
         self
     }
 
+    /// Overrides whether vectors leave the GPU L2-normalised; by default the
+    /// model folder's sentence-transformers modules decide. A service that
+    /// normalises per request asks for raw pooled vectors.
+    pub fn normalize(mut self, normalize: bool) -> Self {
+        self.normalize = Some(normalize);
+        self
+    }
+
     pub fn build(self) -> Result<Engine> {
         if self.batch_size == 0 {
             return Err(Error::InvalidInput("batch size must be at least 1".into()));
@@ -100,7 +109,10 @@ impl EngineBuilder {
                 ));
             }
         };
-        let spec = source.spec()?;
+        let mut spec = source.spec()?;
+        if let Some(normalize) = self.normalize {
+            spec.normalize = normalize;
+        }
         let gpu = match self.gpu {
             Some(gpu) => gpu,
             None => Gpu::new()?,
@@ -115,7 +127,14 @@ impl EngineBuilder {
 struct RunState {
     workspace: Option<BatchBuffers>,
     pager: Pager,
+}
+
+/// What `inference_stats` reads: kept apart from [`RunState`] so that
+/// statistics stay readable while a batch runs.
+#[derive(Default)]
+struct StatsState {
     timings: Timings,
+    paging: PagingCounters,
 }
 
 /// Computes sentence embeddings on the GPU.
@@ -128,7 +147,10 @@ pub struct Engine {
     layer_layout: LayerLayout,
     batch_size: usize,
     max_rows: usize,
+    model_id: String,
+    revision: Option<String>,
     state: Mutex<RunState>,
+    stats: Mutex<StatsState>,
 }
 
 impl Engine {
@@ -140,6 +162,7 @@ impl Engine {
             pager: PagerConfig::default(),
             observer: None,
             gpu: None,
+            normalize: None,
         }
     }
 
@@ -204,11 +227,13 @@ impl Engine {
             layer_layout,
             batch_size,
             max_rows,
+            model_id: source.model_id(),
+            revision: source.revision(),
             state: Mutex::new(RunState {
                 workspace: None,
                 pager,
-                timings: Timings::default(),
             }),
+            stats: Mutex::new(StatsState::default()),
         };
         let mut state = engine.state()?;
         engine.prime_pipelines(&mut state)?;
@@ -216,10 +241,34 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The run state. A panic in an earlier call poisons the lock; the state
+    /// is then rebuilt on fresh buffers rather than the engine refusing
+    /// every later call.
     fn state(&self) -> Result<MutexGuard<'_, RunState>> {
-        self.state
+        match self.state.lock() {
+            Ok(state) => Ok(state),
+            Err(poisoned) => {
+                let mut state = poisoned.into_inner();
+                tracing::warn!("an earlier inference panicked; its GPU state is rebuilt");
+                Self::discard_gpu_state(&mut state);
+                self.state.clear_poison();
+                Ok(state)
+            }
+        }
+    }
+
+    fn stats(&self) -> MutexGuard<'_, StatsState> {
+        // Plain numbers: a panic while they were held leaves nothing half-made.
+        self.stats
             .lock()
-            .map_err(|_| Error::Gpu("a previous inference panicked".into()))
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Throws away what a failed batch may have left half-written: the
+    /// activation buffers and every layer slot.
+    fn discard_gpu_state(state: &mut RunState) {
+        state.workspace = None;
+        state.pager.drop_gpu_layers();
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -228,6 +277,31 @@ impl Engine {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// The model's name: the folder's, or the weight server's model id.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// The weights' revision, where the source knows one.
+    pub fn revision(&self) -> Option<&str> {
+        self.revision.as_deref()
+    }
+
+    /// The tokenizer, usable from any thread without touching the GPU.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Whether vectors come back L2-normalised.
+    pub fn normalizes(&self) -> bool {
+        self.spec.normalize
+    }
+
+    /// The most texts one GPU batch holds.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
     }
 
     /// Length of each embedding.
@@ -314,9 +388,10 @@ impl Engine {
         Ok(())
     }
 
+    /// Latency and paging statistics; readable while a batch runs.
     pub fn inference_stats(&self) -> Result<InferenceStats> {
-        let state = self.state()?;
-        Ok(state.timings.summarize(&state.pager.counters))
+        let stats = self.stats();
+        Ok(stats.timings.summarize(&stats.paging))
     }
 
     pub fn cache_info(&self) -> Result<CacheInfo> {
@@ -351,9 +426,9 @@ impl Engine {
         self.embeddings.buffer_bytes()
     }
 
-    /// Runs already tokenized inputs, sorted by length into padded batches.
-    pub fn embed_tokens(&self, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>> {
-        let started = Instant::now();
+    /// Refuses inputs the model cannot run: empty or longer than its limit,
+    /// token ids outside the vocabulary, mismatched token types.
+    pub fn check_tokens(&self, inputs: &[Tokens]) -> Result<()> {
         let vocab = self.spec.config.vocab_size as u32;
         let types = self.spec.config.type_vocab_size as u32;
         for (i, t) in inputs.iter().enumerate() {
@@ -380,11 +455,43 @@ impl Engine {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Runs already tokenized inputs, sorted by length into padded batches.
+    pub fn embed_tokens(&self, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>> {
+        let started = Instant::now();
+        self.check_tokens(inputs)?;
         let mut order: Vec<usize> = (0..inputs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(inputs[i].ids.len()));
 
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut state = self.state()?;
+        let outcome = self.run_sorted(&mut state, inputs, &order, &mut results);
+        let counters = state.pager.counters;
+        if outcome.is_err() {
+            Self::discard_gpu_state(&mut state);
+        }
+        drop(state);
+        let mut stats = self.stats();
+        stats.paging = counters;
+        outcome?;
+        stats
+            .timings
+            .record(started.elapsed().as_secs_f64(), inputs.len());
+        Ok(results)
+    }
+
+    /// Runs `order` (input indices, longest first) in padded batches, each
+    /// inside its own GPU error scope: an error raised while one batch is
+    /// recorded fails that batch alone, whichever engine shares the device.
+    fn run_sorted(
+        &self,
+        state: &mut RunState,
+        inputs: &[Tokens],
+        order: &[usize],
+        results: &mut [Vec<f32>],
+    ) -> Result<()> {
         let mut start = 0;
         while start < order.len() {
             let seq_len = inputs[order[start]].ids.len();
@@ -396,16 +503,17 @@ impl Engine {
                     self.max_rows,
                 );
             let members = &order[start..end];
-            let vectors = self.run_batch(&mut state, inputs, members, seq_len)?;
+            let scope = self.gpu.error_scope();
+            let vectors = self.run_batch(state, inputs, members, seq_len);
+            let scoped = scope.finish();
+            let vectors = vectors?;
+            scoped?;
             for (&i, v) in members.iter().zip(vectors) {
                 results[i] = v;
             }
             start = end;
         }
-        state
-            .timings
-            .record(started.elapsed().as_secs_f64(), inputs.len());
-        Ok(results)
+        Ok(())
     }
 
     /// Records one encoder layer whose packed weights are in `weights`.

@@ -130,6 +130,22 @@ impl Gpu {
         }
     }
 
+    /// Opens error scopes for validation, out-of-memory and internal errors
+    /// on this thread. wgpu keeps scopes per thread, so errors raised by the
+    /// work recorded until [`GpuErrorScope::finish`] belong to the caller
+    /// alone, not to another engine sharing the device.
+    pub fn error_scope(&self) -> GpuErrorScope {
+        // Innermost last: `finish` pops them in reverse.
+        GpuErrorScope {
+            guards: [
+                wgpu::ErrorFilter::Internal,
+                wgpu::ErrorFilter::OutOfMemory,
+                wgpu::ErrorFilter::Validation,
+            ]
+            .map(|filter| self.device.push_error_scope(filter)),
+        }
+    }
+
     pub fn adapter_name(&self) -> &str {
         &self.info.name
     }
@@ -228,6 +244,30 @@ impl Gpu {
         staging.unmap();
         self.check_errors()?;
         Ok(out)
+    }
+}
+
+/// Error scopes opened by [`Gpu::error_scope`].
+#[must_use = "finish() tells whether the scoped work raised an error"]
+pub struct GpuErrorScope {
+    guards: [wgpu::ErrorScopeGuard; 3],
+}
+
+impl GpuErrorScope {
+    /// Closes the scopes and returns the first error raised inside them.
+    pub fn finish(self) -> Result<()> {
+        let mut first = None;
+        for guard in self.guards.into_iter().rev() {
+            if let Some(error) = pollster::block_on(guard.pop())
+                && first.is_none()
+            {
+                first = Some(error);
+            }
+        }
+        match first {
+            Some(error) => Err(Error::Gpu(error.to_string())),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The Surfing Weights engine: runs BERT-family sentence-embedding models on any
 //! GPU through wgpu. It owns the device (`gpu`), one launcher per WGSL kernel
 //! (`kernels`), the BERT graph (`model`), weight loading (`weights`), the
-//! tokenizer set-up (`tokenize`) and the public [`Engine`].
+//! tokenizer set-up (`tokenize`), the public [`Engine`] and the request queue
+//! that merges concurrent callers into batches (`queue`).
 
 pub mod config;
 pub mod engine;
@@ -10,6 +11,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod paging;
+pub mod queue;
 pub mod source;
 pub mod stats;
 pub mod synth;
@@ -21,5 +23,7 @@ pub use engine::{Embedding, Engine, EngineBuilder};
 pub use error::{Error, Result};
 pub use gpu::Gpu;
 pub use paging::{PagerConfig, VramBudget};
+pub use queue::{BatchLimits, EmbedQueue, Embedded, QueueError, Ticket};
 pub use source::{LocalSource, RemoteSource, WeightSource};
 pub use stats::{CacheInfo, InferenceStats};
+pub use tokenize::{Tokens, Truncation};

@@ -23,6 +23,12 @@ pub trait WeightSource: Send + Sync {
     fn spec(&self) -> Result<ModelSpec>;
     /// Reads one component.
     fn fetch(&self, component: &str) -> Result<FetchedComponent>;
+    /// The model's name, as the service reports it.
+    fn model_id(&self) -> String;
+    /// A revision that changes whenever the weights do, where the source knows one.
+    fn revision(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A model folder: `model.safetensors` memory-mapped.
@@ -61,6 +67,12 @@ impl TensorSource for SharedFile {
 impl WeightSource for LocalSource {
     fn origin(&self) -> String {
         self.dir.display().to_string()
+    }
+
+    fn model_id(&self) -> String {
+        self.dir
+            .file_name()
+            .map_or_else(|| self.origin(), |name| name.to_string_lossy().into_owned())
     }
 
     fn spec(&self) -> Result<ModelSpec> {
@@ -181,6 +193,14 @@ impl TensorSource for ComponentTensors {
 impl WeightSource for RemoteSource {
     fn origin(&self) -> String {
         self.label().display().to_string()
+    }
+
+    fn model_id(&self) -> String {
+        self.client.manifest().model_id.clone()
+    }
+
+    fn revision(&self) -> Option<String> {
+        Some(self.client.manifest().revision.clone())
     }
 
     fn spec(&self) -> Result<ModelSpec> {

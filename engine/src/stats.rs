@@ -30,6 +30,8 @@ pub struct InferenceStats {
     pub cache_hit_rate: f64,
     /// Share of layer loads served from the host cache rather than the source.
     pub host_cache_hit_rate: f64,
+    pub vram_hits: u64,
+    pub vram_misses: u64,
     pub bytes_fetched: u64,
     pub bytes_uploaded: u64,
     pub evictions: u64,
@@ -70,30 +72,46 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// Per-call latencies and text counts.
+/// How many of the latest call latencies the percentiles are taken over:
+/// a service that runs for months keeps a fixed window, not every call.
+pub const LATENCY_WINDOW: usize = 4096;
+
+/// Per-call latencies (the latest [`LATENCY_WINDOW`]) and totals over the
+/// engine's life.
 #[derive(Debug, Default)]
 pub struct Timings {
-    seconds: Vec<f64>,
+    recent: std::collections::VecDeque<f64>,
+    calls: u64,
+    total_seconds: f64,
     texts: u64,
 }
 
 impl Timings {
     pub fn record(&mut self, seconds: f64, texts: usize) {
-        self.seconds.push(seconds);
+        if self.recent.len() == LATENCY_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(seconds);
+        self.calls += 1;
+        self.total_seconds += seconds;
         self.texts += texts as u64;
     }
 
+    /// Latencies held for the percentiles; never more than [`LATENCY_WINDOW`].
+    pub fn held(&self) -> usize {
+        self.recent.len()
+    }
+
     pub fn summarize(&self, counters: &PagingCounters) -> InferenceStats {
-        let mut sorted = self.seconds.clone();
+        let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
         sorted.sort_by(f64::total_cmp);
-        let total: f64 = sorted.iter().sum();
         InferenceStats {
-            total_inferences: sorted.len() as u64,
+            total_inferences: self.calls,
             total_texts: self.texts,
-            avg_inference_time: if sorted.is_empty() {
+            avg_inference_time: if self.calls == 0 {
                 0.0
             } else {
-                total / sorted.len() as f64
+                self.total_seconds / self.calls as f64
             },
             p50_inference_time: percentile(&sorted, 0.5),
             p95_inference_time: percentile(&sorted, 0.95),
@@ -105,6 +123,8 @@ impl Timings {
                 counters.host_hits,
                 counters.host_hits + counters.host_misses,
             ),
+            vram_hits: counters.vram_hits,
+            vram_misses: counters.vram_misses,
             bytes_fetched: counters.bytes_fetched,
             bytes_uploaded: counters.bytes_uploaded,
             evictions: counters.evictions,
@@ -140,5 +160,28 @@ mod tests {
         assert_eq!(stats.p95_inference_time, 0.5);
         assert_eq!(stats.cache_hit_rate, 0.75);
         assert_eq!(stats.host_cache_hit_rate, 0.25);
+    }
+
+    #[test]
+    fn latencies_held_stay_bounded_while_totals_count_every_call() {
+        let mut timings = Timings::default();
+        let calls = LATENCY_WINDOW * 3 + 7;
+        for i in 0..calls {
+            // Old calls were slow, recent ones fast: percentiles follow the window.
+            let seconds = if i < calls - LATENCY_WINDOW {
+                10.0
+            } else {
+                1.0
+            };
+            timings.record(seconds, 1);
+        }
+        assert_eq!(timings.held(), LATENCY_WINDOW);
+        let stats = timings.summarize(&PagingCounters::default());
+        assert_eq!(stats.total_inferences, calls as u64);
+        assert_eq!(stats.total_texts, calls as u64);
+        assert_eq!(stats.p95_inference_time, 1.0);
+        let expected_mean =
+            (10.0 * (calls - LATENCY_WINDOW) as f64 + LATENCY_WINDOW as f64) / calls as f64;
+        assert!((stats.avg_inference_time - expected_mean).abs() < 1e-9);
     }
 }

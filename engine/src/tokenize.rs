@@ -7,8 +7,26 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use crate::error::{Error, Result};
 
+/// What to do with a text longer than the model's sequence limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Truncation {
+    /// Keep the first tokens (the engine's default, as sentence-transformers does).
+    #[default]
+    Right,
+    /// Keep the last tokens.
+    Left,
+    /// Keep every token; the caller refuses what is too long.
+    None,
+}
+
+/// The tokenizer three times over, one per [`Truncation`]: `tokenizers` keeps
+/// truncation in the tokenizer itself, and switching it per call would need a
+/// lock around one shared instance.
 pub struct TextTokenizer {
-    inner: Tokenizer,
+    keep_first: Tokenizer,
+    keep_last: Tokenizer,
+    untruncated: Tokenizer,
+    max_len: usize,
     path: PathBuf,
 }
 
@@ -19,39 +37,77 @@ pub struct Tokens {
     pub type_ids: Vec<u32>,
 }
 
+impl Tokens {
+    /// Token ids given by a caller, used as they are (no special tokens added).
+    pub fn from_ids(ids: Vec<u32>) -> Self {
+        let type_ids = vec![0; ids.len()];
+        Self { ids, type_ids }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 impl TextTokenizer {
     pub fn from_json(path: &Path, json: &[u8], max_len: usize, vocab_size: usize) -> Result<Self> {
         let fail = |message: String| Error::Tokenizer {
             path: path.into(),
             message,
         };
-        let mut inner = Tokenizer::from_bytes(json).map_err(|e| fail(e.to_string()))?;
+        let mut untruncated = Tokenizer::from_bytes(json).map_err(|e| fail(e.to_string()))?;
         // tokenizer.json files often carry padding and truncation of their own
         // (128 for MiniLM), which would cut long inputs silently.
-        inner.with_padding(None);
-        inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-                direction: TruncationDirection::Right,
-            }))
+        untruncated.with_padding(None);
+        untruncated
+            .with_truncation(None)
             .map_err(|e| fail(e.to_string()))?;
-        let vocab = inner.get_vocab_size(true);
+        let vocab = untruncated.get_vocab_size(true);
         if vocab > vocab_size {
             return Err(fail(format!(
                 "the tokenizer has {vocab} tokens but the model's vocab_size is {vocab_size}"
             )));
         }
+        let truncating = |direction| {
+            let mut tokenizer = untruncated.clone();
+            tokenizer
+                .with_truncation(Some(TruncationParams {
+                    max_length: max_len,
+                    strategy: TruncationStrategy::LongestFirst,
+                    stride: 0,
+                    direction,
+                }))
+                .map(|_| ())
+                .map_err(|e| fail(e.to_string()))?;
+            Ok::<_, Error>(tokenizer)
+        };
         Ok(Self {
-            inner,
+            keep_first: truncating(TruncationDirection::Right)?,
+            keep_last: truncating(TruncationDirection::Left)?,
+            untruncated,
+            max_len,
             path: path.into(),
         })
     }
 
+    /// The most tokens one input may have, `[CLS]` and `[SEP]` included.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Tokenizes `texts`, cutting them at the model's limit from the right.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<Tokens>> {
+        self.encode_with(texts, Truncation::Right)
+    }
+
+    pub fn encode_with(&self, texts: &[&str], truncation: Truncation) -> Result<Vec<Tokens>> {
+        let tokenizer = self.tokenizer_for(truncation);
         let encodings =
-            self.inner
+            tokenizer
                 .encode_batch(texts.to_vec(), true)
                 .map_err(|e| Error::Tokenizer {
                     path: self.path.clone(),
@@ -65,4 +121,55 @@ impl TextTokenizer {
             })
             .collect())
     }
+
+    fn tokenizer_for(&self, truncation: Truncation) -> &Tokenizer {
+        match truncation {
+            Truncation::Right => &self.keep_first,
+            Truncation::Left => &self.keep_last,
+            Truncation::None => &self.untruncated,
+        }
+    }
+
+    /// Each token of `text` with its id, piece and byte span; special tokens
+    /// carry no span.
+    pub fn pieces(
+        &self,
+        text: &str,
+        truncation: Truncation,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenPiece>> {
+        let tokenizer = self.tokenizer_for(truncation);
+        let encoding =
+            tokenizer
+                .encode(text, add_special_tokens)
+                .map_err(|e| Error::Tokenizer {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                })?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_offsets())
+            .zip(encoding.get_special_tokens_mask())
+            .map(|(((&id, piece), &(start, stop)), &special)| TokenPiece {
+                id,
+                text: piece.clone(),
+                special: special == 1,
+                start,
+                stop,
+            })
+            .collect())
+    }
+}
+
+/// One token of a tokenized text, for `/tokenize`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenPiece {
+    pub id: u32,
+    pub text: String,
+    pub special: bool,
+    /// Byte offsets into the text.
+    pub start: usize,
+    pub stop: usize,
 }

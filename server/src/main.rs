@@ -14,6 +14,8 @@ struct Cli {
 enum Command {
     /// Embed texts and print one JSON object per input on stdout.
     Embed(cli::embed::EmbedArgs),
+    /// Serve embeddings over HTTP (TEI- and OpenAI-compatible routes).
+    Http(cli::http::HttpArgs),
     /// Serve a model's weights over QUIC.
     Serve(cli::serve::ServeArgs),
     /// Write a BERT model folder with random weights, for benchmarks at scale.
@@ -31,6 +33,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(args) => cli::embed::run(args),
+        Command::Http(args) => cli::http::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Synth(args) => cli::synth::run(args),
     };

@@ -1,57 +1,74 @@
-//! Server counters, and their Prometheus text exposition at `/metrics`.
+//! Server counters, and their OpenMetrics text exposition at `/metrics`.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::metrics::{counter, gauge};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The media type of what [`prometheus_client::encoding::text::encode`] writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// A number that only goes up.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+///
+/// A thin wrapper so that callers keep `increment`/`add`/`get`; clones share
+/// the value, which is how the registry sees what the server counts.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(counter::Counter<u64, AtomicU64>);
 
 impl Counter {
     pub fn increment(&self) {
-        self.add(1);
+        self.0.inc();
     }
 
     pub fn add(&self, amount: u64) {
-        self.0.fetch_add(amount, Ordering::Relaxed);
+        self.0.inc_by(amount);
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
 /// A number that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
+///
+/// Unsigned, because everything it measures (open connections, bytes held)
+/// is a count that cannot go below zero.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(gauge::Gauge<u64, AtomicU64>);
 
 impl Gauge {
     pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
+        self.0.set(value);
     }
 
     pub fn increment(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.inc();
     }
 
     pub fn decrement(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
 /// What the server has done since it started.
-#[derive(Debug, Default)]
+///
+/// Each `Stats` owns its registry, so that servers sharing a process (as
+/// tests do) each expose only their own counts.
+#[derive(Debug)]
 pub struct Stats {
     pub connections: Counter,
     pub connections_active: Gauge,
@@ -64,6 +81,91 @@ pub struct Stats {
     pub cache_coalesced: Counter,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
+    registry: Registry,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let connections = Counter::default();
+        let connections_active = Gauge::default();
+        let connections_refused = Counter::default();
+        let requests = Counter::default();
+        let request_errors = Counter::default();
+        let bytes_served = Counter::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let cache_coalesced = Counter::default();
+        let cache_evictions = Counter::default();
+        let cache_bytes = Gauge::default();
+
+        // Counter names go in without `_total`: the encoder adds it. Help
+        // texts go in without a full stop: the registry adds one.
+        let mut registry = Registry::with_prefix("surf_server");
+        let counters = [
+            ("connections", "QUIC connections accepted", &connections),
+            (
+                "connections_refused",
+                "Connections closed at the handshake (version, token, malformed hello)",
+                &connections_refused,
+            ),
+            ("requests", "Fetch requests received", &requests),
+            (
+                "request_errors",
+                "Fetch requests refused or cut off",
+                &request_errors,
+            ),
+            ("bytes_served", "Weight bytes sent", &bytes_served),
+            ("cache_hits", "Component cache hits", &cache_hits),
+            (
+                "cache_misses",
+                "Component cache misses (each one load)",
+                &cache_misses,
+            ),
+            (
+                "cache_coalesced",
+                "Requests that waited for a load already in progress",
+                &cache_coalesced,
+            ),
+            (
+                "cache_evictions",
+                "Component cache evictions",
+                &cache_evictions,
+            ),
+        ];
+        for (name, help, metric) in counters {
+            registry.register(name, help, metric.0.clone());
+        }
+        let gauges = [
+            (
+                "connections_active",
+                "QUIC connections open now",
+                &connections_active,
+            ),
+            (
+                "cache_bytes",
+                "Bytes held by the component cache",
+                &cache_bytes,
+            ),
+        ];
+        for (name, help, metric) in gauges {
+            registry.register(name, help, metric.0.clone());
+        }
+
+        Stats {
+            connections,
+            connections_active,
+            connections_refused,
+            requests,
+            request_errors,
+            bytes_served,
+            cache_hits,
+            cache_misses,
+            cache_coalesced,
+            cache_evictions,
+            cache_bytes,
+            registry,
+        }
+    }
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -98,157 +200,52 @@ impl Stats {
             cache_bytes: self.cache_bytes.get(),
         }
     }
-}
 
-impl StatsSnapshot {
-    /// The Prometheus text exposition format, version 0.0.4.
-    pub fn to_prometheus(&self) -> String {
-        let metrics: [(&str, &str, &str, u64); 11] = [
-            (
-                "connections_total",
-                "counter",
-                "QUIC connections accepted.",
-                self.connections,
-            ),
-            (
-                "connections_active",
-                "gauge",
-                "QUIC connections open now.",
-                self.connections_active,
-            ),
-            (
-                "connections_refused_total",
-                "counter",
-                "Connections closed at the handshake (version, token, malformed hello).",
-                self.connections_refused,
-            ),
-            (
-                "requests_total",
-                "counter",
-                "Fetch requests received.",
-                self.requests,
-            ),
-            (
-                "request_errors_total",
-                "counter",
-                "Fetch requests refused or cut off.",
-                self.request_errors,
-            ),
-            (
-                "bytes_served_total",
-                "counter",
-                "Weight bytes sent.",
-                self.bytes_served,
-            ),
-            (
-                "cache_hits_total",
-                "counter",
-                "Component cache hits.",
-                self.cache_hits,
-            ),
-            (
-                "cache_misses_total",
-                "counter",
-                "Component cache misses (each one load).",
-                self.cache_misses,
-            ),
-            (
-                "cache_coalesced_total",
-                "counter",
-                "Requests that waited for a load already in progress.",
-                self.cache_coalesced,
-            ),
-            (
-                "cache_evictions_total",
-                "counter",
-                "Component cache evictions.",
-                self.cache_evictions,
-            ),
-            (
-                "cache_bytes",
-                "gauge",
-                "Bytes held by the component cache.",
-                self.cache_bytes,
-            ),
-        ];
+    /// The OpenMetrics text exposition of every metric, ending in `# EOF`.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut text = String::new();
-        for (name, kind, help, value) in metrics {
-            let _ = writeln!(text, "# HELP surf_server_{name} {help}");
-            let _ = writeln!(text, "# TYPE surf_server_{name} {kind}");
-            let _ = writeln!(text, "surf_server_{name} {value}");
-        }
-        text
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
     }
 }
 
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// `GET /metrics` over `stats`, to serve alone or to mount in a larger app.
+pub fn router(stats: Arc<Stats>) -> Router {
+    Router::new()
+        .route("/metrics", get(expose))
+        .with_state(stats)
+}
+
+async fn expose(State(stats): State<Arc<Stats>>) -> Response {
+    match stats.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "encoding the metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
 
 /// Answers `GET /metrics` on `listener` until `cancel` fires.
 pub async fn serve_metrics(listener: TcpListener, stats: Arc<Stats>, cancel: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let stats = stats.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = answer(stream, &stats).await {
-                        tracing::debug!(%peer, %error, "metrics request failed");
-                    }
-                });
-            }
-            Err(error) => tracing::warn!(%error, "accepting a metrics connection failed"),
-        }
+    // The hand-written server this replaced closed after every answer, and
+    // simple scrapers (a raw GET read to EOF) rely on that; a scrape every
+    // few seconds gains nothing from keep-alive. Set here rather than in
+    // `router`, so that an app mounting the router keeps its own policy.
+    let app = router(stats).layer(middleware::map_response(close_after_answer));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::warn!(%error, "the metrics listener failed");
     }
 }
 
-async fn answer(mut stream: TcpStream, stats: &Stats) -> std::io::Result<()> {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_request_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow request"))??;
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut request = httparse::Request::new(&mut headers);
-    let response = match request.parse(&head) {
-        Ok(httparse::Status::Complete(_)) => match (request.method, request.path) {
-            (Some("GET"), Some("/metrics")) => http_response(
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                &stats.snapshot().to_prometheus(),
-            ),
-            (Some("GET"), _) => http_response("404 Not Found", "text/plain", "not found\n"),
-            _ => http_response("405 Method Not Allowed", "text/plain", "only GET\n"),
-        },
-        _ => http_response("400 Bad Request", "text/plain", "bad request\n"),
-    };
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Reads up to the blank line that ends the request head.
-async fn read_request_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(512);
-    let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
-        if head.len() > MAX_REQUEST_HEAD {
-            break;
-        }
-        let read = stream.read(&mut buffer).await?;
-        if read == 0 {
-            break;
-        }
-        head.extend_from_slice(&buffer[..read]);
-    }
-    Ok(head)
-}
-
-fn http_response(status: &str, content_type: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+async fn close_after_answer(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Binds the metrics listener (separately, so that a bad address is an
@@ -267,14 +264,106 @@ mod tests {
     fn exposition_names_every_metric_once_with_its_value() {
         let stats = Stats::default();
         stats.bytes_served.add(1234);
+        stats.connections_active.increment();
         stats.cache_bytes.set(99);
-        let text = stats.snapshot().to_prometheus();
-        assert!(text.contains("\nsurf_server_bytes_served_total 1234\n"));
+        let text = stats.encode().expect("the registry encodes");
+
+        assert!(text.contains(
+            "# HELP surf_server_bytes_served Weight bytes sent.\n\
+             # TYPE surf_server_bytes_served counter\n\
+             surf_server_bytes_served_total 1234\n"
+        ));
         assert!(
             text.contains("# TYPE surf_server_cache_bytes gauge\nsurf_server_cache_bytes 99\n")
         );
+        assert!(text.contains("\nsurf_server_connections_active 1\n"));
+        assert!(text.ends_with("# EOF\n"));
+
         let samples: Vec<_> = text.lines().filter(|line| !line.starts_with('#')).collect();
-        assert_eq!(samples.len(), 11);
+        assert_eq!(samples.len(), 11, "{text}");
         assert!(samples.iter().all(|line| line.starts_with("surf_server_")));
+        let mut names: Vec<_> = samples
+            .iter()
+            .map(|line| line.split_once(' ').expect("name and value").0)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), 11, "a metric appears twice in\n{text}");
+    }
+
+    #[test]
+    fn each_stats_counts_on_its_own() {
+        let first = Stats::default();
+        let second = Stats::default();
+        first.requests.increment();
+        let first = first.encode().expect("the first registry encodes");
+        let second = second.encode().expect("the second registry encodes");
+        assert!(
+            first.contains("\nsurf_server_requests_total 1\n"),
+            "{first}"
+        );
+        assert!(
+            second.contains("\nsurf_server_requests_total 0\n"),
+            "{second}"
+        );
+    }
+
+    async fn http(addr: SocketAddr, request_line: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let request = format!("{request_line}\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("sent");
+        let mut response = String::new();
+        // Reading to EOF also checks that the server closes after answering.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+        response
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http_until_cancelled() {
+        let listener = bind_metrics(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("a loopback port binds");
+        let addr = listener.local_addr().expect("a bound address");
+        let stats = Arc::new(Stats::default());
+        stats.requests.add(7);
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_metrics(listener, stats, cancel.clone()));
+
+        let ok = http(addr, "GET /metrics HTTP/1.1").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.to_ascii_lowercase()
+                .contains(&format!("content-type: {CONTENT_TYPE}\r\n"))
+        );
+        assert!(ok.contains("\nsurf_server_requests_total 7\n"), "{ok}");
+        assert!(ok.ends_with("# EOF\n"), "{ok}");
+
+        let missing = http(addr, "GET /other HTTP/1.1").await;
+        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let wrong_method = http(addr, "POST /metrics HTTP/1.1").await;
+        assert!(wrong_method.starts_with("HTTP/1.1 405"), "{wrong_method}");
+
+        cancel.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the server stops when cancelled")
+            .expect("the server task ends cleanly");
+    }
+
+    #[tokio::test]
+    async fn a_bad_address_is_a_metrics_listen_error() {
+        // A documentation address (TEST-NET-1) is not on any local interface.
+        let addr = SocketAddr::from(([192, 0, 2, 1], 9));
+        let error = bind_metrics(addr).await.expect_err("cannot bind");
+        assert!(matches!(error, crate::Error::MetricsListen { addr: bad, .. } if bad == addr));
     }
 }

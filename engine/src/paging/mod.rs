@@ -219,6 +219,19 @@ impl Pager {
         self.unused_fetches.clear();
     }
 
+    /// Forgets every layer in GPU memory and frees the slot buffers, keeping
+    /// the host cache and the fetches in flight. After a failed batch the
+    /// slots may hold half-written uploads; the next batch loads into fresh
+    /// buffers instead of trusting them.
+    pub fn drop_gpu_layers(&mut self) {
+        self.policy.clear();
+        for slot in &mut self.slots {
+            *slot = None;
+        }
+        self.staging =
+            wgpu::util::StagingBelt::new(self.gpu.device.clone(), self.slot_bytes.max(4));
+    }
+
     /// Queues fetches of `current`, when it is not at hand, and of the
     /// layers that follow it up to the prefetch depth.
     pub fn prefetch_from(&mut self, current: usize) {

@@ -1,6 +1,8 @@
 //! Subcommands of `surf`, and the one place where errors become exit codes.
 
 pub mod embed;
+pub mod engine_args;
+pub mod http;
 pub mod serve;
 pub mod synth;
 

@@ -97,8 +97,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on SIGINT or SIGTERM.
 #[cfg(unix)]
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+pub async fn wait_for_stop_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     tokio::select! {
@@ -109,7 +110,7 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+pub async fn wait_for_stop_signal() -> anyhow::Result<()> {
     tokio::signal::ctrl_c()
         .await
         .context("cannot listen for Ctrl-C")

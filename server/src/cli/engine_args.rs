@@ -1,0 +1,184 @@
+//! The model and paging flags that `surf embed` and `surf http` share, and
+//! opening an engine from them: a model folder, weight servers, or (with
+//! neither) a weight server started in-process with the default model.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use surf_engine::{Engine, EngineBuilder, Error as EngineError, RemoteSource, VramBudget};
+use surf_transport::{CertificateDer, ClientConfig};
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Model folder (config.json, model.safetensors, tokenizer.json, ...).
+    #[arg(long, value_name = "DIR", conflicts_with = "server")]
+    pub model: Option<PathBuf>,
+    /// Weight server to stream layers from (repeatable: the next one takes over
+    /// when a server stops answering).
+    #[arg(long = "server", value_name = "ADDR")]
+    pub server: Vec<SocketAddr>,
+    /// PEM file of the certificate(s) to trust for --server.
+    #[arg(long, value_name = "PEM", requires = "server")]
+    pub server_cert: Option<PathBuf>,
+    /// Token the weight server asks for.
+    #[arg(long, value_name = "T", env = "SURF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// GPU memory for weights, in MiB, the pinned embeddings included.
+    #[arg(long, value_name = "N", conflicts_with = "cache_layers")]
+    pub vram_budget_mb: Option<u64>,
+    /// GPU memory for weights, in encoder layers.
+    #[arg(long, value_name = "N")]
+    pub cache_layers: Option<usize>,
+    /// Host memory for layers evicted from the GPU, in MiB.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub host_cache_mb: u64,
+    /// Layers fetched and uploaded ahead of the one computing.
+    #[arg(long, value_name = "D", default_value_t = 2)]
+    pub prefetch: usize,
+    /// Largest number of texts per GPU batch.
+    #[arg(long, default_value_t = surf_engine::engine::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+}
+
+/// The default model, relative to the working directory.
+pub const DEFAULT_MODEL_DIR: &str = "assets/models/all-MiniLM-L6-v2";
+const FETCH_SCRIPT: &str = "assets/fetch-model.sh";
+
+/// A weight server started inside this process, on loopback, for the
+/// embedded default mode. Dropping it shuts the server down.
+pub struct EmbeddedServer {
+    runtime: tokio::runtime::Runtime,
+    server: Option<crate::RunningServer>,
+}
+
+impl Drop for EmbeddedServer {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+/// An engine, and the in-process weight server it streams from, if any.
+pub struct OpenedEngine {
+    pub engine: Engine,
+    /// Held as long as the engine: dropping it stops the server.
+    pub embedded_server: Option<EmbeddedServer>,
+}
+
+impl EngineArgs {
+    fn budget(&self) -> VramBudget {
+        match (self.vram_budget_mb, self.cache_layers) {
+            (Some(mb), _) => VramBudget::Bytes(mb << 20),
+            (None, Some(layers)) => VramBudget::Layers(layers),
+            (None, None) => VramBudget::Unbounded,
+        }
+    }
+
+    /// A builder with the paging flags applied, for the caller to add to.
+    pub fn builder(&self) -> EngineBuilder {
+        Engine::builder()
+            .batch_size(self.batch_size)
+            .vram_budget(self.budget())
+            .host_cache_bytes(self.host_cache_mb << 20)
+            .prefetch(self.prefetch)
+    }
+
+    /// Builds the engine from `builder` over the weight source the flags name.
+    pub fn open(&self, builder: EngineBuilder) -> anyhow::Result<OpenedEngine> {
+        if let Some(model) = &self.model {
+            let engine = builder
+                .model_dir(model)
+                .build()
+                .with_context(|| format!("loading the model from {}", model.display()))?;
+            return Ok(OpenedEngine {
+                engine,
+                embedded_server: None,
+            });
+        }
+        let mut embedded_server = None;
+        let (servers, trusted) = if self.server.is_empty() {
+            let (server, addr, cert) = start_embedded_server(default_model_dir()?)?;
+            embedded_server = Some(server);
+            (vec![addr], vec![cert])
+        } else {
+            let Some(pem) = &self.server_cert else {
+                return Err(EngineError::InvalidInput(
+                    "--server needs --server-cert PEM, the certificate to trust".into(),
+                )
+                .into());
+            };
+            let certs = surf_transport::tls::load_certificates_pem(pem).map_err(|e| {
+                EngineError::InputFile {
+                    path: pem.clone(),
+                    problem: e.to_string(),
+                }
+            })?;
+            (self.server.clone(), certs)
+        };
+        let mut config = ClientConfig::new(servers.clone(), trusted);
+        config.token = self.token.clone();
+        let source = RemoteSource::connect(config)?;
+        let engine = builder
+            .source(Arc::new(source))
+            .build()
+            .with_context(|| format!("streaming the model from {servers:?}"))?;
+        Ok(OpenedEngine {
+            engine,
+            embedded_server,
+        })
+    }
+}
+
+fn default_model_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(DEFAULT_MODEL_DIR);
+    if !dir.join(surf_engine::engine::WEIGHTS_FILE).is_file() {
+        if !std::path::Path::new(FETCH_SCRIPT).is_file() {
+            return Err(EngineError::InputFile {
+                path: dir,
+                problem: format!(
+                    "the default model is missing; give --model DIR or --server ADDR, or run from the \
+                     repository root so that {FETCH_SCRIPT} can fetch it"
+                ),
+            }
+            .into());
+        }
+        eprintln!("the default model is missing; fetching it with {FETCH_SCRIPT} ...");
+        let status = std::process::Command::new("bash")
+            .arg(FETCH_SCRIPT)
+            .status()
+            .with_context(|| format!("running {FETCH_SCRIPT}"))?;
+        if !status.success() {
+            anyhow::bail!("{FETCH_SCRIPT} failed ({status})");
+        }
+    }
+    Ok(dir)
+}
+
+fn start_embedded_server(
+    model_dir: PathBuf,
+) -> anyhow::Result<(EmbeddedServer, SocketAddr, CertificateDer<'static>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("surf-embedded-server")
+        .enable_all()
+        .build()
+        .context("cannot start the weight server's runtime")?;
+    let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
+    let server = runtime.block_on(crate::WeightServer::bind(crate::ServerConfig::new(
+        model_dir, listen,
+    )))?;
+    let addr = server.local_addr();
+    let cert = server.certificate_der().clone();
+    Ok((
+        EmbeddedServer {
+            runtime,
+            server: Some(server),
+        },
+        addr,
+        cert,
+    ))
+}

@@ -1,0 +1,370 @@
+//! The core of the embedding service, between the HTTP handlers and the
+//! engine's queue: admission (`--max-concurrent-requests`), validation,
+//! tokenization off the async workers, queueing, and the per-request
+//! `dimensions` and normalisation of the vectors that come back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use surf_engine::queue::{BatchLimits, BatchObserver};
+use surf_engine::{EmbedQueue, Engine, Tokens, Truncation};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::{ApiError, ErrorKind};
+use super::metrics::ServiceMetrics;
+use super::types::InputItem;
+
+/// Limits and defaults of the service, with TEI's names.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub max_concurrent_requests: usize,
+    pub batch: BatchLimits,
+    pub max_client_batch_size: usize,
+    pub auto_truncate: bool,
+    /// The model name answered by `/v1/embeddings` and `/info`.
+    pub served_model_name: Option<String>,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 512,
+            batch: BatchLimits::default(),
+            max_client_batch_size: 32,
+            auto_truncate: true,
+            served_model_name: None,
+        }
+    }
+}
+
+/// What one embedding request asks for, besides its inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedOptions {
+    /// `None`: the server's `--auto-truncate`.
+    pub truncate: Option<bool>,
+    pub direction: Truncation,
+    pub normalize: bool,
+    pub dimensions: Option<usize>,
+}
+
+/// Vectors in input order, and where the request's time went.
+#[derive(Debug)]
+pub struct EmbedAnswer {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: usize,
+    pub characters: usize,
+    pub tokenization_time: Duration,
+    pub queue_time: Duration,
+    pub inference_time: Duration,
+    pub total_time: Duration,
+}
+
+pub struct EmbedService {
+    queue: EmbedQueue,
+    permits: Arc<Semaphore>,
+    settings: ServiceSettings,
+    metrics: Arc<ServiceMetrics>,
+}
+
+impl EmbedService {
+    /// Starts the engine's queue and runs one batch through it, so that the
+    /// service is healthy, with its first layers loaded, before it listens.
+    pub fn start(engine: Arc<Engine>, settings: ServiceSettings) -> surf_engine::Result<Self> {
+        let metrics = Arc::new(ServiceMetrics::new());
+        let observer: BatchObserver = {
+            let metrics = Arc::clone(&metrics);
+            Arc::new(move |report| metrics.batch_done(report))
+        };
+        let queue = EmbedQueue::start(engine, settings.batch, Some(observer))?;
+        if settings.max_concurrent_requests == 0 || settings.max_client_batch_size == 0 {
+            return Err(surf_engine::Error::InvalidInput(
+                "--max-concurrent-requests and --max-client-batch-size must be at least 1".into(),
+            ));
+        }
+        let service = Self {
+            queue,
+            permits: Arc::new(Semaphore::new(settings.max_concurrent_requests)),
+            settings,
+            metrics,
+        };
+        service
+            .queue
+            .embed_blocking(&["warm-up"])
+            .map_err(|e| surf_engine::Error::Gpu(format!("the warm-up batch failed: {e}")))?;
+        Ok(service)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.queue.engine()
+    }
+
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    pub fn metrics(&self) -> &ServiceMetrics {
+        &self.metrics
+    }
+
+    /// The name answered to clients.
+    pub fn model_name(&self) -> String {
+        self.settings
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| self.engine().model_id().to_string())
+    }
+
+    /// A permit to be in flight, or 429 at once: the queue never grows
+    /// past `--max-concurrent-requests` requests.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            ApiError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "the service is at its limit of {} concurrent requests",
+                    self.settings.max_concurrent_requests
+                ),
+            )
+        })
+    }
+
+    /// Checks how many inputs a request carries.
+    pub fn check_count(&self, count: usize, param: &'static str) -> Result<(), ApiError> {
+        if count == 0 {
+            return Err(ApiError {
+                kind: ErrorKind::Empty,
+                message: "the input list is empty".into(),
+                param: Some(param),
+            });
+        }
+        let limit = self.settings.max_client_batch_size;
+        if count > limit {
+            return Err(ApiError::validation(
+                param,
+                format!(
+                    "{count} inputs in one request; at most {limit} are allowed (--max-client-batch-size)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Embeds `items` (texts or token ids) in input order.
+    pub async fn embed(
+        &self,
+        items: Vec<InputItem>,
+        options: EmbedOptions,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        let started = Instant::now();
+        let _permit = self.admit()?;
+        self.check_count(items.len(), param)?;
+        let dimension = self.engine().dimension();
+        if let Some(dimensions) = options.dimensions
+            && (dimensions == 0 || dimensions > dimension)
+        {
+            return Err(ApiError::validation(
+                "dimensions",
+                format!(
+                    "dimensions must be between 1 and the model's {dimension}; got {dimensions}"
+                ),
+            ));
+        }
+        let truncate = options.truncate.unwrap_or(self.settings.auto_truncate);
+        let characters = items
+            .iter()
+            .map(|item| match item {
+                InputItem::Text(text) => text.chars().count(),
+                InputItem::Ids(_) => 0,
+            })
+            .sum();
+
+        let engine = Arc::clone(self.engine());
+        let direction = options.direction;
+        let tokenized = tokio::task::spawn_blocking(move || {
+            tokenize(&engine, items, truncate, direction, param)
+        })
+        .await
+        .map_err(|e| ApiError::new(ErrorKind::Backend, format!("tokenization failed: {e}")))??;
+        let tokenization_time = started.elapsed();
+
+        let ticket = self.queue.submit(tokenized)?;
+        self.metrics.set_queue_size(self.queue.waiting());
+        let embedded = ticket.wait().await?;
+        self.metrics.queued(embedded.queue_time);
+
+        let already_normalized = self.engine().normalizes();
+        let vectors = embedded
+            .vectors
+            .into_iter()
+            .map(|vector| shape_vector(vector, options, already_normalized))
+            .collect();
+        Ok(EmbedAnswer {
+            vectors,
+            tokens: embedded.tokens,
+            characters,
+            tokenization_time,
+            queue_time: embedded.queue_time,
+            inference_time: embedded.inference_time,
+            total_time: started.elapsed(),
+        })
+    }
+
+    /// Healthy once a batch has run and the last one succeeded. After a
+    /// failure, one probe batch tells whether the engine has recovered.
+    pub async fn check_health(&self) -> bool {
+        let health = self.queue.health();
+        if health.batches_run > 0 && !health.failing {
+            return true;
+        }
+        let probe = vec![Tokens::from_ids(self.probe_ids())];
+        match self.queue.submit(probe) {
+            Ok(ticket) => ticket.wait().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    fn probe_ids(&self) -> Vec<u32> {
+        let pad = self.engine().spec().config.pad_token_id as u32;
+        vec![pad]
+    }
+
+    /// Inputs queued and not yet computed.
+    pub fn waiting(&self) -> usize {
+        self.queue.waiting()
+    }
+
+    /// Answers every accepted request, then stops the engine thread.
+    pub fn shutdown(&self) {
+        self.queue.shutdown();
+    }
+}
+
+/// Tokenizes texts and checks token-id inputs, on a blocking thread.
+fn tokenize(
+    engine: &Engine,
+    items: Vec<InputItem>,
+    truncate: bool,
+    direction: Truncation,
+    param: &'static str,
+) -> Result<Vec<Tokens>, ApiError> {
+    let tokenizer = engine.tokenizer();
+    let max_len = tokenizer.max_len();
+    let truncation = if truncate {
+        direction
+    } else {
+        Truncation::None
+    };
+    let mut tokens = Vec::with_capacity(items.len());
+    let mut texts: Vec<(usize, String)> = Vec::new();
+    for (index, item) in items.into_iter().enumerate() {
+        match item {
+            InputItem::Text(text) => {
+                texts.push((index, text));
+                tokens.push(Tokens::from_ids(Vec::new()));
+            }
+            InputItem::Ids(ids) => {
+                if ids.is_empty() {
+                    return Err(ApiError {
+                        kind: ErrorKind::Empty,
+                        message: format!("input {index} has no token ids"),
+                        param: Some(param),
+                    });
+                }
+                tokens.push(Tokens::from_ids(cut_ids(ids, max_len, truncation)));
+            }
+        }
+    }
+    if !texts.is_empty() {
+        let refs: Vec<&str> = texts.iter().map(|(_, text)| text.as_str()).collect();
+        let encoded = tokenizer
+            .encode_with(&refs, truncation)
+            .map_err(|e| ApiError::new(ErrorKind::Tokenizer, e.to_string()))?;
+        for ((index, _), encoding) in texts.iter().zip(encoded) {
+            tokens[*index] = encoding;
+        }
+    }
+    for (index, input) in tokens.iter().enumerate() {
+        if input.len() > max_len {
+            return Err(ApiError::validation(
+                param,
+                format!(
+                    "input {index} has {} tokens, more than the model's limit of {max_len}; \
+                     send `truncate: true` or shorten it",
+                    input.len()
+                ),
+            ));
+        }
+    }
+    Ok(tokens)
+}
+
+/// Token ids cut to `max_len` from the side `truncation` says; untouched
+/// without truncation, so that the length check refuses them.
+fn cut_ids(mut ids: Vec<u32>, max_len: usize, truncation: Truncation) -> Vec<u32> {
+    if ids.len() <= max_len {
+        return ids;
+    }
+    match truncation {
+        Truncation::Right => ids.truncate(max_len),
+        Truncation::Left => {
+            ids.drain(..ids.len() - max_len);
+        }
+        Truncation::None => {}
+    }
+    ids
+}
+
+/// Cuts a pooled vector to `dimensions` and normalises it when asked. A
+/// vector the engine normalised is normalised again after a cut.
+fn shape_vector(mut vector: Vec<f32>, options: EmbedOptions, already_normalized: bool) -> Vec<f32> {
+    let cut = options.dimensions.is_some_and(|d| d < vector.len());
+    if let Some(dimensions) = options.dimensions {
+        vector.truncate(dimensions);
+    }
+    if options.normalize && (cut || !already_normalized) {
+        let norm = vector
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            for x in &mut vector {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+    }
+    vector
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(normalize: bool, dimensions: Option<usize>) -> EmbedOptions {
+        EmbedOptions {
+            truncate: None,
+            direction: Truncation::Right,
+            normalize,
+            dimensions,
+        }
+    }
+
+    #[test]
+    fn dimensions_cut_first_then_normalise() {
+        let v = shape_vector(vec![3.0, 4.0, 12.0], options(true, Some(2)), false);
+        assert_eq!(v, vec![0.6, 0.8]);
+        let raw = shape_vector(vec![3.0, 4.0, 12.0], options(false, Some(2)), false);
+        assert_eq!(raw, vec![3.0, 4.0]);
+        let whole = shape_vector(vec![3.0, 4.0], options(true, None), false);
+        assert_eq!(whole, vec![0.6, 0.8]);
+    }
+
+    #[test]
+    fn token_ids_are_cut_from_the_side_asked() {
+        let ids: Vec<u32> = (0..6).collect();
+        assert_eq!(cut_ids(ids.clone(), 4, Truncation::Right), vec![0, 1, 2, 3]);
+        assert_eq!(cut_ids(ids.clone(), 4, Truncation::Left), vec![2, 3, 4, 5]);
+        assert_eq!(cut_ids(ids.clone(), 4, Truncation::None), ids);
+    }
+}
