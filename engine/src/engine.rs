@@ -268,7 +268,7 @@ impl Engine {
     /// activation buffers and every layer slot.
     fn discard_gpu_state(state: &mut RunState) {
         state.workspace = None;
-        state.pager.drop_gpu_layers();
+        state.pager.reset_after_failure();
     }
 
     pub fn spec(&self) -> &ModelSpec {

@@ -219,14 +219,18 @@ impl Pager {
         self.unused_fetches.clear();
     }
 
-    /// Forgets every layer in GPU memory and frees the slot buffers, keeping
-    /// the host cache and the fetches in flight. After a failed batch the
-    /// slots may hold half-written uploads; the next batch loads into fresh
-    /// buffers instead of trusting them.
-    pub fn drop_gpu_layers(&mut self) {
+    /// Forgets every layer in GPU memory and frees the slot buffers, and
+    /// drops the fetches in flight, keeping the host cache. After a failed
+    /// batch the slots may hold half-written uploads and a queued fetch may
+    /// hold the failure itself; the next batch loads into fresh buffers and
+    /// asks the source again instead of trusting either.
+    pub fn reset_after_failure(&mut self) {
         self.policy.clear();
         for slot in &mut self.slots {
             *slot = None;
+        }
+        for (layer, _) in self.pending.drain() {
+            self.policy.fetch_finished(layer);
         }
         self.staging =
             wgpu::util::StagingBelt::new(self.gpu.device.clone(), self.slot_bytes.max(4));

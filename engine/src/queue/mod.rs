@@ -90,11 +90,11 @@ impl Ticket {
         self.receiver.await.unwrap_or(Err(QueueError::Closed))
     }
 
-    /// Blocks the calling thread; not for use inside an async runtime.
+    /// Blocks the calling thread until the vectors are ready. It works on
+    /// any thread (the engine thread answers without any async runtime), but
+    /// inside a runtime it holds a worker thread for the wait: prefer `wait`.
     pub fn wait_blocking(self) -> Result<Embedded, QueueError> {
-        self.receiver
-            .blocking_recv()
-            .unwrap_or(Err(QueueError::Closed))
+        pollster::block_on(self.receiver).unwrap_or(Err(QueueError::Closed))
     }
 }
 
@@ -294,8 +294,8 @@ impl EmbedQueue {
         Ok(Ticket { receiver })
     }
 
-    /// Tokenizes `texts` on this thread, then queues them and waits. Not for
-    /// use inside an async runtime (use `submit` and `Ticket::wait` there).
+    /// Tokenizes `texts` on this thread, then queues them and waits (inside
+    /// an async runtime, prefer `submit` and `Ticket::wait`).
     pub fn embed_blocking(&self, texts: &[&str]) -> Result<Embedded, QueueError> {
         let tokens = self
             .engine
