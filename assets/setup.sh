@@ -8,11 +8,12 @@ has_vulkan_driver() {
   compgen -G "/usr/share/vulkan/icd.d/*.json" >/dev/null || compgen -G "/etc/vulkan/icd.d/*.json" >/dev/null
 }
 
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+
 if ! has_vulkan_driver; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "installing mesa-vulkan-drivers (no Vulkan driver found) ..." >&2
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
     "${sudo_cmd[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq mesa-vulkan-drivers >/dev/null
   else
@@ -22,3 +23,16 @@ if ! has_vulkan_driver; then
 fi
 
 bash "$here/fetch-model.sh"
+
+# The official openai Python client, for the test that runs it unchanged
+# against `surf http` (with numpy, it asks for base64 vectors by default).
+venv="$here/.venv"
+if ! "$venv/bin/python" -c 'import openai, numpy' >/dev/null 2>&1; then
+  echo "installing the openai Python client into $venv ..." >&2
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    # Debian's own Python keeps venv in a package of its own.
+    "${sudo_cmd[@]}" apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check openai numpy
+fi

@@ -357,7 +357,17 @@ fn run_engine(engine: &Engine, shared: &Shared) {
                 state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let (elapsed, failed) = run_batch(engine, batch);
+        let started = Instant::now();
+        let mut pieces = Vec::with_capacity(batch.len());
+        let mut inputs = Vec::with_capacity(batch.len());
+        for piece in batch {
+            piece.request.started(started);
+            pieces.push((piece.request, piece.index));
+            inputs.push(piece.tokens);
+        }
+        let outcome = compute(engine, &inputs);
+        let elapsed = started.elapsed();
+        let failed = outcome.is_err();
         let report = {
             let mut state = shared.state();
             let health = &mut state.health;
@@ -371,27 +381,43 @@ fn run_engine(engine: &Engine, shared: &Shared) {
                 waiting,
             }
         };
+        // Reported before anyone is answered, so that a caller who reads the
+        // metrics after its answer finds its batch counted.
         if let Some(observer) = &shared.observer {
             observer(&report);
+        }
+        answer(&pieces, outcome, elapsed);
+    }
+}
+
+/// Runs one batch on the engine, turning a panic into an error.
+fn compute(engine: &Engine, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>, QueueError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.embed_tokens(inputs))) {
+        Ok(Ok(vectors)) => Ok(vectors),
+        Ok(Err(error)) => {
+            tracing::error!(%error, inputs = inputs.len(), "a batch failed");
+            Err(QueueError::Batch(Arc::new(error)))
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(%message, "the engine panicked on a batch");
+            Err(QueueError::Panicked(message))
         }
     }
 }
 
-/// Runs one batch and answers its requests. Returns its run time and
-/// whether it failed.
-fn run_batch(engine: &Engine, batch: Vec<Piece>) -> (Duration, bool) {
-    let started = Instant::now();
-    let mut pieces = Vec::with_capacity(batch.len());
-    let mut inputs = Vec::with_capacity(batch.len());
-    for piece in batch {
-        piece.request.started(started);
-        pieces.push((piece.request, piece.index));
-        inputs.push(piece.tokens);
-    }
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| engine.embed_tokens(&inputs)));
-    let elapsed = started.elapsed();
-    let error = match outcome {
-        Ok(Ok(vectors)) => {
+/// Hands each piece of a batch its vector, or fails every request in it.
+fn answer(
+    pieces: &[(Arc<Request>, usize)],
+    outcome: Result<Vec<Vec<f32>>, QueueError>,
+    elapsed: Duration,
+) {
+    match outcome {
+        Ok(vectors) => {
             let mut requests: Vec<&Arc<Request>> = Vec::new();
             for ((request, index), vector) in pieces.iter().zip(vectors) {
                 if !requests.iter().any(|r| Arc::ptr_eq(r, request)) {
@@ -401,24 +427,11 @@ fn run_batch(engine: &Engine, batch: Vec<Piece>) -> (Duration, bool) {
                 }
                 request.deliver(*index, vector);
             }
-            return (elapsed, false);
         }
-        Ok(Err(error)) => {
-            tracing::error!(%error, inputs = inputs.len(), "a batch failed");
-            QueueError::Batch(Arc::new(error))
+        Err(error) => {
+            for (request, _) in pieces {
+                request.fail(error.clone());
+            }
         }
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            tracing::error!(%message, "the engine panicked on a batch");
-            QueueError::Panicked(message)
-        }
-    };
-    for (request, _) in &pieces {
-        request.fail(error.clone());
     }
-    (elapsed, true)
 }
