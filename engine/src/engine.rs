@@ -390,7 +390,19 @@ impl Engine {
 
     /// Latency and paging statistics; readable while a batch runs.
     pub fn inference_stats(&self) -> Result<InferenceStats> {
-        let stats = self.stats();
+        // The pager's own counters when no batch holds it (warm-up and cache
+        // changes move them too); the copy from the last batch otherwise.
+        let live = match self.state.try_lock() {
+            Ok(state) => Some(state.pager.counters),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                Some(poisoned.get_ref().pager.counters)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let mut stats = self.stats();
+        if let Some(counters) = live {
+            stats.paging = counters;
+        }
         Ok(stats.timings.summarize(&stats.paging))
     }
 
