@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" != "--report" ]]; then
     bash assets/fetch-model.sh
     rm -f bench-out/*.json
-    for bench in kernels embed transport streaming paging; do
+    for bench in kernels embed transport streaming paging http; do
         cargo bench -p surf-benches --bench "$bench"
     done
 fi

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 /// The benches in the order the report shows them, with a title and what a
 /// reader should know to read the figures.
-const SECTIONS: [(&str, &str, &str); 5] = [
+const SECTIONS: [(&str, &str, &str); 6] = [
     (
         "kernels",
         "Kernels",
@@ -44,6 +44,15 @@ const SECTIONS: [(&str, &str, &str); 5] = [
         "A random-weight model from the synthetic generator, served over QUIC on \
          loopback, under VRAM budgets given in layers; the host cache holds the \
          whole model, so the budget alone limits.",
+    ),
+    (
+        "http",
+        "HTTP service: embeddings per second and latency",
+        "`POST /embed` on loopback, one short input a request, from closed-loop \
+         clients at each concurrency; `inputs_per_batch` is what the queue merged. \
+         `in_process` is `Engine::infer` on the same inputs and engine in the same \
+         run. The two ratios hold HTTP throughput at concurrency 32 to one call on \
+         32 texts, and HTTP p50 at concurrency 1 to one call on one text.",
     ),
 ];
 
@@ -293,7 +302,7 @@ fn run() -> Result<(), String> {
     let mut paging_runs = Vec::new();
     for dir in &args.dirs {
         let machine = read_json(&dir.join("machine.json"))?.unwrap_or(Value::Null);
-        let adapter = ["streaming", "paging", "embed", "kernels"]
+        let adapter = ["streaming", "paging", "embed", "kernels", "http"]
             .iter()
             .find_map(|name| {
                 read_json(&dir.join(format!("{name}.json")))
