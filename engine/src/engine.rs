@@ -76,6 +76,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Which layer a full cache gives up: the one used farthest ahead in
+    /// the pass order (the default), or the least recently used.
+    pub fn eviction(mut self, eviction: crate::paging::Eviction) -> Self {
+        self.pager.eviction = eviction;
+        self
+    }
+
     /// Calls `observer(layer, bytes)` whenever a layer arrives from the source.
     pub fn on_layer_fetched(mut self, observer: crate::paging::FetchObserver) -> Self {
         self.observer = Some(observer);
@@ -377,15 +384,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets the prefetch depth; refused when the staging it needs would not
+    /// fit a budget that shares the adapter's memory.
     pub fn set_prefetch(&self, depth: usize) -> Result<()> {
-        self.state()?.pager.set_prefetch(depth);
-        Ok(())
+        self.state()?.pager.set_prefetch(depth)
     }
 
     /// Drops every paged layer from GPU memory and the host cache.
     pub fn clear_cache(&self) -> Result<()> {
-        self.state()?.pager.clear();
-        Ok(())
+        self.state()?.pager.clear()
     }
 
     /// Latency and paging statistics; readable while a batch runs.
@@ -425,6 +432,11 @@ impl Engine {
             layer_slots: pager.capacity(),
             host_cache_bytes: pager.host_bytes(),
             host_cache_capacity_bytes: pager.host_capacity(),
+            host_window_bytes: pager.host_window_bytes(),
+            staging_bytes: pager.staging_bytes(),
+            staging_limit_bytes: pager.staging_limit_bytes(),
+            staging_in_vram: pager.staging_in_vram(),
+            eviction: pager.eviction().to_string(),
         })
     }
 
@@ -675,6 +687,7 @@ impl Engine {
         // Fetches start before the embeddings are computed, the first layer
         // first, so that the weight stream never waits for the GPU.
         pager.prefetch_from(0);
+        pager.begin_pass();
         for layer in 0..pager.layers() {
             pager.prefetch_from(layer);
             if !pager.is_resident(layer) && !plan.is_empty() {
@@ -690,6 +703,7 @@ impl Engine {
                 pager.upload_ready(layer)?;
             }
         }
+        pager.end_pass();
         self.record_head(&mut plan, batch);
         plan.submit(&self.gpu);
 

@@ -152,6 +152,10 @@ impl Gpu {
 
     /// Whether the adapter computes on the host's CPU cores (llvmpipe, WARP,
     /// SwiftShader), which the rest of the process then competes for.
+    pub fn device_type(&self) -> wgpu::DeviceType {
+        self.info.device_type
+    }
+
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
     }

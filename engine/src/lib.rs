@@ -22,7 +22,7 @@ pub use config::{Activation, BertConfig, ModelSpec, Pooling};
 pub use engine::{Embedding, Engine, EngineBuilder};
 pub use error::{Error, Result};
 pub use gpu::Gpu;
-pub use paging::{PagerConfig, VramBudget};
+pub use paging::{Eviction, PagerConfig, VramBudget};
 pub use queue::{BatchLimits, EmbedQueue, Embedded, QueueError, Ticket};
 pub use source::{LocalSource, RemoteSource, WeightSource};
 pub use stats::{CacheInfo, InferenceStats};

@@ -15,6 +15,15 @@ pub struct PagingCounters {
     pub fetches: u64,
     pub prefetches_in_time: u64,
     pub prefetches_late: u64,
+    /// Layer uploads into GPU slots (the pinned embeddings not included).
+    pub uploads: u64,
+    /// Forward passes run.
+    pub passes: u64,
+    /// Layer uploads and their bytes made during passes, summed.
+    pub pass_uploads: u64,
+    pub pass_bytes_uploaded: u64,
+    pub last_pass_uploads: u64,
+    pub last_pass_bytes_uploaded: u64,
 }
 
 /// What `Engine::inference_stats` reports.
@@ -38,6 +47,14 @@ pub struct InferenceStats {
     pub fetches: u64,
     pub prefetches_in_time: u64,
     pub prefetches_late: u64,
+    /// Forward passes run (one per GPU batch).
+    pub passes: u64,
+    /// Layer uploads per pass, over every pass so far (the cold first
+    /// included) and in the latest pass.
+    pub uploads_per_pass: f64,
+    pub bytes_uploaded_per_pass: f64,
+    pub last_pass_uploads: u64,
+    pub last_pass_bytes_uploaded: u64,
 }
 
 /// What `Engine::cache_info` reports.
@@ -54,6 +71,17 @@ pub struct CacheInfo {
     pub layer_slots: usize,
     pub host_cache_bytes: u64,
     pub host_cache_capacity_bytes: u64,
+    /// Host bytes of the prefetch window outside the host cache: layers
+    /// fetched ahead, in flight or parked until a slot frees.
+    pub host_window_bytes: u64,
+    /// Upload staging held now, and the most it can reach.
+    pub staging_bytes: u64,
+    pub staging_limit_bytes: u64,
+    /// Whether staging is device memory on this adapter, and so counted in
+    /// `memory_usage_bytes` and the budget.
+    pub staging_in_vram: bool,
+    /// `optimal` or `lru`.
+    pub eviction: String,
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {
@@ -131,6 +159,11 @@ impl Timings {
             fetches: counters.fetches,
             prefetches_in_time: counters.prefetches_in_time,
             prefetches_late: counters.prefetches_late,
+            passes: counters.passes,
+            uploads_per_pass: ratio(counters.pass_uploads, counters.passes),
+            bytes_uploaded_per_pass: ratio(counters.pass_bytes_uploaded, counters.passes),
+            last_pass_uploads: counters.last_pass_uploads,
+            last_pass_bytes_uploaded: counters.last_pass_bytes_uploaded,
         }
     }
 }

@@ -1,11 +1,16 @@
 //! The VRAM pager: encoder layers live in fixed-size GPU slots under a budget,
-//! with a host-memory LRU behind them and background fetches ahead of use.
-//! Every decision comes from [`policy::PagePolicy`]; this module carries them
-//! out on the GPU and the weight source.
+//! with a host-memory cache behind them and background fetches ahead of use.
+//! Every decision comes from the plain state machines beside it
+//! ([`policy::PagePolicy`] for GPU slots, [`host_policy::HostPolicy`] for the
+//! host cache, [`watch::HitRateWatch`] for the low-hit-rate warning); this
+//! module carries them out on the GPU and the weight source.
 
+pub mod host_policy;
 pub mod policy;
+pub mod schedule;
+pub mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +22,10 @@ use crate::gpu::Gpu;
 use crate::model::BertLayer;
 use crate::source::WeightSource;
 use crate::stats::PagingCounters;
+use host_policy::{Admission, HostPolicy};
 use policy::{PagePolicy, Placement};
+pub use schedule::{Eviction, UnknownEviction};
+use watch::HitRateWatch;
 
 /// How much GPU memory the weights may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +45,8 @@ pub struct PagerConfig {
     pub host_cache_bytes: u64,
     /// Layers fetched ahead of the one running.
     pub prefetch: usize,
+    /// Which layer a full cache gives up, in GPU memory and in the host cache.
+    pub eviction: Eviction,
 }
 
 impl Default for PagerConfig {
@@ -45,6 +55,7 @@ impl Default for PagerConfig {
             vram_budget: VramBudget::Unbounded,
             host_cache_bytes: 0,
             prefetch: 2,
+            eviction: Eviction::default(),
         }
     }
 }
@@ -78,8 +89,8 @@ pub struct Pager {
     budget: VramBudget,
     policy: PagePolicy,
     slots: Vec<Option<wgpu::Buffer>>,
-    host: lru::LruCache<usize, PackedLayer>,
-    host_bytes: u64,
+    host: HashMap<usize, PackedLayer>,
+    host_policy: HostPolicy,
     host_capacity: u64,
     pending: HashMap<usize, PendingFetch>,
     /// Queue of the fetch thread, which fetches and packs one layer at a time
@@ -90,14 +101,48 @@ pub struct Pager {
     /// Set when the pager is dropped, so that the fetch thread skips the jobs
     /// still queued instead of fetching layers nobody will use.
     fetch_stop: Arc<AtomicBool>,
-    /// Fetched layers that found no free slot yet and no room in the host cache.
+    /// Fetched layers that found no slot yet and no room in the host cache.
+    /// Only layers of the prefetch window land here, so it holds at most
+    /// `prefetch` layers.
     arrived: HashMap<usize, PackedLayer>,
     /// Layers put in the host cache by a fetch and not yet used from it.
-    unused_fetches: std::collections::HashSet<usize>,
+    unused_fetches: HashSet<usize>,
     prefetch: usize,
-    staging: wgpu::util::StagingBelt,
+    staging: Staging,
     observer: Option<FetchObserver>,
+    /// Policy counters and upload bytes when the running pass began.
+    pass_start: Option<(policy::PolicyCounters, u64, u64)>,
+    watch: HitRateWatch,
     pub counters: PagingCounters,
+}
+
+/// The upload path's staging memory: chunks of one layer each, at most
+/// `limit` of them, because an upload waits for the oldest one still in
+/// flight before it takes another chunk.
+struct Staging {
+    belt: wgpu::util::StagingBelt,
+    in_flight: VecDeque<wgpu::SubmissionIndex>,
+    limit: usize,
+    /// Chunks the belt has allocated: the most uploads ever in flight at once.
+    chunks: usize,
+}
+
+impl Staging {
+    fn new(gpu: &Gpu, slot_bytes: u64, prefetch: usize) -> Self {
+        Self {
+            belt: wgpu::util::StagingBelt::new(gpu.device.clone(), slot_bytes.max(4)),
+            in_flight: VecDeque::new(),
+            limit: staging_chunks(prefetch),
+            chunks: 0,
+        }
+    }
+}
+
+/// Staging chunks an upload path with prefetch depth `prefetch` keeps: the
+/// upload of layer `i + d`, made while layer `i` computes, reuses the chunk of
+/// the upload `d` steps back, which the GPU finished before computing `i`.
+pub fn staging_chunks(prefetch: usize) -> usize {
+    prefetch.max(1)
 }
 
 impl Pager {
@@ -110,8 +155,15 @@ impl Pager {
         settings: PagerConfig,
     ) -> Result<Self> {
         let layers = config.num_hidden_layers;
-        let capacity = slots_for(settings.vram_budget, layers, slot_bytes, pinned_bytes)?;
-        let staging = wgpu::util::StagingBelt::new(gpu.device.clone(), slot_bytes.max(4));
+        let staging_in_budget = staging_in_budget(&gpu, settings.prefetch, slot_bytes);
+        let capacity = slots_for(
+            settings.vram_budget,
+            layers,
+            slot_bytes,
+            pinned_bytes,
+            staging_in_budget,
+        )?;
+        let staging = Staging::new(&gpu, slot_bytes, settings.prefetch);
         let fetch_stop = Arc::new(AtomicBool::new(false));
         let fetch_queue = spawn_fetch_thread(
             Arc::clone(&source),
@@ -125,19 +177,25 @@ impl Pager {
             slot_bytes,
             pinned_bytes,
             budget: settings.vram_budget,
-            policy: PagePolicy::new(layers, capacity),
+            policy: PagePolicy::new(layers, capacity, settings.eviction),
             slots: vec![None; capacity],
-            host: lru::LruCache::unbounded(),
-            host_bytes: 0,
+            host: HashMap::new(),
+            host_policy: HostPolicy::new(
+                layers,
+                host_layers(settings.host_cache_bytes, slot_bytes),
+                settings.eviction,
+            ),
             host_capacity: settings.host_cache_bytes,
             pending: HashMap::new(),
             fetch_queue,
             fetch_stop,
             arrived: HashMap::new(),
-            unused_fetches: Default::default(),
+            unused_fetches: HashSet::new(),
             prefetch: settings.prefetch,
             staging,
             observer: None,
+            pass_start: None,
+            watch: HitRateWatch::default(),
             counters: PagingCounters::default(),
         })
     }
@@ -158,65 +216,154 @@ impl Pager {
         self.budget
     }
 
+    pub fn eviction(&self) -> Eviction {
+        self.policy.eviction()
+    }
+
     pub fn slot_bytes(&self) -> u64 {
         self.slot_bytes
     }
 
-    /// GPU bytes held for weights: pinned parts plus allocated slots.
+    /// Bytes of staging memory the upload path holds now.
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging.chunks as u64 * self.slot_bytes
+    }
+
+    /// The most staging memory the upload path can hold.
+    pub fn staging_limit_bytes(&self) -> u64 {
+        self.staging.limit as u64 * self.slot_bytes
+    }
+
+    /// Whether staging memory is device memory here, and so inside the budget.
+    pub fn staging_in_vram(&self) -> bool {
+        shares_memory(&self.gpu)
+    }
+
+    /// GPU bytes held for weights: pinned parts, allocated slots, and the
+    /// staging chunks where the adapter's memory is the host's.
     pub fn vram_bytes(&self) -> u64 {
-        self.pinned_bytes + self.slots.iter().flatten().count() as u64 * self.slot_bytes
+        let staging = if self.staging_in_vram() {
+            self.staging_bytes()
+        } else {
+            0
+        };
+        self.pinned_bytes + self.slots.iter().flatten().count() as u64 * self.slot_bytes + staging
     }
 
     pub fn budget_bytes(&self) -> Option<u64> {
         match self.budget {
             VramBudget::Unbounded => None,
             VramBudget::Bytes(b) => Some(b),
-            VramBudget::Layers(n) => Some(self.pinned_bytes + n as u64 * self.slot_bytes),
+            VramBudget::Layers(n) => Some(
+                self.pinned_bytes
+                    + n as u64 * self.slot_bytes
+                    + staging_in_budget(&self.gpu, self.prefetch, self.slot_bytes),
+            ),
         }
     }
 
+    /// Bytes in the host cache.
     pub fn host_bytes(&self) -> u64 {
-        self.host_bytes
+        self.host.len() as u64 * self.slot_bytes
     }
 
     pub fn host_capacity(&self) -> u64 {
         self.host_capacity
     }
 
+    /// Host bytes held outside the host cache for the prefetch window:
+    /// layers parked until a slot frees, and fetches in flight or finished
+    /// and not yet taken (counted whole, as the most they can hold).
+    pub fn host_window_bytes(&self) -> u64 {
+        (self.arrived.len() + self.pending.len()) as u64 * self.slot_bytes
+    }
+
     pub fn resident_layers(&self) -> Vec<usize> {
         self.policy.resident_layers()
     }
 
-    /// Changes the budget; shrinking frees the slots past the new capacity.
+    /// Changes the budget. Shrinking keeps the layers the policy values most,
+    /// copying those held past the new capacity into the slots that remain,
+    /// and frees the rest.
     pub fn set_budget(&mut self, budget: VramBudget) -> Result<()> {
-        let capacity = slots_for(budget, self.layers(), self.slot_bytes, self.pinned_bytes)?;
-        self.policy.resize(capacity);
-        // Buffers past the new capacity are dropped, which frees them.
+        let capacity = slots_for(
+            budget,
+            self.layers(),
+            self.slot_bytes,
+            self.pinned_bytes,
+            staging_in_budget(&self.gpu, self.prefetch, self.slot_bytes),
+        )?;
+        let plan = self.policy.resize(capacity);
+        if !plan.moves.is_empty() {
+            let mut encoder =
+                self.gpu
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("slot moves"),
+                    });
+            for step in &plan.moves {
+                let from = self.slots[step.from].clone().ok_or_else(|| {
+                    Error::Gpu(format!("slot {} has no buffer to move", step.from))
+                })?;
+                let to = self.slot_buffer(step.to);
+                encoder.copy_buffer_to_buffer(&from, 0, &to, 0, self.slot_bytes);
+            }
+            self.gpu.queue.submit([encoder.finish()]);
+        }
+        // Buffers past the new capacity are dropped; wgpu frees them once the
+        // copies out of them have run.
         self.slots.resize(capacity, None);
         self.budget = budget;
-        self.counters.evictions = self.policy.counters.evictions;
+        self.watch.reset();
+        self.sync_counters();
         Ok(())
     }
 
     pub fn set_host_cache_bytes(&mut self, bytes: u64) {
         self.host_capacity = bytes;
-        self.trim_host();
+        let dropped = self.host_policy.resize(
+            host_layers(bytes, self.slot_bytes),
+            self.policy.cursor(),
+        );
+        for layer in dropped {
+            self.drop_host(layer);
+        }
     }
 
-    pub fn set_prefetch(&mut self, depth: usize) {
+    pub fn set_prefetch(&mut self, depth: usize) -> Result<()> {
+        if shares_memory(&self.gpu) && matches!(self.budget, VramBudget::Bytes(_)) {
+            // The staging area grows with the depth and shares the budget.
+            slots_for(
+                self.budget,
+                self.layers(),
+                self.slot_bytes,
+                self.pinned_bytes,
+                staging_in_budget(&self.gpu, depth, self.slot_bytes),
+            )?;
+        }
         self.prefetch = depth;
+        self.staging.limit = staging_chunks(depth);
+        if self.staging.chunks > self.staging.limit {
+            self.wait_uploads()?;
+            self.staging = Staging::new(&self.gpu, self.slot_bytes, depth);
+        }
+        self.set_budget(self.budget)
     }
 
-    /// Empties GPU slots (their buffers are freed) and the host cache.
-    pub fn clear(&mut self) {
+    /// Empties GPU slots (their buffers are freed), the staging chunks and
+    /// the host cache.
+    pub fn clear(&mut self) -> Result<()> {
         self.policy.clear();
         for slot in &mut self.slots {
             *slot = None;
         }
         self.host.clear();
-        self.host_bytes = 0;
+        self.host_policy.clear();
         self.arrived.clear();
         self.unused_fetches.clear();
+        self.wait_uploads()?;
+        self.staging = Staging::new(&self.gpu, self.slot_bytes, self.prefetch);
+        Ok(())
     }
 
     /// Forgets every layer in GPU memory and frees the slot buffers, and
@@ -232,8 +379,65 @@ impl Pager {
         for (layer, _) in self.pending.drain() {
             self.policy.fetch_finished(layer);
         }
-        self.staging =
-            wgpu::util::StagingBelt::new(self.gpu.device.clone(), self.slot_bytes.max(4));
+        self.pass_start = None;
+        self.staging = Staging::new(&self.gpu, self.slot_bytes, self.prefetch);
+    }
+
+    /// Marks the start of a forward pass, for the per-pass counters.
+    pub fn begin_pass(&mut self) {
+        self.pass_start = Some((
+            self.policy.counters,
+            self.counters.uploads,
+            self.counters.bytes_uploaded,
+        ));
+    }
+
+    /// Marks the end of a forward pass: per-pass counters, and one warning
+    /// when the budget keeps the hit rate low pass after pass.
+    pub fn end_pass(&mut self) {
+        let Some((start, uploads, bytes)) = self.pass_start.take() else {
+            return;
+        };
+        let now = self.policy.counters;
+        let pass_uploads = self.counters.uploads - uploads;
+        let pass_bytes = self.counters.bytes_uploaded - bytes;
+        self.counters.passes += 1;
+        self.counters.pass_uploads += pass_uploads;
+        self.counters.pass_bytes_uploaded += pass_bytes;
+        self.counters.last_pass_uploads = pass_uploads;
+        self.counters.last_pass_bytes_uploaded = pass_bytes;
+        if self.capacity() >= self.layers() {
+            return;
+        }
+        if let Some(rate) = self
+            .watch
+            .end_pass(now.hits - start.hits, now.misses - start.misses)
+        {
+            self.warn_low_hit_rate(rate, pass_uploads);
+        }
+    }
+
+    fn warn_low_hit_rate(&self, rate: f64, pass_uploads: u64) {
+        let mb = |bytes: u64| bytes.div_ceil(1 << 20);
+        let staging = staging_in_budget(&self.gpu, self.prefetch, self.slot_bytes);
+        let resident = self.pinned_bytes + self.layers() as u64 * self.slot_bytes + staging;
+        let advice = match self.eviction() {
+            Eviction::Optimal => format!(
+                "each further {} MB of budget keeps one more layer resident and saves its upload on every pass",
+                mb(self.slot_bytes)
+            ),
+            Eviction::Lru => "with LRU eviction a budget smaller than the model uploads every layer \
+                 on every pass; the default optimal eviction keeps most of the budget resident"
+                .to_string(),
+        };
+        tracing::warn!(
+            "the GPU hit rate has been {rate:.2} over the last {} passes ({pass_uploads} of {} layers uploaded in the last one) \
+             with room for {} layers; a budget of {} MB keeps the whole model resident, and {advice}",
+            watch::WATCH_PASSES,
+            self.layers(),
+            self.capacity(),
+            mb(resident),
+        );
     }
 
     /// Queues fetches of `current`, when it is not at hand, and of the
@@ -248,7 +452,7 @@ impl Pager {
     }
 
     fn start_fetch(&mut self, layer: usize) {
-        let at_hand = self.host.contains(&layer) || self.arrived.contains_key(&layer);
+        let at_hand = self.host.contains_key(&layer) || self.arrived.contains_key(&layer);
         if at_hand || self.pending.contains_key(&layer) {
             return;
         }
@@ -271,16 +475,24 @@ impl Pager {
         Some(self.slot_buffer(0))
     }
 
-    /// Host bytes of `layer`: from the host cache, a fetch in flight, or the source.
-    fn host_layer(&mut self, layer: usize) -> Result<PackedLayer> {
+    /// Bytes of `layer` already in host memory (the host cache or parked),
+    /// without waiting for anything.
+    fn at_hand(&mut self, layer: usize) -> Option<PackedLayer> {
         if let Some(packed) = self.host.get(&layer) {
+            let packed = Arc::clone(packed);
             // A layer fetched ahead and not used yet was a miss, counted when it arrived.
             if !self.unused_fetches.remove(&layer) {
                 self.counters.host_hits += 1;
             }
-            return Ok(Arc::clone(packed));
+            self.host_policy.touch(layer);
+            return Some(packed);
         }
-        if let Some(packed) = self.arrived.remove(&layer) {
+        self.arrived.remove(&layer)
+    }
+
+    /// Host bytes of `layer`: from host memory, a fetch in flight, or the source.
+    fn host_layer(&mut self, layer: usize) -> Result<PackedLayer> {
+        if let Some(packed) = self.at_hand(layer) {
             return Ok(packed);
         }
         let (packed, bytes) = match self.pending.remove(&layer) {
@@ -311,8 +523,9 @@ impl Pager {
         Ok(packed)
     }
 
-    /// Counts a finished fetch and keeps its bytes in the host cache.
-    fn accept_fetched(&mut self, layer: usize, packed: &PackedLayer, bytes: u64) -> Result<()> {
+    /// Counts a finished fetch and keeps its bytes in the host cache when
+    /// the host policy wants them there. Returns whether it did.
+    fn accept_fetched(&mut self, layer: usize, packed: &PackedLayer, bytes: u64) -> Result<bool> {
         self.counters.fetches += 1;
         self.counters.host_misses += 1;
         self.counters.bytes_fetched += bytes;
@@ -326,13 +539,23 @@ impl Pager {
                 self.slot_bytes
             )));
         }
-        if self.host_capacity >= self.slot_bytes {
-            self.host_bytes += self.slot_bytes;
-            self.host.put(layer, Arc::clone(packed));
-            self.unused_fetches.insert(layer);
-            self.trim_host();
+        match self.host_policy.admit(layer, self.policy.cursor()) {
+            Admission::Skip => Ok(false),
+            Admission::Keep { evicted } => {
+                for old in evicted {
+                    self.drop_host(old);
+                }
+                self.host.insert(layer, Arc::clone(packed));
+                self.unused_fetches.insert(layer);
+                Ok(true)
+            }
         }
-        Ok(())
+    }
+
+    fn drop_host(&mut self, layer: usize) {
+        self.host.remove(&layer);
+        self.host_policy.remove(layer);
+        self.unused_fetches.remove(&layer);
     }
 
     fn slot_buffer(&mut self, slot: usize) -> wgpu::Buffer {
@@ -352,24 +575,13 @@ impl Pager {
         self.policy.is_resident(layer)
     }
 
-    fn trim_host(&mut self) {
-        while self.host_bytes > self.host_capacity {
-            let Some((layer, _)) = self.host.pop_lru() else {
-                self.host_bytes = 0;
-                break;
-            };
-            self.unused_fetches.remove(&layer);
-            self.host_bytes -= self.slot_bytes;
-        }
-    }
-
     /// Makes `layer` resident and returns its buffer. Work already submitted
     /// to the queue runs before any upload recorded here, so a slot whose
     /// previous layer is still being computed may be overwritten safely;
     /// `protected` layers (recorded but not yet submitted) are never evicted.
     pub fn acquire(&mut self, layer: usize, protected: &[usize]) -> Result<wgpu::Buffer> {
         if self.policy.is_resident(layer) {
-            let placement = self.policy.place(layer, protected);
+            let placement = self.policy.use_layer(layer, protected);
             self.sync_counters();
             if let Some(Placement::Resident { slot }) = placement
                 && let Some(buffer) = &self.slots[slot]
@@ -381,7 +593,7 @@ impl Pager {
             )));
         }
         let packed = self.host_layer(layer)?;
-        let placement = self.policy.place(layer, protected).ok_or_else(|| {
+        let placement = self.policy.use_layer(layer, protected).ok_or_else(|| {
             Error::Gpu(format!(
                 "no slot can take layer {layer}: every slot is in use"
             ))
@@ -395,40 +607,56 @@ impl Pager {
         Ok(buffer)
     }
 
-    /// Uploads the layers following `current` whose bytes have already
-    /// arrived, so that they are in VRAM before they are needed.
+    /// Uploads the layers following `current` whose bytes are at hand, when
+    /// the policy finds them a slot, so that they are in VRAM before they are
+    /// needed. A layer the policy does not place now waits in host memory.
     pub fn upload_ready(&mut self, current: usize) -> Result<()> {
         let ahead: Vec<usize> = (1..=self.prefetch.min(self.layers().saturating_sub(1)))
             .map(|a| (current + a) % self.layers())
             .collect();
+        // Keep the current layer and the other upcoming ones.
+        let mut protected: Vec<usize> = ahead.clone();
+        protected.push(current);
         for &layer in &ahead {
+            if self.policy.is_resident(layer) {
+                continue;
+            }
             let arrived = self
                 .pending
                 .get(&layer)
                 .and_then(|p| p.result.try_recv().ok());
-            let Some(result) = arrived else { continue };
-            self.pending.remove(&layer);
-            self.policy.fetch_finished(layer);
-            let (packed, bytes) = result?;
-            self.counters.prefetches_in_time += 1;
-            self.accept_fetched(layer, &packed, bytes)?;
-            if self.policy.is_resident(layer) {
-                continue;
-            }
-            // Keep the current layer and the other upcoming ones; evict older ones.
-            let mut protected: Vec<usize> = ahead.clone();
-            protected.push(current);
-            let Some(placement) = self.policy.place(layer, &protected) else {
-                if !self.host.contains(&layer) {
-                    self.arrived.insert(layer, packed);
+            let packed = match arrived {
+                Some(result) => {
+                    self.pending.remove(&layer);
+                    self.policy.fetch_finished(layer);
+                    let (packed, bytes) = result?;
+                    self.counters.prefetches_in_time += 1;
+                    self.accept_fetched(layer, &packed, bytes)?;
+                    packed
                 }
-                continue;
+                None => {
+                    if !self.host.contains_key(&layer) && !self.arrived.contains_key(&layer) {
+                        continue;
+                    }
+                    match self.at_hand(layer) {
+                        Some(packed) => packed,
+                        None => continue,
+                    }
+                }
             };
-            self.sync_counters();
-            if let Placement::Load { slot, .. } = placement {
-                self.unused_fetches.remove(&layer);
-                let buffer = self.slot_buffer(slot);
-                self.upload(&buffer, &packed)?;
+            match self.policy.place_ahead(layer, &protected) {
+                Some(Placement::Load { slot, .. }) => {
+                    self.sync_counters();
+                    self.unused_fetches.remove(&layer);
+                    let buffer = self.slot_buffer(slot);
+                    self.upload(&buffer, &packed)?;
+                }
+                Some(Placement::Resident { .. }) => {}
+                None => {
+                    if !self.host.contains_key(&layer) {
+                        self.arrived.insert(layer, packed);
+                    }
+                }
             }
         }
         Ok(())
@@ -438,6 +666,20 @@ impl Pager {
         let bytes: &[u8] = bytemuck::cast_slice(packed);
         let size = NonZeroU64::new(bytes.len() as u64)
             .ok_or_else(|| Error::Gpu("an empty layer cannot be uploaded".into()))?;
+        // Taking a chunk beyond the limit would make the belt allocate a new
+        // one; wait for the oldest upload instead, whose chunk then returns.
+        while self.staging.in_flight.len() >= self.staging.limit {
+            let Some(oldest) = self.staging.in_flight.pop_front() else {
+                break;
+            };
+            self.gpu
+                .device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(oldest),
+                    timeout: None,
+                })
+                .map_err(|e| Error::Gpu(format!("waiting for an upload failed: {e}")))?;
+        }
         let mut encoder = self
             .gpu
             .device
@@ -445,13 +687,34 @@ impl Pager {
                 label: Some("upload"),
             });
         {
-            let mut view = self.staging.write_buffer(&mut encoder, buffer, 0, size);
+            let mut view = self
+                .staging
+                .belt
+                .write_buffer(&mut encoder, buffer, 0, size);
             view.copy_from_slice(bytes);
         }
-        self.staging.finish();
-        self.gpu.queue.submit([encoder.finish()]);
-        self.staging.recall();
+        self.staging.belt.finish();
+        let index = self.gpu.queue.submit([encoder.finish()]);
+        self.staging.belt.recall();
+        self.staging.in_flight.push_back(index);
+        self.staging.chunks = self.staging.chunks.max(self.staging.in_flight.len());
         self.counters.bytes_uploaded += bytes.len() as u64;
+        self.counters.uploads += 1;
+        Ok(())
+    }
+
+    /// Waits until every upload has run, so that staging chunks can go.
+    fn wait_uploads(&mut self) -> Result<()> {
+        if let Some(last) = self.staging.in_flight.pop_back() {
+            self.staging.in_flight.clear();
+            self.gpu
+                .device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(last),
+                    timeout: None,
+                })
+                .map_err(|e| Error::Gpu(format!("waiting for uploads failed: {e}")))?;
+        }
         Ok(())
     }
 
@@ -502,14 +765,40 @@ fn fetch_layer(
     Ok((Arc::new(packed), component.bytes))
 }
 
-/// Slots that `budget` allows, or an error that names the smallest budget that works.
+/// Whether the adapter's memory is the host's (a CPU or integrated GPU), so
+/// that staging buffers take from the same memory as the layer slots.
+fn shares_memory(gpu: &Gpu) -> bool {
+    matches!(
+        gpu.device_type(),
+        wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu
+    )
+}
+
+/// Staging bytes that count against a VRAM budget on this adapter.
+fn staging_in_budget(gpu: &Gpu, prefetch: usize, slot_bytes: u64) -> u64 {
+    if shares_memory(gpu) {
+        staging_chunks(prefetch) as u64 * slot_bytes
+    } else {
+        0
+    }
+}
+
+/// Whole layers a host cache of `bytes` holds.
+fn host_layers(bytes: u64, slot_bytes: u64) -> usize {
+    usize::try_from(bytes / slot_bytes.max(1)).unwrap_or(usize::MAX)
+}
+
+/// Slots that `budget` allows, or an error that names the smallest budget
+/// that works. `staging_bytes` is the upload staging that shares the budget
+/// on this adapter (0 where staging lives in host memory).
 pub fn slots_for(
     budget: VramBudget,
     layers: usize,
     slot_bytes: u64,
     pinned_bytes: u64,
+    staging_bytes: u64,
 ) -> Result<usize> {
-    let smallest = pinned_bytes + slot_bytes;
+    let smallest = pinned_bytes + slot_bytes + staging_bytes;
     let to_mb = |b: u64| b.div_ceil(1 << 20);
     match budget {
         VramBudget::Unbounded => Ok(layers),
@@ -519,8 +808,17 @@ pub fn slots_for(
         VramBudget::Layers(n) => Ok(n.min(layers)),
         VramBudget::Bytes(bytes) => {
             if bytes < smallest {
+                let staging = if staging_bytes > 0 {
+                    format!(
+                        ", and the upload staging ({} MB, which shares this adapter's memory; \
+                         a smaller --prefetch needs less)",
+                        to_mb(staging_bytes)
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(Error::InvalidInput(format!(
-                    "a VRAM budget of {} MB cannot hold the pinned weights ({} MB) and one layer ({} MB); \
+                    "a VRAM budget of {} MB cannot hold the pinned weights ({} MB) and one layer ({} MB){staging}; \
                      the smallest budget that works is {} MB",
                     bytes >> 20,
                     to_mb(pinned_bytes),
@@ -528,7 +826,7 @@ pub fn slots_for(
                     to_mb(smallest)
                 )));
             }
-            Ok((((bytes - pinned_bytes) / slot_bytes) as usize).min(layers))
+            Ok((((bytes - pinned_bytes - staging_bytes) / slot_bytes) as usize).min(layers))
         }
     }
 }
