@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use surf_engine::synth::{SynthSpec, write_model};
-use surf_engine::{Engine, RemoteSource, VramBudget};
+use surf_engine::{Engine, Eviction, RemoteSource, VramBudget};
 use surf_server::{ServerConfig, WeightServer};
 use surf_tests::{assert_matches_golden, dev_sentences, load_golden, minilm_dir};
 use surf_transport::{ClientConfig, WeightClient};
@@ -29,14 +29,36 @@ fn engine(
     host_mb: u64,
     prefetch: usize,
 ) -> Engine {
+    engine_with(dir, gpu, budget, host_mb, prefetch, Eviction::default())
+}
+
+fn engine_with(
+    dir: &Path,
+    gpu: &surf_engine::Gpu,
+    budget: VramBudget,
+    host_mb: u64,
+    prefetch: usize,
+    eviction: Eviction,
+) -> Engine {
     Engine::builder()
         .model_dir(dir)
         .gpu(gpu.clone())
         .vram_budget(budget)
         .host_cache_bytes(host_mb << 20)
         .prefetch(prefetch)
+        .eviction(eviction)
         .build()
         .expect("engine starts")
+}
+
+/// Upload staging that shares the budget on this adapter, at `prefetch`.
+fn staging_in_budget(engine: &Engine) -> u64 {
+    let info = engine.cache_info().expect("cache info");
+    if info.staging_in_vram {
+        info.staging_limit_bytes
+    } else {
+        0
+    }
 }
 
 fn assert_within_budget(engine: &Engine) {
@@ -83,15 +105,17 @@ fn the_budget_is_never_exceeded() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
-    let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 0);
+    let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 2);
     let pinned = probe.pinned_bytes();
     let layer = probe.layer_bytes();
+    // On an adapter whose memory is the host's, the staging chunks count too.
+    let staging = staging_in_budget(&probe);
     // Budgets in bytes that fall between whole layers, too.
     for budget in [
-        pinned + layer,
-        pinned + 2 * layer + layer / 2,
-        pinned + 4 * layer - 1,
-        pinned + 10 * layer,
+        pinned + staging + layer,
+        pinned + staging + 2 * layer + layer / 2,
+        pinned + staging + 4 * layer - 1,
+        pinned + staging + 10 * layer,
     ] {
         let paged = engine(dir.path(), &gpu, VramBudget::Bytes(budget), 64, 2);
         for _ in 0..3 {
@@ -102,7 +126,11 @@ fn the_budget_is_never_exceeded() {
                 "{} > {budget}",
                 info.memory_usage_bytes
             );
-            assert_eq!(info.layer_slots as u64, ((budget - pinned) / layer).min(6));
+            assert_eq!(
+                info.layer_slots as u64,
+                ((budget - pinned - staging) / layer).min(6)
+            );
+            assert!(info.staging_bytes <= info.staging_limit_bytes);
         }
     }
 }
@@ -114,8 +142,10 @@ fn a_budget_too_small_for_one_layer_names_the_smallest_that_works() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
-    let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 0);
-    let smallest_mb = (probe.pinned_bytes() + probe.layer_bytes()).div_ceil(1 << 20);
+    // The builder's default prefetch depth, as the refused engine below has.
+    let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 2);
+    let smallest_mb = (probe.pinned_bytes() + probe.layer_bytes() + staging_in_budget(&probe))
+        .div_ceil(1 << 20);
     let error = Engine::builder()
         .model_dir(dir.path())
         .gpu(gpu.clone())
@@ -140,7 +170,7 @@ fn sequential_passes_evict_as_lru_predicts() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
-    let paged = engine(dir.path(), &gpu, VramBudget::Layers(2), 64, 0);
+    let paged = engine_with(dir.path(), &gpu, VramBudget::Layers(2), 64, 0, Eviction::Lru);
     paged.infer(&TEXTS).expect("runs");
     let first = paged.inference_stats().expect("stats");
     // Six loads into two slots: four evictions; every layer crosses from the source once.
@@ -157,6 +187,31 @@ fn sequential_passes_evict_as_lru_predicts() {
         second.host_cache_hit_rate
     );
     assert_eq!(second.total_inferences, 2);
+    assert_eq!(second.last_pass_uploads, 6);
+}
+
+#[test]
+fn sequential_passes_keep_layers_resident_under_optimal_eviction() {
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    six_layer_model(dir.path());
+    let paged = engine(dir.path(), &gpu, VramBudget::Layers(3), 64, 0);
+    for _ in 0..4 {
+        paged.infer(&TEXTS).expect("runs");
+    }
+    let stats = paged.inference_stats().expect("stats");
+    // Three slots and no prefetch: at most 6 - 3 + 0 + 1 uploads a pass,
+    // where LRU uploads all six.
+    assert!(stats.last_pass_uploads <= 4, "{stats:?}");
+    assert!(stats.cache_hit_rate > 0.3, "{stats:?}");
+    assert_eq!(stats.passes, 4);
+    assert_eq!(
+        stats.last_pass_bytes_uploaded,
+        stats.last_pass_uploads * paged.layer_bytes()
+    );
+    assert_eq!(stats.fetches, 6, "the host cache serves every later upload");
 }
 
 #[test]
@@ -195,6 +250,15 @@ fn the_budget_changes_at_run_time_and_clear_cache_empties_it() {
     let reference = paged.infer(&TEXTS).expect("runs");
     let pinned = paged.pinned_bytes();
     let layer = paged.layer_bytes();
+    // Staging shares the budget where the adapter's memory is the host's.
+    let staging_held = || {
+        let info = paged.cache_info().expect("info");
+        if info.staging_in_vram {
+            info.staging_bytes
+        } else {
+            0
+        }
+    };
 
     paged.set_cache_size(6).expect("grows");
     paged.infer(&TEXTS).expect("runs");
@@ -207,19 +271,20 @@ fn the_budget_changes_at_run_time_and_clear_cache_empties_it() {
     );
     assert_eq!(
         paged.cache_info().expect("info").memory_usage_bytes,
-        pinned + 6 * layer
+        pinned + 6 * layer + staging_held()
     );
 
     paged.set_cache_size(1).expect("shrinks");
     let info = paged.cache_info().expect("info");
     assert!(
-        info.memory_usage_bytes <= pinned + layer,
+        info.memory_usage_bytes <= pinned + layer + staging_held(),
         "shrinking frees slots"
     );
+    assert_eq!(info.cached_components.len(), 2, "the kept layer stays");
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
 
     paged
-        .set_vram_budget((pinned + 3 * layer).div_ceil(1 << 20) + 1)
+        .set_vram_budget((pinned + 4 * layer).div_ceil(1 << 20) + 1)
         .expect("budget in MiB");
     assert_eq!(paged.infer(&TEXTS).expect("runs"), reference);
     assert_within_budget(&paged);
