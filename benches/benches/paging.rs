@@ -1,8 +1,10 @@
 //! Paging at scale: a BERT-large shaped model with random weights (24 layers,
 //! hidden 1024, about 1.3 GB of f32), served over QUIC on loopback, run under
-//! VRAM budgets far smaller than the model. Reports throughput against the
-//! budget with the host cache warm, as a ratio to the fully resident model,
-//! and the time of a cold pass that streams every layer from the server.
+//! VRAM budgets far smaller than the model, with each eviction policy.
+//! Reports throughput against the budget with the host cache warm, as a ratio
+//! to the fully resident model, the bytes uploaded per pass next to the
+//! optimal policy's bound of (N - k + d + 1) layers, and the time of a cold
+//! pass that streams every layer from the server.
 //!
 //! The model is written once under `target/synth/` and reused.
 
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
 use surf_engine::synth::{SynthSpec, write_model};
-use surf_engine::{Engine, VramBudget};
+use surf_engine::{Engine, Eviction, VramBudget};
 
 const TEXTS: [&str; 2] = [
     "Layers stream in from the weight server while earlier ones compute.",
@@ -39,11 +41,14 @@ fn median(mut samples: Vec<Duration>) -> Duration {
     samples[samples.len() / 2]
 }
 
-/// What a steady run costs: bytes moved per run, from the engine's counters.
+/// What a steady run costs: bytes moved per run and per pass, from the
+/// engine's counters.
 struct PerRun {
     time: Duration,
     uploaded: u64,
     fetched: u64,
+    uploaded_per_pass: f64,
+    uploads_per_pass: f64,
 }
 
 /// Median time of `repeats` runs of `texts`, after one run that fills
@@ -61,10 +66,14 @@ fn time_runs(engine: &Engine, texts: &[&str], repeats: usize) -> PerRun {
             .collect(),
     );
     let after = engine.inference_stats().expect("stats");
+    let passes = (after.passes - before.passes).max(1) as f64;
+    let uploaded = after.bytes_uploaded - before.bytes_uploaded;
     PerRun {
         time,
-        uploaded: (after.bytes_uploaded - before.bytes_uploaded) / repeats as u64,
+        uploaded: uploaded / repeats as u64,
         fetched: (after.bytes_fetched - before.bytes_fetched) / repeats as u64,
+        uploaded_per_pass: uploaded as f64 / passes,
+        uploads_per_pass: (after.vram_misses - before.vram_misses) as f64 / passes,
     }
 }
 
@@ -107,6 +116,7 @@ fn main() {
             budget: VramBudget::Unbounded,
             host_cache_bytes: 0,
             prefetch: 2,
+            eviction: Eviction::default(),
         },
     );
     let layer_bytes = resident.layer_bytes();
@@ -128,36 +138,57 @@ fn main() {
         "  fully resident: {resident_rate:>8.3} embeddings/s ({:.0} ms per run)",
         resident_time.as_secs_f64() * 1e3
     );
-    println!("  budget (layers, MB)   embeddings/s   of resident   MB uploaded per run");
+    println!(
+        "  policy    budget (layers, MB)   embeddings/s   of resident   MB uploaded per pass   bound (N-k+d+1 layers)"
+    );
+    let prefetch = 2;
     let mut rows = Vec::new();
-    for &budget_layers in budgets.iter().filter(|&&b| b <= layers) {
-        let engine = loopback.engine(
-            &gpu,
-            Paging {
-                budget: VramBudget::Layers(budget_layers),
-                // The host cache holds the whole model: the GPU budget alone limits.
-                host_cache_bytes: model_bytes,
-                prefetch: 2,
-            },
-        );
-        let steady = time_runs(&engine, &texts, repeats);
-        let time = steady.time;
-        let uploaded_per_run = steady.uploaded;
-        let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
-        let rate = texts.len() as f64 / time.as_secs_f64();
-        println!(
-            "  {budget_layers:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0}",
-            mb(budget_bytes),
-            rate / resident_rate,
-            mb(uploaded_per_run),
-        );
-        rows.push(serde_json::json!({
-            "budget_layers": budget_layers,
-            "budget_mb": mb(budget_bytes),
-            "per_s": rate,
-            "ratio_to_resident": rate / resident_rate,
-            "uploaded_mb_per_run": mb(uploaded_per_run),
-        }));
+    for eviction in [Eviction::Optimal, Eviction::Lru] {
+        for &budget_layers in budgets.iter().filter(|&&b| b <= layers) {
+            let engine = loopback.engine(
+                &gpu,
+                Paging {
+                    budget: VramBudget::Layers(budget_layers),
+                    // The host cache holds the whole model: the GPU budget alone limits.
+                    host_cache_bytes: model_bytes,
+                    prefetch,
+                    eviction,
+                },
+            );
+            let steady = time_runs(&engine, &texts, repeats);
+            let info = engine.cache_info().expect("cache info");
+            drop(engine);
+            let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
+            let rate = texts.len() as f64 / steady.time.as_secs_f64();
+            // What optimal eviction promises: N - k + d + 1 layers a pass, none
+            // when the whole model fits.
+            let bound_layers = if budget_layers >= layers {
+                0
+            } else {
+                (layers - budget_layers + prefetch.min(budget_layers - 1) + 1).min(layers)
+            };
+            let bound_mb = mb(bound_layers as u64 * layer_bytes);
+            println!(
+                "  {:<8}  {budget_layers:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {bound_mb:>6.0}",
+                eviction.name(),
+                mb(budget_bytes),
+                rate / resident_rate,
+                mb(steady.uploaded_per_pass as u64),
+                steady.uploads_per_pass,
+            );
+            rows.push(serde_json::json!({
+                "eviction": eviction.name(),
+                "budget_layers": budget_layers,
+                "budget_mb": mb(budget_bytes),
+                "per_s": rate,
+                "ratio_to_resident": rate / resident_rate,
+                "uploads_per_pass": steady.uploads_per_pass,
+                "uploaded_mb_per_pass": mb(steady.uploaded_per_pass as u64),
+                "bound_mb_per_pass": bound_mb,
+                "uploaded_mb_per_run": mb(steady.uploaded),
+                "staging_mb": mb(info.staging_bytes),
+            }));
+        }
     }
 
     // Cold: a small budget and no host cache, so every layer crosses the
@@ -169,6 +200,7 @@ fn main() {
             budget: VramBudget::Layers(cold_layers),
             host_cache_bytes: 0,
             prefetch: 2,
+            eviction: Eviction::default(),
         },
     );
     let cold_run = time_runs(&cold, &texts, repeats);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use criterion::Criterion;
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
-use surf_engine::VramBudget;
+use surf_engine::{Eviction, VramBudget};
 
 const SENTENCES: [&str; 8] = [
     "Weights stream from the server while the GPU computes.",
@@ -53,6 +53,7 @@ fn main() {
             budget: VramBudget::Unbounded,
             host_cache_bytes: 0,
             prefetch: 2,
+            eviction: Eviction::default(),
         },
     );
     // Fetch only: every layer fetched from the server and uploaded, no compute.
@@ -62,6 +63,7 @@ fn main() {
             budget: VramBudget::Unbounded,
             host_cache_bytes: 0,
             prefetch: 0,
+            eviction: Eviction::default(),
         },
     );
     // Cold streamed: nothing resident, no host cache; prefetch overlaps
@@ -72,6 +74,7 @@ fn main() {
             budget: VramBudget::Unbounded,
             host_cache_bytes: 0,
             prefetch: 2,
+            eviction: Eviction::default(),
         },
     );
     // One unmeasured run of each, so that the measured runs differ from each
@@ -162,6 +165,7 @@ fn main() {
                 budget: VramBudget::Layers(budget_layers),
                 host_cache_bytes: 512 << 20,
                 prefetch: 2,
+                eviction: Eviction::default(),
             },
         );
         paged.infer(&texts).expect("fills the host cache");

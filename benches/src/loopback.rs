@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use surf_engine::{Engine, Gpu, RemoteSource, VramBudget};
+use surf_engine::{Engine, Eviction, Gpu, RemoteSource, VramBudget};
 use surf_server::{RunningServer, ServerConfig, WeightServer};
 use surf_transport::{ClientConfig, WeightClient};
 
@@ -19,6 +19,7 @@ pub struct Paging {
     pub budget: VramBudget,
     pub host_cache_bytes: u64,
     pub prefetch: usize,
+    pub eviction: Eviction,
 }
 
 impl Loopback {
@@ -62,6 +63,7 @@ impl Loopback {
             .vram_budget(paging.budget)
             .host_cache_bytes(paging.host_cache_bytes)
             .prefetch(paging.prefetch)
+            .eviction(paging.eviction)
             .build()
             .expect("the engine starts")
     }

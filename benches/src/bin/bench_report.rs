@@ -178,12 +178,12 @@ fn figures(value: &Value, out: &mut String) {
     }
 }
 
-/// One machine's line: its label, (budget MB, embeddings/s) points and its
-/// fully resident rate.
+/// One line of the plot: "machine, policy", (budget MB, embeddings/s)
+/// points and the machine's fully resident rate.
 type Series = (String, Vec<(f64, f64)>, f64);
 
-/// Throughput against the budget, one line per machine, with each
-/// machine's fully resident rate as a dashed line of the same colour.
+/// Throughput against the budget, one line per machine and eviction policy,
+/// with each machine's fully resident rate as a dashed line.
 fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").map_err(|e| {
         format!("the plot needs DejaVu Sans (apt-get install fonts-dejavu-core): {e}")
@@ -192,15 +192,27 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
         .map_err(|_| "DejaVuSans.ttf is not a font plotters can read".to_string())?;
 
+    // One line per machine and eviction policy.
     let series: Vec<Series> = runs
         .iter()
-        .filter_map(|(label, paging)| {
-            let points = paging["budgets"]
-                .as_array()?
-                .iter()
-                .filter_map(|row| Some((row["budget_mb"].as_f64()?, row["per_s"].as_f64()?)))
-                .collect::<Vec<_>>();
-            Some((label.clone(), points, paging["resident_per_s"].as_f64()?))
+        .flat_map(|(label, paging)| {
+            let rows = paging["budgets"].as_array().cloned().unwrap_or_default();
+            let resident = paging["resident_per_s"].as_f64();
+            let mut policies: Vec<String> = Vec::new();
+            for row in &rows {
+                let policy = row["eviction"].as_str().unwrap_or("lru").to_string();
+                if !policies.contains(&policy) {
+                    policies.push(policy);
+                }
+            }
+            policies.into_iter().filter_map(move |policy| {
+                let points = rows
+                    .iter()
+                    .filter(|row| row["eviction"].as_str().unwrap_or("lru") == policy)
+                    .filter_map(|row| Some((row["budget_mb"].as_f64()?, row["per_s"].as_f64()?)))
+                    .collect::<Vec<_>>();
+                Some((format!("{label}, {policy}"), points, resident?))
+            })
         })
         .filter(|(_, points, _)| !points.is_empty())
         .collect();
@@ -248,6 +260,7 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
             .draw()
             .map_err(draw)?;
         let colours = [BLUE, RED, GREEN, MAGENTA];
+        let mut residents_drawn: Vec<f64> = Vec::new();
         for (i, (label, points, resident)) in series.iter().enumerate() {
             let colour = colours[i % colours.len()];
             chart
@@ -261,6 +274,12 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
             chart
                 .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
                 .map_err(draw)?;
+            // Every policy of a machine shares its resident rate: draw it once.
+            if residents_drawn.contains(resident) {
+                continue;
+            }
+            residents_drawn.push(*resident);
+            let machine = label.rsplit_once(", ").map_or(label.as_str(), |(m, _)| m);
             let dashes = (0..40).map(|k| {
                 let x0 = x_max * k as f64 / 40.0;
                 PathElement::new([(x0, *resident), (x0 + x_max / 80.0, *resident)], colour)
@@ -268,7 +287,7 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
             chart
                 .draw_series(dashes)
                 .map_err(draw)?
-                .label(format!("{label}: fully resident"))
+                .label(format!("{machine}: fully resident"))
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 8, y)], colour));
         }
         chart

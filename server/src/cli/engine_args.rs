@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use surf_engine::{Engine, EngineBuilder, Error as EngineError, RemoteSource, VramBudget};
+use surf_engine::{
+    Engine, EngineBuilder, Error as EngineError, Eviction, RemoteSource, VramBudget,
+};
 use surf_transport::{CertificateDer, ClientConfig};
 
 #[derive(Debug, Args)]
@@ -38,6 +40,11 @@ pub struct EngineArgs {
     /// Layers fetched and uploaded ahead of the one computing.
     #[arg(long, value_name = "D", default_value_t = 2)]
     pub prefetch: usize,
+    /// Which layer a full cache gives up: `optimal` (the one used farthest
+    /// ahead in the pass order, which keeps most of the budget resident on
+    /// repeated passes) or `lru`.
+    #[arg(long, value_name = "POLICY", default_value = "optimal")]
+    pub eviction: Eviction,
     /// Largest number of texts per GPU batch.
     #[arg(long, default_value_t = surf_engine::engine::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
@@ -85,6 +92,7 @@ impl EngineArgs {
             .vram_budget(self.budget())
             .host_cache_bytes(self.host_cache_mb << 20)
             .prefetch(self.prefetch)
+            .eviction(self.eviction)
     }
 
     /// Builds the engine from `builder` over the weight source the flags name.
