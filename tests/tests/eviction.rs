@@ -93,7 +93,10 @@ fn streamed_minilm_with_four_of_six_layers_keeps_a_hit_rate_over_twelve_passes()
             .block_on(WeightClient::connect(config))
             .expect("client connects");
         Engine::builder()
-            .source(Arc::new(RemoteSource::new(client, runtime.handle().clone())))
+            .source(Arc::new(RemoteSource::new(
+                client,
+                runtime.handle().clone(),
+            )))
             .gpu(gpu.clone())
             .vram_budget(VramBudget::Layers(4))
             .host_cache_bytes(0)
@@ -232,7 +235,10 @@ fn shrinking_the_budget_keeps_resident_layers_in_the_surviving_slots() {
     // is used from its new slot; layer 4 is given up for layer 0, whose use
     // comes first, so the pass fetches five layers, not six.
     assert_eq!(engine.infer(&TEXTS).expect("runs"), reference);
-    assert_eq!(engine.inference_stats().expect("stats").fetches, fetches + 5);
+    assert_eq!(
+        engine.inference_stats().expect("stats").fetches,
+        fetches + 5
+    );
 }
 
 #[test]

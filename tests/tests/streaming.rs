@@ -144,8 +144,8 @@ fn a_budget_too_small_for_one_layer_names_the_smallest_that_works() {
     six_layer_model(dir.path());
     // The builder's default prefetch depth, as the refused engine below has.
     let probe = engine(dir.path(), &gpu, VramBudget::Layers(1), 0, 2);
-    let smallest_mb = (probe.pinned_bytes() + probe.layer_bytes() + staging_in_budget(&probe))
-        .div_ceil(1 << 20);
+    let smallest_mb =
+        (probe.pinned_bytes() + probe.layer_bytes() + staging_in_budget(&probe)).div_ceil(1 << 20);
     let error = Engine::builder()
         .model_dir(dir.path())
         .gpu(gpu.clone())
@@ -170,7 +170,14 @@ fn sequential_passes_evict_as_lru_predicts() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     six_layer_model(dir.path());
-    let paged = engine_with(dir.path(), &gpu, VramBudget::Layers(2), 64, 0, Eviction::Lru);
+    let paged = engine_with(
+        dir.path(),
+        &gpu,
+        VramBudget::Layers(2),
+        64,
+        0,
+        Eviction::Lru,
+    );
     paged.infer(&TEXTS).expect("runs");
     let first = paged.inference_stats().expect("stats");
     // Six loads into two slots: four evictions; every layer crosses from the source once.

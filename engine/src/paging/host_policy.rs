@@ -100,16 +100,17 @@ impl HostPolicy {
     fn trim(&mut self, cursor: &Cursor) -> Vec<usize> {
         let mut evicted = Vec::new();
         while self.held.len() > self.capacity {
-            let victim = match self.eviction {
-                Eviction::Optimal => self.held.iter().copied().max_by_key(|&l| {
-                    (cursor.next_use(l), std::cmp::Reverse(self.last_touch[l]))
-                }),
-                Eviction::Lru => self
-                    .held
-                    .iter()
-                    .copied()
-                    .min_by_key(|&l| self.last_touch[l]),
-            };
+            let victim =
+                match self.eviction {
+                    Eviction::Optimal => self.held.iter().copied().max_by_key(|&l| {
+                        (cursor.next_use(l), std::cmp::Reverse(self.last_touch[l]))
+                    }),
+                    Eviction::Lru => self
+                        .held
+                        .iter()
+                        .copied()
+                        .min_by_key(|&l| self.last_touch[l]),
+                };
             let Some(victim) = victim else { break };
             self.held.remove(&victim);
             evicted.push(victim);

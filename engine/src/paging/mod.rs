@@ -321,10 +321,9 @@ impl Pager {
 
     pub fn set_host_cache_bytes(&mut self, bytes: u64) {
         self.host_capacity = bytes;
-        let dropped = self.host_policy.resize(
-            host_layers(bytes, self.slot_bytes),
-            self.policy.cursor(),
-        );
+        let dropped = self
+            .host_policy
+            .resize(host_layers(bytes, self.slot_bytes), self.policy.cursor());
         for layer in dropped {
             self.drop_host(layer);
         }
@@ -426,9 +425,11 @@ impl Pager {
                 "each further {} MB of budget keeps one more layer resident and saves its upload on every pass",
                 mb(self.slot_bytes)
             ),
-            Eviction::Lru => "with LRU eviction a budget smaller than the model uploads every layer \
+            Eviction::Lru => {
+                "with LRU eviction a budget smaller than the model uploads every layer \
                  on every pass; the default optimal eviction keeps most of the budget resident"
-                .to_string(),
+                    .to_string()
+            }
         };
         tracing::warn!(
             "the GPU hit rate has been {rate:.2} over the last {} passes ({pass_uploads} of {} layers uploaded in the last one) \

@@ -162,7 +162,10 @@ impl PagePolicy {
         let (slot, layer) = match self.eviction {
             Eviction::Optimal => candidates.max_by_key(|&(_, l)| {
                 // Among layers never used again, the least recently touched.
-                (self.cursor.next_use(l), std::cmp::Reverse(self.last_touch[l]))
+                (
+                    self.cursor.next_use(l),
+                    std::cmp::Reverse(self.last_touch[l]),
+                )
             })?,
             Eviction::Lru => candidates.min_by_key(|&(_, l)| self.last_touch[l])?,
         };
@@ -228,7 +231,10 @@ impl PagePolicy {
             .collect();
         match self.eviction {
             Eviction::Optimal => held.sort_by_key(|&(_, l)| {
-                (self.cursor.next_use(l), std::cmp::Reverse(self.last_touch[l]))
+                (
+                    self.cursor.next_use(l),
+                    std::cmp::Reverse(self.last_touch[l]),
+                )
             }),
             Eviction::Lru => held.sort_by_key(|&(_, l)| std::cmp::Reverse(self.last_touch[l])),
         }

@@ -60,7 +60,10 @@ mod tests {
         for _ in 0..WATCH_PASSES - 1 {
             assert_eq!(watch.end_pass(0, 6), None);
         }
-        assert_eq!(watch.end_pass(1, 5), Some(1.0 / (6.0 * WATCH_PASSES as f64)));
+        assert_eq!(
+            watch.end_pass(1, 5),
+            Some(1.0 / (6.0 * WATCH_PASSES as f64))
+        );
         for _ in 0..3 * WATCH_PASSES {
             assert_eq!(watch.end_pass(0, 6), None);
         }
