@@ -14,7 +14,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> tokens: array<u32>;
-@group(0) @binding(2) var<storage, read> table: array<f32>;
+// @weights(2, scalar)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 @compute @workgroup_size(256, 1, 1)
@@ -30,7 +30,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     let word = tokens[3u * t];
     let position = tokens[3u * t + 1u];
     let token_type = tokens[3u * t + 2u];
-    out[index] = table[params.word_offset + word * params.hidden + h]
-        + table[params.position_offset + position * params.hidden + h]
-        + table[params.type_offset + token_type * params.hidden + h];
+    out[index] = weight1(params.word_offset + word * params.hidden + h)
+        + weight1(params.position_offset + position * params.hidden + h)
+        + weight1(params.type_offset + token_type * params.hidden + h);
 }

@@ -22,7 +22,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> residual: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> weights: array<vec4<f32>>;
+// @weights(3, vec4)
 @group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
 
 const THREADS: u32 = 8u;
@@ -81,6 +81,6 @@ fn main(
 
     for (var c = lane; c < cols4; c += THREADS) {
         let normed = (value(base, c) - mean) * inv_std;
-        out[base + c] = fma(normed, weights[gamma + c], weights[beta + c]);
+        out[base + c] = fma(normed, weight4(gamma + c), weight4(beta + c));
     }
 }

@@ -1,4 +1,5 @@
-// C = act(A * B + bias), all row-major f32.
+// C = act(A * B + bias), row-major, A and C f32; B and the bias are read
+// through `weight1`, so they may be f32 or f16 pairs (see `with_weights`).
 // A: [m, k] in `lhs` at `a_offset`; B: [k, n] and bias: [n] in `weights`.
 // Each workgroup of 8x8 invocations computes a 128x64 tile of C; each invocation
 // a 16x8 register block. Big register blocks pay off on software rasterizers,
@@ -17,7 +18,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> lhs: array<f32>;
-@group(0) @binding(2) var<storage, read> weights: array<f32>;
+// @weights(2, scalar)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 8u;
@@ -41,7 +42,7 @@ fn store_row(row: u32, col: u32, lo: vec4<f32>, hi: vec4<f32>) {
         if (c < params.n) {
             var v: f32;
             if (j < 4u) { v = lo[j]; } else { v = hi[j - 4u]; }
-            out[base + c] = activate(v + weights[params.bias_offset + c]);
+            out[base + c] = activate(v + weight1(params.bias_offset + c));
         }
     }
 }
@@ -116,11 +117,11 @@ fn main(
             if (gk < k) {
                 let base = params.b_offset + gk * n + gc;
                 if (gc + 3u < n) {
-                    v = vec4<f32>(weights[base], weights[base + 1u], weights[base + 2u], weights[base + 3u]);
+                    v = vec4<f32>(weight1(base), weight1(base + 1u), weight1(base + 2u), weight1(base + 3u));
                 } else {
-                    if (gc < n) { v.x = weights[base]; }
-                    if (gc + 1u < n) { v.y = weights[base + 1u]; }
-                    if (gc + 2u < n) { v.z = weights[base + 2u]; }
+                    if (gc < n) { v.x = weight1(base); }
+                    if (gc + 1u < n) { v.y = weight1(base + 1u); }
+                    if (gc + 2u < n) { v.z = weight1(base + 2u); }
                 }
             }
             tile_b[kk * 16u + c4] = v;

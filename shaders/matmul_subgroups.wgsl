@@ -1,7 +1,8 @@
 // Naga 30 rejects `enable subgroups;` as not yet implemented and accepts the
 // subgroup builtins whenever the device has wgpu::Features::SUBGROUP.
 
-// C = act(A * B + bias), all row-major f32, for k, n and every offset a
+// C = act(A * B + bias), row-major, A and C f32 and B and the bias read
+// through `weight4` (f32 or f16 pairs), for k, n and every offset a
 // multiple of 4, on adapters whose subgroups hold at least 8 invocations.
 //
 // One workgroup is a single subgroup of 8 lanes computing a TILE_M x 64 tile
@@ -42,7 +43,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> lhs: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> weights: array<vec4<f32>>;
+// @weights(2, vec4)
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 
 const LANES: u32 = 8u;
@@ -51,7 +52,7 @@ const TILE_M: u32 = {tile_m}u;
 const TILE_N4: u32 = 16u;
 
 fn epilogue(acc: vec4<f32>, col4: u32) -> vec4<f32> {
-    let v = acc + weights[params.bias_offset / 4u + col4];
+    let v = acc + weight4(params.bias_offset / 4u + col4);
     if (params.activation == ACT_NONE) {
         return v;
     }
@@ -100,14 +101,14 @@ fn main(
     var b_row = 0u;
     for (var kc = 0u; kc < k4; kc++) {
         let a{block} = lhs[a{block}_base + kc]; // @block
-        let b0a = weights[b_col_a + b_row];
-        let b0b = weights[b_col_b + b_row];
-        let b1a = weights[b_col_a + b_row + n4];
-        let b1b = weights[b_col_b + b_row + n4];
-        let b2a = weights[b_col_a + b_row + 2u * n4];
-        let b2b = weights[b_col_b + b_row + 2u * n4];
-        let b3a = weights[b_col_a + b_row + 3u * n4];
-        let b3b = weights[b_col_b + b_row + 3u * n4];
+        let b0a = weight4(b_col_a + b_row);
+        let b0b = weight4(b_col_b + b_row);
+        let b1a = weight4(b_col_a + b_row + n4);
+        let b1b = weight4(b_col_b + b_row + n4);
+        let b2a = weight4(b_col_a + b_row + 2u * n4);
+        let b2b = weight4(b_col_b + b_row + 2u * n4);
+        let b3a = weight4(b_col_a + b_row + 3u * n4);
+        let b3b = weight4(b_col_b + b_row + 3u * n4);
         b_row += 4u * n4;
 
         var a: vec4<f32>;

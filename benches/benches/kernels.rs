@@ -1,5 +1,5 @@
-//! Matmul GFLOP/s at the shapes of a MiniLM-sized BERT layer, next to the
-//! adapter's FMA peak measured in the same run; GFLOP/s of every matmul
+//! Matmul GFLOP/s at the shapes of a MiniLM-sized BERT layer, with f32 and
+//! with f16 weights, next to the adapter's FMA peak measured in the same run; GFLOP/s of every matmul
 //! variant from a few rows to a few tiles, which is what the launcher's tile
 //! choice is tuned on; and end-to-end embeddings per second through the
 //! `Engine`.
@@ -18,6 +18,7 @@ use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::Attention;
 use surf_engine::kernels::fma_peak::FmaPeak;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
+use surf_engine::WeightDtype;
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };
@@ -104,7 +105,10 @@ fn time_matmul(
 ) -> (f64, MatmulVariant) {
     let flops = 2 * (m * k * n) as u64;
     let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
-    let weights = gpu.storage_buffer("weights", ((k * n + n) * 4) as u64);
+    let weights = gpu.storage_buffer(
+        "weights",
+        ((k * n + n) * matmul.dtype().size_bytes()).next_multiple_of(16) as u64,
+    );
     let out = gpu.storage_buffer("out", (m * n * 4) as u64);
     let operands = || MatmulOperands {
         lhs: &lhs,
@@ -174,7 +178,7 @@ fn attention(criterion: &mut Criterion, gpu: &Gpu) -> Vec<f64> {
 /// GB/s of residual add + LayerNorm over `rows` x 384, counting the bytes
 /// read and written once each.
 fn layernorm(criterion: &mut Criterion, gpu: &Gpu, rows: usize) -> f64 {
-    let layernorm = LayerNorm::new(gpu);
+    let layernorm = LayerNorm::new(gpu, WeightDtype::F32);
     let cols = HEADS * HEAD_DIM;
     let x = gpu.storage_buffer("x", (rows * cols * 4) as u64);
     let residual = gpu.storage_buffer("residual", (rows * cols * 4) as u64);
@@ -201,9 +205,13 @@ fn layernorm(criterion: &mut Criterion, gpu: &Gpu, rows: usize) -> f64 {
     rate / 1e9
 }
 
-/// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`.
+/// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`,
+/// with the weight dtype `matmul` reads.
 fn matmuls(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<(f64, MatmulVariant)> {
-    let mut group = criterion.benchmark_group("matmul");
+    let mut group = criterion.benchmark_group(match matmul.dtype() {
+        WeightDtype::F32 => "matmul".to_string(),
+        dtype => format!("matmul_{dtype}"),
+    });
     group.sampling_mode(SamplingMode::Flat);
     let rates = SHAPES
         .iter()
@@ -315,12 +323,14 @@ fn main() {
     let quick = quick();
     let mut criterion = configure(quick);
     let peak = FmaPeak::new(&gpu, PEAK_INVOCATIONS);
-    let matmul = Matmul::new(&gpu);
+    let matmul = Matmul::new(&gpu, WeightDtype::F32);
+    let matmul_f16 = Matmul::new(&gpu, WeightDtype::F16);
 
     // The peak is measured on both sides of the matmuls because other load on
     // the machine moves it; the matmuls are compared with the mean.
     let peak_before = fma_peak(&mut criterion, &gpu, &peak);
     let rates = matmuls(&mut criterion, &gpu, &matmul);
+    let rates_f16 = matmuls(&mut criterion, &gpu, &matmul_f16);
     let variant_rates = matmul_variants(&mut criterion, &gpu, &matmul);
     let attention_rates = attention(&mut criterion, &gpu);
     let layernorm_rows = 1024;
@@ -341,11 +351,13 @@ fn main() {
     println!(
         "FMA-chain peak: {peak_gflops:.2} GFLOP/s (before the matmuls {peak_before:.2}, after {peak_after:.2})"
     );
-    for ((m, k, n), (gflops, variant)) in SHAPES.iter().zip(&rates) {
-        println!(
-            "matmul m={m:<5} k={k:<5} n={n:<5} {gflops:8.2} GFLOP/s  {:5.1}% of peak  ({variant:?} kernel)",
-            100.0 * gflops / peak_gflops
-        );
+    for (dtype, rates) in [("f32", &rates), ("f16", &rates_f16)] {
+        for ((m, k, n), (gflops, variant)) in SHAPES.iter().zip(rates) {
+            println!(
+                "matmul {dtype} weights m={m:<5} k={k:<5} n={n:<5} {gflops:8.2} GFLOP/s  {:5.1}% of peak  ({variant:?} kernel)",
+                100.0 * gflops / peak_gflops
+            );
+        }
     }
     let (k, n) = VARIANT_KN;
     let variants = matmul.variants();
@@ -379,22 +391,28 @@ fn main() {
     }
 
     let share = |gflops: f64| gflops / peak_gflops;
-    let mut kernels: Vec<serde_json::Value> = SHAPES
-        .iter()
-        .zip(&rates)
-        .map(|(&(m, k, n), &(gflops, variant))| {
-            serde_json::json!({
-                "kernel": format!("matmul ({})", variant_name(variant)),
-                "shape": format!("m={m} k={k} n={n}"),
-                "gflop_s": gflops,
-                "share_of_peak": share(gflops),
-            })
+    let mut kernels: Vec<serde_json::Value> = [("f32", &rates), ("f16", &rates_f16)]
+        .into_iter()
+        .flat_map(|(dtype, rates)| {
+            SHAPES
+                .iter()
+                .zip(rates)
+                .map(move |(&(m, k, n), &(gflops, variant))| {
+                    serde_json::json!({
+                        "kernel": format!("matmul ({})", variant_name(variant)),
+                        "weights": dtype,
+                        "shape": format!("m={m} k={k} n={n}"),
+                        "gflop_s": gflops,
+                        "share_of_peak": share(gflops),
+                    })
+                })
         })
         .collect();
     kernels.extend(ATTENTION_SHAPES.iter().zip(&attention_rates).map(
         |(&(sequences, seq), &gflops)| {
             serde_json::json!({
                 "kernel": "attention",
+                "weights": "none",
                 "shape": format!("{sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}"),
                 "gflop_s": gflops,
                 "share_of_peak": share(gflops),

@@ -4,7 +4,8 @@
 //! Reports throughput against the budget with the host cache warm, as a ratio
 //! to the fully resident model, the bytes uploaded per pass next to the
 //! optimal policy's bound of (N - k + d + 1) layers, and the time of a cold
-//! pass that streams every layer from the server.
+//! pass that streams every layer from the server. Then the same model with
+//! f16 weights under the same MiB budgets, which hold about twice the layers.
 //!
 //! The model is written once under `target/synth/` and reused.
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
 use surf_engine::synth::{SynthSpec, write_model};
-use surf_engine::{Engine, Eviction, VramBudget};
+use surf_engine::{Engine, Eviction, VramBudget, WeightDtype};
 
 const TEXTS: [&str; 2] = [
     "Layers stream in from the weight server while earlier ones compute.",
@@ -143,6 +144,9 @@ fn main() {
     );
     let prefetch = 2;
     let mut rows = Vec::new();
+    // Staging that the f32 engines held beside their slots in the adapter's
+    // memory, which the f16 budgets below include.
+    let mut staging_f32 = 0;
     for eviction in [Eviction::Optimal, Eviction::Lru] {
         for &budget_layers in budgets.iter().filter(|&&b| b <= layers) {
             let engine = loopback.engine(
@@ -158,6 +162,9 @@ fn main() {
             let steady = time_runs(&engine, &texts, repeats);
             let info = engine.cache_info().expect("cache info");
             drop(engine);
+            if info.staging_in_vram {
+                staging_f32 = info.staging_limit_bytes;
+            }
             let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
             let rate = texts.len() as f64 / steady.time.as_secs_f64();
             // What optimal eviction promises: N - k + d + 1 layers a pass, none
@@ -178,6 +185,7 @@ fn main() {
             );
             rows.push(serde_json::json!({
                 "eviction": eviction.name(),
+                "dtype": "f32",
                 "budget_layers": budget_layers,
                 "budget_mb": mb(budget_bytes),
                 "per_s": rate,
@@ -190,6 +198,74 @@ fn main() {
             }));
         }
     }
+
+    // f16 weights under the same MiB as each f32 budget (its staging
+    // included where staging shares the adapter's memory): half the bytes a
+    // layer, so about twice the layers fit.
+    let loopback_f16 = Loopback::serve_as(&dir, WeightDtype::F16);
+    let resident_f16 = loopback_f16.engine(
+        &gpu,
+        Paging {
+            budget: VramBudget::Unbounded,
+            host_cache_bytes: 0,
+            prefetch: 2,
+            eviction: Eviction::default(),
+        },
+    );
+    let layer_bytes_f16 = resident_f16.layer_bytes();
+    let model_bytes_f16 = resident_f16.pinned_bytes() + layers as u64 * layer_bytes_f16;
+    let resident_f16_rate =
+        texts.len() as f64 / time_runs(&resident_f16, &texts, repeats).time.as_secs_f64();
+    drop(resident_f16);
+    println!(
+        "  f16 weights ({:.0} MB), fully resident: {resident_f16_rate:>8.3} embeddings/s",
+        mb(model_bytes_f16)
+    );
+    for &budget_layers in budgets.iter().filter(|&&b| b < layers) {
+        let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
+        let engine = loopback_f16.engine(
+            &gpu,
+            Paging {
+                budget: VramBudget::Bytes(budget_bytes + staging_f32),
+                host_cache_bytes: model_bytes_f16,
+                prefetch,
+                eviction: Eviction::Optimal,
+            },
+        );
+        let steady = time_runs(&engine, &texts, repeats);
+        let info = engine.cache_info().expect("cache info");
+        drop(engine);
+        let rate = texts.len() as f64 / steady.time.as_secs_f64();
+        let slots = info.layer_slots;
+        let bound_layers = if slots >= layers {
+            0
+        } else {
+            (layers - slots + prefetch.min(slots.saturating_sub(1)) + 1).min(layers)
+        };
+        println!(
+            "  f16       {slots:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {:>6.0}",
+            mb(budget_bytes),
+            rate / resident_rate,
+            mb(steady.uploaded_per_pass as u64),
+            steady.uploads_per_pass,
+            mb(bound_layers as u64 * layer_bytes_f16),
+        );
+        rows.push(serde_json::json!({
+            "eviction": "optimal",
+            "dtype": "f16",
+            "budget_layers": slots,
+            "budget_mb": mb(budget_bytes),
+            "per_s": rate,
+            "ratio_to_resident": rate / resident_rate,
+            "ratio_to_f16_resident": rate / resident_f16_rate,
+            "uploads_per_pass": steady.uploads_per_pass,
+            "uploaded_mb_per_pass": mb(steady.uploaded_per_pass as u64),
+            "bound_mb_per_pass": mb(bound_layers as u64 * layer_bytes_f16),
+            "uploaded_mb_per_run": mb(steady.uploaded),
+            "staging_mb": mb(info.staging_bytes),
+        }));
+    }
+    drop(loopback_f16);
 
     // Cold: a small budget and no host cache, so every layer crosses the
     // network on every pass, with prefetch running ahead of compute.
@@ -228,6 +304,8 @@ fn main() {
             },
             "texts": texts.len(),
             "resident_per_s": resident_rate,
+            "resident_f16_per_s": resident_f16_rate,
+            "layer_mb_f16": mb(layer_bytes_f16),
             "budgets": rows,
             "streamed_every_pass": {
                 "budget_layers": cold_layers,

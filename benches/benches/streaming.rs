@@ -1,13 +1,14 @@
 //! Streamed inference: compute-only, fetch-only and cold streamed time in one
 //! run (the overlap ratio), and throughput against the VRAM budget with a warm
-//! host cache, from a weight server on loopback.
+//! host cache, from a weight server on loopback. Then the cold streamed time
+//! and the paged throughput again with f16 weights, served and held as f16.
 
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
-use surf_engine::{Eviction, VramBudget};
+use surf_engine::{Engine, Eviction, VramBudget, WeightDtype};
 
 const SENTENCES: [&str; 8] = [
     "Weights stream from the server while the GPU computes.",
@@ -27,6 +28,14 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 
 fn measure(repeats: usize, mut run: impl FnMut() -> Duration) -> Duration {
     median((0..repeats).map(|_| run()).collect())
+}
+
+/// Bytes one cold run of `engine` fetches from the server.
+fn fetched_per_cold_run(engine: &Engine, texts: &[&str]) -> u64 {
+    engine.clear_cache().expect("cleared");
+    let before = engine.inference_stats().expect("stats").bytes_fetched;
+    engine.infer(texts).expect("runs");
+    engine.inference_stats().expect("stats").bytes_fetched - before
 }
 
 fn main() {
@@ -186,6 +195,74 @@ fn main() {
         }));
         paged_engines.push((budget_layers, paged));
     }
+    let cold_fetched = fetched_per_cold_run(&cold, &texts);
+
+    // f16 weights: the same runs against a server that sends f16.
+    let loopback_f16 = Loopback::serve_as(&minilm_dir(), WeightDtype::F16);
+    let paging = |budget, host_cache_bytes| Paging {
+        budget,
+        host_cache_bytes,
+        prefetch: 2,
+        eviction: Eviction::default(),
+    };
+    let resident_f16 = loopback_f16.engine(&gpu, paging(VramBudget::Unbounded, 0));
+    let cold_f16 = loopback_f16.engine(&gpu, paging(VramBudget::Unbounded, 0));
+    resident_f16.infer(&texts).expect("warm-up run");
+    cold_f16.infer(&texts).expect("warm-up run");
+    let mut resident_f16_runs = Vec::new();
+    let mut cold_f16_runs = Vec::new();
+    for _ in 0..repeats {
+        let start = Instant::now();
+        resident_f16.infer(&texts).expect("runs");
+        resident_f16_runs.push(start.elapsed());
+        cold_f16.clear_cache().expect("cleared");
+        let start = Instant::now();
+        cold_f16.infer(&texts).expect("runs");
+        cold_f16_runs.push(start.elapsed());
+    }
+    let compute_f16 = median(resident_f16_runs);
+    let streamed_f16 = median(cold_f16_runs);
+    let cold_fetched_f16 = fetched_per_cold_run(&cold_f16, &texts);
+    let resident_f16_rate = texts.len() as f64 / compute_f16.as_secs_f64();
+    println!("f16 weights over the same loopback:");
+    println!(
+        "  compute only {:.1} ms, cold streamed {:.1} ms (f32: {:.1} ms); \
+         fetched per cold run {:.1} MB (f32: {:.1} MB, ratio {:.3})",
+        compute_f16.as_secs_f64() * 1e3,
+        streamed_f16.as_secs_f64() * 1e3,
+        streamed.as_secs_f64() * 1e3,
+        cold_fetched_f16 as f64 / 1e6,
+        cold_fetched as f64 / 1e6,
+        cold_fetched_f16 as f64 / cold_fetched as f64
+    );
+    let mut budget_rows_f16 = Vec::new();
+    for budget_layers in [1usize, 2, 3, 6] {
+        let paged = loopback_f16.engine(
+            &gpu,
+            paging(VramBudget::Layers(budget_layers), 512 << 20),
+        );
+        paged.infer(&texts).expect("fills the host cache");
+        let time = measure(repeats, || {
+            let start = Instant::now();
+            paged.infer(&texts).expect("runs");
+            start.elapsed()
+        });
+        let rate = texts.len() as f64 / time.as_secs_f64();
+        println!(
+            "  f16, {budget_layers} of 6 layers: {rate:>8.1} embeddings/s  ({:.3} of f32 resident, {:.3} of f16 resident)",
+            rate / resident_rate,
+            rate / resident_f16_rate
+        );
+        budget_rows_f16.push(serde_json::json!({
+            "budget_layers": budget_layers,
+            "per_s": rate,
+            "ratio_to_resident": rate / resident_rate,
+            "ratio_to_f16_resident": rate / resident_f16_rate,
+        }));
+    }
+    drop((resident_f16, cold_f16));
+    drop(loopback_f16);
+
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     write_json(
         "streaming",
@@ -201,6 +278,14 @@ fn main() {
             "overlap_ratio": ratio,
             "hidden_share": hidden,
             "budgets": budget_rows,
+            "cold_fetched_mb": cold_fetched as f64 / 1e6,
+            "f16": {
+                "compute_ms": ms(compute_f16),
+                "cold_ms": ms(streamed_f16),
+                "cold_fetched_mb": cold_fetched_f16 as f64 / 1e6,
+                "fetched_ratio_to_f32": cold_fetched_f16 as f64 / cold_fetched as f64,
+            },
+            "budgets_f16": budget_rows_f16,
         }),
     );
 

@@ -4,13 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use surf_engine::{Engine, Eviction, Gpu, RemoteSource, VramBudget};
+use surf_engine::{Engine, Eviction, Gpu, RemoteSource, VramBudget, WeightDtype};
 use surf_server::{RunningServer, ServerConfig, WeightServer};
 use surf_transport::{ClientConfig, WeightClient};
 
 pub struct Loopback {
     runtime: tokio::runtime::Runtime,
     server: Option<RunningServer>,
+    dtype: WeightDtype,
 }
 
 /// How an engine built by [`Loopback::engine`] pages its weights.
@@ -26,30 +27,40 @@ impl Loopback {
     /// Serves `model_dir` on an ephemeral loopback port. Panics when the
     /// server cannot start: a bench has nothing to measure then.
     pub fn serve(model_dir: &Path) -> Self {
+        Self::serve_as(model_dir, WeightDtype::F32)
+    }
+
+    /// Serves `model_dir` with its weights as `dtype`; the engines it builds
+    /// ask for and hold that dtype.
+    pub fn serve_as(model_dir: &Path, dtype: WeightDtype) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("a tokio runtime for the weight server");
         let server = runtime
-            .block_on(WeightServer::bind(ServerConfig::new(
-                model_dir,
-                ([127, 0, 0, 1], 0).into(),
-            )))
+            .block_on(WeightServer::bind(ServerConfig {
+                weight_dtype: dtype.wire(),
+                ..ServerConfig::new(model_dir, ([127, 0, 0, 1], 0).into())
+            }))
             .expect("the weight server starts");
         Self {
             runtime,
             server: Some(server),
+            dtype,
         }
     }
 
     /// A new engine on `gpu` with its own connection to the server.
     pub fn engine(&self, gpu: &Gpu, paging: Paging) -> Engine {
         let server = self.server.as_ref().expect("the server is running");
-        let config = ClientConfig::new(
-            vec![server.local_addr()],
-            vec![server.certificate_der().clone()],
-        );
+        let config = ClientConfig {
+            weight_dtype: self.dtype.wire(),
+            ..ClientConfig::new(
+                vec![server.local_addr()],
+                vec![server.certificate_der().clone()],
+            )
+        };
         let client = self
             .runtime
             .block_on(WeightClient::connect(config))
@@ -64,6 +75,7 @@ impl Loopback {
             .host_cache_bytes(paging.host_cache_bytes)
             .prefetch(paging.prefetch)
             .eviction(paging.eviction)
+            .weight_dtype(self.dtype)
             .build()
             .expect("the engine starts")
     }

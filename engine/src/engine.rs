@@ -83,6 +83,15 @@ impl EngineBuilder {
         self
     }
 
+    /// How weights are held in GPU memory: f32 (the default) or f16, which
+    /// halves every layer and the embedding tables; the arithmetic stays f32.
+    /// A weight source should serve the same dtype (a remote one is asked for
+    /// it by its client's configuration); one that serves another is converted.
+    pub fn weight_dtype(mut self, dtype: crate::dtype::WeightDtype) -> Self {
+        self.pager.weight_dtype = dtype;
+        self
+    }
+
     /// Calls `observer(layer, bytes)` whenever a layer arrives from the source.
     pub fn on_layer_fetched(mut self, observer: crate::paging::FetchObserver) -> Self {
         self.observer = Some(observer);
@@ -152,6 +161,7 @@ pub struct Engine {
     kernels: Kernels,
     embeddings: BertEmbeddings,
     layer_layout: LayerLayout,
+    weight_dtype: crate::dtype::WeightDtype,
     batch_size: usize,
     max_rows: usize,
     model_id: String,
@@ -192,14 +202,15 @@ impl Engine {
             spec.max_seq_length,
             config.vocab_size,
         )?;
-        let kernels = Kernels::new(&gpu);
+        let dtype = settings.weight_dtype;
+        let kernels = Kernels::new(&gpu, dtype);
         gpu.check_errors()?;
 
         let layer_layout = BertLayer::layout(config);
-        let slot_bytes = (layer_layout.len * 4) as u64;
+        let slot_bytes = (layer_layout.len * dtype.size_bytes()) as u64;
         gpu.check_binding_size("a layer buffer", slot_bytes)?;
         let fetched = source.fetch("embeddings")?;
-        let embeddings = BertEmbeddings::load(&gpu, fetched.tensors.as_ref(), config)?;
+        let embeddings = BertEmbeddings::load(&gpu, fetched.tensors.as_ref(), config, dtype)?;
         let mut pager = Pager::new(
             gpu.clone(),
             Arc::clone(&source),
@@ -232,6 +243,7 @@ impl Engine {
             kernels,
             embeddings,
             layer_layout,
+            weight_dtype: dtype,
             batch_size,
             max_rows,
             model_id: source.model_id(),
@@ -437,12 +449,20 @@ impl Engine {
             staging_limit_bytes: pager.staging_limit_bytes(),
             staging_in_vram: pager.staging_in_vram(),
             eviction: pager.eviction().to_string(),
+            weight_dtype: pager.weight_dtype().to_string(),
+            layer_bytes: pager.slot_bytes(),
+            pinned_bytes: self.embeddings.buffer_bytes(),
         })
     }
 
     /// Bytes of one encoder layer in GPU memory.
     pub fn layer_bytes(&self) -> u64 {
-        (self.layer_layout.len * 4) as u64
+        (self.layer_layout.len * self.weight_dtype.size_bytes()) as u64
+    }
+
+    /// How the weights are held in GPU memory.
+    pub fn weight_dtype(&self) -> crate::dtype::WeightDtype {
+        self.weight_dtype
     }
 
     /// Bytes of the pinned weights (the embedding tables).
@@ -697,7 +717,10 @@ impl Engine {
             let weights = pager.acquire(layer, &recorded)?;
             self.record_layer(&mut plan, &weights, batch);
             recorded.push(layer);
-            if paging {
+            // While the layers ahead are resident, recording goes on into the
+            // same submission: a submission per layer only pays where an
+            // upload can run beside the compute.
+            if paging && pager.window_needs_upload(layer) {
                 std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
                 recorded.clear();
                 pager.upload_ready(layer)?;

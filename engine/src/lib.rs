@@ -5,6 +5,7 @@
 //! that merges concurrent callers into batches (`queue`).
 
 pub mod config;
+pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod gpu;
@@ -19,6 +20,7 @@ pub mod tokenize;
 pub mod weights;
 
 pub use config::{Activation, BertConfig, ModelSpec, Pooling};
+pub use dtype::WeightDtype;
 pub use engine::{Embedding, Engine, EngineBuilder};
 pub use error::{Error, Result};
 pub use gpu::Gpu;

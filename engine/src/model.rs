@@ -3,6 +3,7 @@
 //! each module's `forward` records its kernel launches into a `DispatchPlan`.
 
 use crate::config::{Activation, BertConfig};
+use crate::dtype::WeightDtype;
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::kernels::embed::EmbeddingTables;
@@ -11,16 +12,69 @@ use crate::kernels::matmul::{Epilogue, MatmulOperands};
 use crate::kernels::{DispatchPlan, attention, embed, layernorm, matmul, normalize, pool};
 use crate::weights::TensorSource;
 
-fn read_tensor(
+fn read_tensor<T: Element>(
     weights: &dyn TensorSource,
     specs: &[(String, Vec<usize>)],
     name: &str,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<T>> {
     let (_, shape) = specs
         .iter()
         .find(|(n, _)| n == name)
         .unwrap_or_else(|| panic!("tensor {name} is not in its module's list"));
-    weights.tensor(name, shape)
+    T::read(weights, name, shape)
+}
+
+/// An element type that weights are packed in.
+trait Element: bytemuck::Pod + Default {
+    fn read(weights: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<Self>>;
+}
+
+impl Element for f32 {
+    fn read(weights: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<Self>> {
+        weights.tensor(name, shape)
+    }
+}
+
+impl Element for half::f16 {
+    fn read(weights: &dyn TensorSource, name: &str, shape: &[usize]) -> Result<Vec<Self>> {
+        weights.tensor_f16(name, shape)
+    }
+}
+
+/// A module's weights packed for its GPU buffer, in the engine's weight dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PackedWeights {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl PackedWeights {
+    /// Elements, padding included.
+    pub fn len(&self) -> usize {
+        match self {
+            PackedWeights::F32(data) => data.len(),
+            PackedWeights::F16(data) => data.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes that go into the buffer.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            PackedWeights::F32(data) => bytemuck::cast_slice(data),
+            PackedWeights::F16(data) => bytemuck::cast_slice(data),
+        }
+    }
+
+    pub fn dtype(&self) -> WeightDtype {
+        match self {
+            PackedWeights::F32(_) => WeightDtype::F32,
+            PackedWeights::F16(_) => WeightDtype::F16,
+        }
+    }
 }
 
 /// Every tensor the encoder reads, with its shape, in checkpoint order.
@@ -43,11 +97,12 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    pub fn new(gpu: &Gpu) -> Self {
+    /// The launchers for weights stored as `dtype`.
+    pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         Self {
-            matmul: matmul::Matmul::new(gpu),
-            embed: embed::Embed::new(gpu),
-            layernorm: layernorm::LayerNorm::new(gpu),
+            matmul: matmul::Matmul::new(gpu, dtype),
+            embed: embed::Embed::new(gpu, dtype),
+            layernorm: layernorm::LayerNorm::new(gpu, dtype),
             attention: attention::Attention::new(gpu),
             pool: pool::Pool::new(gpu),
             normalize: normalize::Normalize::new(gpu),
@@ -55,20 +110,21 @@ impl Kernels {
     }
 }
 
-/// Lays tensors end to end in one f32 buffer, each starting on a 16-byte
-/// boundary so that kernels may read them as vec4.
-struct Packer {
-    data: Vec<f32>,
+/// Lays tensors end to end in one buffer, each starting on a 4-element
+/// boundary so that kernels may read them as vec4 (16 bytes of f32, 8 of f16).
+/// It moves elements as they are, so f16 words are never widened.
+struct Packer<T> {
+    data: Vec<T>,
 }
 
-impl Packer {
+impl<T: Element> Packer<T> {
     fn offset(&mut self) -> u32 {
         let aligned = self.data.len().next_multiple_of(4);
-        self.data.resize(aligned, 0.0);
+        self.data.resize(aligned, T::default());
         aligned as u32
     }
 
-    fn put(&mut self, values: &[f32]) -> u32 {
+    fn put(&mut self, values: &[T]) -> u32 {
         let offset = self.offset();
         self.data.extend_from_slice(values);
         offset
@@ -79,11 +135,11 @@ impl Packer {
     /// The copy walks square blocks so that both sides stay in cache: a
     /// plain row-by-row transpose of a 1536x384 weight misses on every write,
     /// and packing runs on the fetch path of streamed layers.
-    fn put_transposed(&mut self, weight: &[f32], out_features: usize, in_features: usize) -> u32 {
+    fn put_transposed(&mut self, weight: &[T], out_features: usize, in_features: usize) -> u32 {
         const BLOCK: usize = 32;
         let offset = self.offset();
         let start = self.data.len();
-        self.data.resize(start + weight.len(), 0.0);
+        self.data.resize(start + weight.len(), T::default());
         let dst = &mut self.data[start..];
         for o0 in (0..out_features).step_by(BLOCK) {
             let o1 = (o0 + BLOCK).min(out_features);
@@ -139,13 +195,30 @@ impl BertEmbeddings {
         .collect()
     }
 
-    /// Reads and packs the `embeddings.*` tensors.
+    /// Reads and packs the `embeddings.*` tensors as `dtype`.
     pub fn pack(
         weights: &dyn TensorSource,
         config: &BertConfig,
-    ) -> Result<(EmbeddingsLayout, Vec<f32>)> {
+        dtype: WeightDtype,
+    ) -> Result<(EmbeddingsLayout, PackedWeights)> {
+        Ok(match dtype {
+            WeightDtype::F32 => {
+                let (layout, data) = Self::pack_as::<f32>(weights, config)?;
+                (layout, PackedWeights::F32(data))
+            }
+            WeightDtype::F16 => {
+                let (layout, data) = Self::pack_as::<half::f16>(weights, config)?;
+                (layout, PackedWeights::F16(data))
+            }
+        })
+    }
+
+    fn pack_as<T: Element>(
+        weights: &dyn TensorSource,
+        config: &BertConfig,
+    ) -> Result<(EmbeddingsLayout, Vec<T>)> {
         let specs = Self::tensors(config);
-        let t = |short: &str| read_tensor(weights, &specs, &format!("embeddings.{short}"));
+        let t = |short: &str| read_tensor::<T>(weights, &specs, &format!("embeddings.{short}"));
         let mut packer = Packer { data: Vec::new() };
         let word = packer.put(&t("word_embeddings.weight")?);
         let position = packer.put(&t("position_embeddings.weight")?);
@@ -169,12 +242,17 @@ impl BertEmbeddings {
         self.buffer.size()
     }
 
-    pub fn load(gpu: &Gpu, weights: &dyn TensorSource, config: &BertConfig) -> Result<Self> {
-        let (layout, data) = Self::pack(weights, config)?;
-        gpu.check_binding_size("an embeddings buffer", (data.len() * 4) as u64)?;
+    pub fn load(
+        gpu: &Gpu,
+        weights: &dyn TensorSource,
+        config: &BertConfig,
+        dtype: WeightDtype,
+    ) -> Result<Self> {
+        let (layout, data) = Self::pack(weights, config, dtype)?;
+        gpu.check_binding_size("an embeddings buffer", data.bytes().len() as u64)?;
         Ok(Self {
             layout,
-            buffer: gpu.storage_buffer_with("embeddings", bytemuck::cast_slice(&data)),
+            buffer: gpu.storage_buffer_with("embeddings", data.bytes()),
             hidden: config.hidden_size,
             eps: config.layer_norm_eps as f32,
         })
@@ -216,7 +294,7 @@ impl BertEmbeddings {
     }
 }
 
-/// Offsets (f32 elements) of one encoder layer's tensors in its buffer. The
+/// Offsets (elements) of one encoder layer's tensors in its buffer. The
 /// query, key and value projections are fused into one [hidden, 3 hidden] matrix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerLayout {
@@ -232,7 +310,7 @@ pub struct LayerLayout {
     pub output_bias: u32,
     pub output_norm_gamma: u32,
     pub output_norm_beta: u32,
-    /// Size of the whole layer buffer, in f32 elements.
+    /// Size of the whole layer buffer, in elements.
     pub len: usize,
 }
 
@@ -268,17 +346,36 @@ impl BertLayer {
         .collect()
     }
 
-    /// Reads and packs the tensors of layer `index`.
+    /// Reads and packs the tensors of layer `index` as `dtype`.
     pub fn pack(
         weights: &dyn TensorSource,
         config: &BertConfig,
         index: usize,
-    ) -> Result<(LayerLayout, Vec<f32>)> {
+        dtype: WeightDtype,
+    ) -> Result<(LayerLayout, PackedWeights)> {
+        Ok(match dtype {
+            WeightDtype::F32 => {
+                let (layout, data) = Self::pack_as::<f32>(weights, config, index)?;
+                (layout, PackedWeights::F32(data))
+            }
+            WeightDtype::F16 => {
+                let (layout, data) = Self::pack_as::<half::f16>(weights, config, index)?;
+                (layout, PackedWeights::F16(data))
+            }
+        })
+    }
+
+    fn pack_as<T: Element>(
+        weights: &dyn TensorSource,
+        config: &BertConfig,
+        index: usize,
+    ) -> Result<(LayerLayout, Vec<T>)> {
         let h = config.hidden_size;
         let i = config.intermediate_size;
         let specs = Self::tensors(config, index);
-        let t =
-            |short: &str| read_tensor(weights, &specs, &format!("encoder.layer.{index}.{short}"));
+        let t = |short: &str| {
+            read_tensor::<T>(weights, &specs, &format!("encoder.layer.{index}.{short}"))
+        };
 
         let query = t("attention.self.query.weight")?;
         let key = t("attention.self.key.weight")?;
@@ -328,15 +425,19 @@ impl BertLayer {
         Ok((layout, packer.data))
     }
 
-    /// The packed layout of every layer of `config`, computed without weights.
+    /// The packed layout of every layer of `config`, computed without
+    /// weights. Offsets count elements, so it is the same for every dtype.
     pub fn layout(config: &BertConfig) -> LayerLayout {
         struct Zeros;
         impl TensorSource for Zeros {
             fn tensor(&self, _name: &str, shape: &[usize]) -> Result<Vec<f32>> {
                 Ok(vec![0.0; shape.iter().product()])
             }
+            fn tensor_f16(&self, _name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+                Ok(vec![half::f16::ZERO; shape.iter().product()])
+            }
         }
-        match Self::pack(&Zeros, config, 0) {
+        match Self::pack_as::<half::f16>(&Zeros, config, 0) {
             Ok((layout, _)) => layout,
             Err(_) => unreachable!("packing zeros cannot fail"),
         }
@@ -556,7 +657,7 @@ mod tests {
             let weight: Vec<f32> = (0..out_features * in_features)
                 .map(|v| v as f32 * 0.5 - 7.0)
                 .collect();
-            let mut packer = Packer { data: Vec::new() };
+            let mut packer = Packer::<f32> { data: Vec::new() };
             packer.put(&[1.0, 2.0, 3.0]);
             let offset = packer.put_transposed(&weight, out_features, in_features) as usize;
             assert_eq!(offset, 4);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
-use crate::weights::{SafetensorsFile, TensorSource, decode};
+use crate::weights::{SafetensorsFile, TensorSource, decode, decode_f16};
 
 /// One component's tensors, and how many bytes were read or received for it.
 pub struct FetchedComponent {
@@ -61,6 +61,10 @@ struct SharedFile(Arc<SafetensorsFile>);
 impl TensorSource for SharedFile {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         self.0.tensor(name, shape)
+    }
+
+    fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        self.0.tensor_f16(name, shape)
     }
 }
 
@@ -161,8 +165,13 @@ fn safetensors_dtype(dtype: surf_transport::Dtype) -> safetensors::Dtype {
     }
 }
 
-impl TensorSource for ComponentTensors {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+impl ComponentTensors {
+    fn stored<T>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        read: fn(&Path, &str, safetensors::Dtype, &[usize], &[u8], &[usize]) -> Result<T>,
+    ) -> Result<T> {
         let entry = self
             .entries
             .iter()
@@ -179,7 +188,7 @@ impl TensorSource for ComponentTensors {
                 Error::WeightSource(format!("tensor {name} lies outside its component"))
             })?;
         let actual: Vec<usize> = entry.shape.iter().map(|&d| d as usize).collect();
-        decode(
+        read(
             &self.origin,
             name,
             safetensors_dtype(entry.dtype),
@@ -187,6 +196,16 @@ impl TensorSource for ComponentTensors {
             data,
             shape,
         )
+    }
+}
+
+impl TensorSource for ComponentTensors {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.stored(name, shape, decode)
+    }
+
+    fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        self.stored(name, shape, decode_f16)
     }
 }
 

@@ -82,6 +82,12 @@ pub struct CacheInfo {
     pub staging_in_vram: bool,
     /// `optimal` or `lru`.
     pub eviction: String,
+    /// `f32` or `f16`: how weights are held in GPU memory.
+    pub weight_dtype: String,
+    /// Bytes of one encoder layer in GPU memory (one slot).
+    pub layer_bytes: u64,
+    /// Bytes of the pinned embedding tables in GPU memory.
+    pub pinned_bytes: u64,
 }
 
 fn ratio(part: u64, whole: u64) -> f64 {

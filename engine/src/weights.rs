@@ -1,4 +1,6 @@
-//! Reading tensors out of safetensors bytes, converting f16 and bf16 to f32.
+//! Reading tensors out of safetensors bytes, as f32 or as f16: f16 stored
+//! tensors are copied word for word into f16, bf16 ones are converted
+//! through f32 (never reinterpreted), f32 ones rounded to nearest.
 
 use std::path::{Path, PathBuf};
 
@@ -7,9 +9,10 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{Error, Result};
 
 /// Where named tensors come from. The model code asks for each tensor by its
-/// checkpoint name and the shape it expects; the source converts it to f32.
+/// checkpoint name and the shape it expects, in the element type it packs.
 pub trait TensorSource {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>>;
 }
 
 /// A memory-mapped `model.safetensors`.
@@ -93,22 +96,33 @@ fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>> {
         .map_err(|e| Error::bad_model(path, format!("not a valid safetensors file ({e})")))
 }
 
-impl TensorSource for SafetensorsFile {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+impl SafetensorsFile {
+    fn stored<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&Path, &str, Dtype, &[usize], &[u8]) -> Result<T>,
+    ) -> Result<T> {
         let tensors = parse(&self.path, &self.map)?;
         let full = format!("{}{name}", self.prefix);
         let view = tensors.tensor(&full).map_err(|_| Error::MissingTensor {
             path: self.path.clone(),
             tensor: full.clone(),
         })?;
-        decode(
-            &self.path,
-            &full,
-            view.dtype(),
-            view.shape(),
-            view.data(),
-            shape,
-        )
+        read(&self.path, &full, view.dtype(), view.shape(), view.data())
+    }
+}
+
+impl TensorSource for SafetensorsFile {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.stored(name, |path, full, dtype, actual, data| {
+            decode(path, full, dtype, actual, data, shape)
+        })
+    }
+
+    fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        self.stored(name, |path, full, dtype, actual, data| {
+            decode_f16(path, full, dtype, actual, data, shape)
+        })
     }
 }
 
@@ -121,6 +135,65 @@ pub fn decode(
     data: &[u8],
     shape: &[usize],
 ) -> Result<Vec<f32>> {
+    check_stored(path, name, dtype, actual_shape, data, shape)?;
+    // The mapped bytes need not be aligned for f32, so decode element by element.
+    let values = match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    };
+    Ok(values)
+}
+
+/// Checks `actual_shape` against `shape` and converts `data` to f16: f16
+/// words are taken as they are, without a round trip through f32.
+pub fn decode_f16(
+    path: &Path,
+    name: &str,
+    dtype: Dtype,
+    actual_shape: &[usize],
+    data: &[u8],
+    shape: &[usize],
+) -> Result<Vec<half::f16>> {
+    check_stored(path, name, dtype, actual_shape, data, shape)?;
+    let values = match dtype {
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+            .collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| half::f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        // bf16 keeps f32's exponent range: through f32, values beyond f16's
+        // range become infinities instead of reinterpreted garbage.
+        _ => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_f32(half::bf16::from_le_bytes([b[0], b[1]]).to_f32()))
+            .collect(),
+    };
+    Ok(values)
+}
+
+/// Checks a stored tensor's shape, dtype and byte length against what the
+/// model expects.
+fn check_stored(
+    path: &Path,
+    name: &str,
+    dtype: Dtype,
+    actual_shape: &[usize],
+    data: &[u8],
+    shape: &[usize],
+) -> Result<()> {
     if actual_shape != shape {
         return Err(Error::WrongShape {
             path: path.into(),
@@ -151,20 +224,46 @@ pub fn decode(
             ),
         ));
     }
-    // The mapped bytes need not be aligned for f32, so decode element by element.
-    let values = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-    };
-    Ok(values)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use half::{bf16, f16};
+    use safetensors::Dtype;
+
+    use super::decode_f16;
+
+    fn decode(dtype: Dtype, data: &[u8]) -> Vec<f16> {
+        let count = data.len() / if dtype == Dtype::F32 { 4 } else { 2 };
+        decode_f16(Path::new("t"), "x", dtype, &[count], data, &[count]).expect("decodes")
+    }
+
+    #[test]
+    fn f16_words_pass_through_and_other_floats_round_to_nearest() {
+        // Every f16 bit pattern, NaNs included, comes out as the same word.
+        let words: Vec<u16> = (0..=u16::MAX).collect();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let out = decode(Dtype::F16, &bytes);
+        assert!(out.iter().zip(&words).all(|(v, &w)| v.to_bits() == w));
+
+        let values = [0.1f32, -3.75, 65504.0, 1.0e-6, 70000.0, 1.0 / 3.0];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let out = decode(Dtype::F32, &bytes);
+        for (v, h) in values.iter().zip(&out) {
+            assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits(), "{v}");
+        }
+        assert!(out[4].is_infinite());
+
+        // bf16 1.5 and 2^-10 are exact in f16; reinterpreting their bits would not be.
+        let bf: Vec<u8> = [bf16::from_f32(1.5), bf16::from_f32(2f32.powi(-10))]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let out = decode(Dtype::BF16, &bf);
+        assert_eq!(out[0].to_f32(), 1.5);
+        assert_eq!(out[1].to_f32(), 2f32.powi(-10));
+    }
 }

@@ -1,5 +1,10 @@
 //! Every WGSL kernel against a CPU reference computed in f64.
 //!
+//! Kernels that read weights run with f32 weights and with f16 weights packed
+//! two to a word; the f16 reference is computed from the same f16-rounded
+//! values, so the tolerance is the same: what is measured is the kernel's
+//! arithmetic, not the rounding of the weights.
+//!
 //! Inputs are small because CI runs these on a software rasterizer. Errors are
 //! measured as max |gpu - reference| / max |reference| over the compared
 //! elements, which is the relative error of the result as a whole and does not
@@ -15,7 +20,7 @@ use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
 use surf_engine::kernels::normalize::Normalize;
 use surf_engine::kernels::pool::Pool;
-use surf_engine::{Activation, Pooling};
+use surf_engine::{Activation, Pooling, WeightDtype};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -28,6 +33,27 @@ fn random_vec(rng: &mut StdRng, len: usize) -> Vec<f32> {
 
 fn upload(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {
     gpu.storage_buffer_with(label, bytemuck::cast_slice(data))
+}
+
+const DTYPES: [WeightDtype; 2] = [WeightDtype::F32, WeightDtype::F16];
+
+/// `values` as a kernel built for `dtype` reads them: the buffer, and the
+/// values the reference must use (rounded to f16 for f16 weights). f16
+/// buffers are padded to whole vec4 groups, as the engine's packing does.
+fn weights_for(gpu: &Gpu, dtype: WeightDtype, values: Vec<f32>) -> (Vec<f32>, wgpu::Buffer) {
+    match dtype {
+        WeightDtype::F32 => {
+            let buffer = upload(gpu, "weights", &values);
+            (values, buffer)
+        }
+        WeightDtype::F16 => {
+            let mut words: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let rounded = words.iter().map(|w| w.to_f32()).collect();
+            words.resize(words.len().next_multiple_of(4), half::f16::ZERO);
+            let buffer = gpu.storage_buffer_with("weights", bytemuck::cast_slice(&words));
+            (rounded, buffer)
+        }
+    }
 }
 
 fn upload_u32(gpu: &Gpu, label: &str, data: &[u32]) -> wgpu::Buffer {
@@ -145,7 +171,8 @@ impl MatmulCase {
         let Self { m, k, n, .. } = *self;
         let lhs = random_vec(rng, self.a_offset + m * k);
         let weight_len = (self.b_offset + k * n).max(self.bias_offset + n);
-        let weights = random_vec(rng, weight_len);
+        let (weights, weights_buffer) =
+            weights_for(gpu, matmul.dtype(), random_vec(rng, weight_len));
         let out_len = self.c_offset + m * n + 8;
 
         let mut expected = vec![0.0f64; m * n];
@@ -161,7 +188,6 @@ impl MatmulCase {
         }
 
         let lhs_buffer = upload(gpu, "lhs", &lhs);
-        let weights_buffer = upload(gpu, "weights", &weights);
         let out_buffer = upload(gpu, "out", &vec![SENTINEL; out_len]);
         let operands = MatmulOperands {
             lhs: &lhs_buffer,
@@ -182,8 +208,13 @@ impl MatmulCase {
         let out = run_and_read(gpu, plan, &out_buffer, out_len);
 
         let what = format!(
-            "matmul {variant:?} m={m} k={k} n={n} offsets a={} b={} bias={} c={} {:?}",
-            self.a_offset, self.b_offset, self.bias_offset, self.c_offset, self.activation
+            "matmul {variant:?} {} weights m={m} k={k} n={n} offsets a={} b={} bias={} c={} {:?}",
+            matmul.dtype(),
+            self.a_offset,
+            self.b_offset,
+            self.bias_offset,
+            self.c_offset,
+            self.activation
         );
         let c_end = self.c_offset + m * n;
         assert!(
@@ -207,7 +238,12 @@ const ACTIVATIONS: [Option<Activation>; 4] = [
 #[test]
 fn matmul_general_matches_reference_for_odd_shapes_and_offsets() {
     let Some(gpu) = gpu_for_tests() else { return };
-    let matmul = Matmul::new(&gpu);
+    for dtype in DTYPES {
+        matmul_general_cases(&gpu, &Matmul::new(&gpu, dtype));
+    }
+}
+
+fn matmul_general_cases(gpu: &Gpu, matmul: &Matmul) {
     let mut rng = StdRng::seed_from_u64(1);
     let shapes = [
         (37, 53, 70, 4, 8, 4),
@@ -226,7 +262,7 @@ fn matmul_general_matches_reference_for_odd_shapes_and_offsets() {
             c_offset,
             activation: ACTIVATIONS[i % ACTIVATIONS.len()],
         };
-        case.check(&gpu, &matmul, Some(MatmulVariant::General), &mut rng);
+        case.check(gpu, matmul, Some(MatmulVariant::General), &mut rng);
     }
     // Every activation on one shape that leaves partial tiles in both directions.
     for activation in ACTIVATIONS {
@@ -240,7 +276,7 @@ fn matmul_general_matches_reference_for_odd_shapes_and_offsets() {
             c_offset: 8,
             activation,
         };
-        case.check(&gpu, &matmul, Some(MatmulVariant::General), &mut rng);
+        case.check(gpu, matmul, Some(MatmulVariant::General), &mut rng);
     }
 }
 
@@ -255,7 +291,12 @@ fn tile_rows(variant: MatmulVariant) -> usize {
 #[test]
 fn matmul_every_variant_matches_reference_for_aligned_shapes() {
     let Some(gpu) = gpu_for_tests() else { return };
-    let matmul = Matmul::new(&gpu);
+    for dtype in DTYPES {
+        matmul_variant_cases(&gpu, &Matmul::new(&gpu, dtype));
+    }
+}
+
+fn matmul_variant_cases(gpu: &Gpu, matmul: &Matmul) {
     if matmul.variants() == [MatmulVariant::General] {
         eprintln!(
             "note: this adapter has no subgroups of 8 or more; only the general matmul is tested"
@@ -297,7 +338,7 @@ fn matmul_every_variant_matches_reference_for_aligned_shapes() {
                     c_offset,
                     activation,
                 };
-                case.check(&gpu, &matmul, Some(variant), &mut rng);
+                case.check(gpu, matmul, Some(variant), &mut rng);
             }
         }
     }
@@ -306,7 +347,12 @@ fn matmul_every_variant_matches_reference_for_aligned_shapes() {
 #[test]
 fn matmul_push_picks_a_variant_that_handles_the_operands() {
     let Some(gpu) = gpu_for_tests() else { return };
-    let matmul = Matmul::new(&gpu);
+    for dtype in DTYPES {
+        matmul_push_cases(&gpu, &Matmul::new(&gpu, dtype));
+    }
+}
+
+fn matmul_push_cases(gpu: &Gpu, matmul: &Matmul) {
     let mut rng = StdRng::seed_from_u64(3);
     // Aligned at row counts that pick different tile heights, then each
     // alignment requirement broken in turn.
@@ -338,22 +384,34 @@ fn matmul_push_picks_a_variant_that_handles_the_operands() {
             c_offset,
             activation: Some(Activation::GeluErf),
         };
-        case.check(&gpu, &matmul, None, &mut rng);
+        case.check(gpu, matmul, None, &mut rng);
     }
 }
 
 #[test]
 fn embed_gathers_and_sums_the_three_tables() {
     let Some(gpu) = gpu_for_tests() else { return };
-    let embed = Embed::new(&gpu);
+    for dtype in DTYPES {
+        embed_case(&gpu, dtype);
+    }
+}
+
+fn embed_case(gpu: &Gpu, dtype: WeightDtype) {
+    let gpu = gpu.clone();
+    let embed = Embed::new(&gpu, dtype);
     let mut rng = StdRng::seed_from_u64(4);
-    let (vocab, positions, types, hidden) = (50, 20, 2, 36);
+    let (vocab, positions, types, hidden) = (50, 20, 2, 37);
     let tables = EmbeddingTables {
-        word_offset: 4,
-        position_offset: (4 + vocab * hidden + 8) as u32,
-        type_offset: (4 + vocab * hidden + 8 + positions * hidden) as u32,
+        word_offset: 3,
+        position_offset: (3 + vocab * hidden + 8) as u32,
+        type_offset: (3 + vocab * hidden + 8 + positions * hidden + 1) as u32,
     };
-    let table = random_vec(&mut rng, tables.type_offset as usize + types * hidden);
+    // An odd hidden size and offsets, so that f16 elements straddle words.
+    let (table, table_buffer) = weights_for(
+        &gpu,
+        dtype,
+        random_vec(&mut rng, tables.type_offset as usize + types * hidden),
+    );
     let token_count = 29;
     let tokens: Vec<u32> = (0..token_count)
         .flat_map(|t| {
@@ -366,7 +424,6 @@ fn embed_gathers_and_sums_the_three_tables() {
         .collect();
 
     let tokens_buffer = upload_u32(&gpu, "tokens", &tokens);
-    let table_buffer = upload(&gpu, "table", &table);
     let out_buffer = gpu.storage_buffer("out", (token_count * hidden * 4) as u64);
     let mut plan = DispatchPlan::new(&gpu);
     embed.push(
@@ -393,7 +450,7 @@ fn embed_gathers_and_sums_the_three_tables() {
             );
         }
     }
-    assert_close("embed", &out, &expected);
+    assert_close(&format!("embed {dtype} tables"), &out, &expected);
 }
 
 fn layernorm_reference(
@@ -427,7 +484,14 @@ fn layernorm_reference(
 #[test]
 fn layernorm_matches_reference_with_and_without_residual() {
     let Some(gpu) = gpu_for_tests() else { return };
-    let layernorm = LayerNorm::new(&gpu);
+    for dtype in DTYPES {
+        layernorm_cases(&gpu, dtype);
+    }
+}
+
+fn layernorm_cases(gpu: &Gpu, dtype: WeightDtype) {
+    let gpu = gpu.clone();
+    let layernorm = LayerNorm::new(&gpu, dtype);
     let mut rng = StdRng::seed_from_u64(5);
     let eps = 1e-12f32;
     for cols in [36, 200, 384] {
@@ -438,13 +502,13 @@ fn layernorm_matches_reference_with_and_without_residual() {
         let residual = random_vec(&mut rng, rows * cols);
         let gamma_offset = 4;
         let beta_offset = gamma_offset + cols + 4;
-        let weights = random_vec(&mut rng, beta_offset + cols);
+        let (weights, weights_buffer) =
+            weights_for(&gpu, dtype, random_vec(&mut rng, beta_offset + cols));
         let gamma = &weights[gamma_offset..gamma_offset + cols];
         let beta = &weights[beta_offset..beta_offset + cols];
 
         let x_buffer = upload(&gpu, "x", &x);
         let residual_buffer = upload(&gpu, "residual", &residual);
-        let weights_buffer = upload(&gpu, "weights", &weights);
         for with_residual in [false, true] {
             let out_buffer = gpu.storage_buffer("out", (rows * cols * 4) as u64);
             let mut plan = DispatchPlan::new(&gpu);
@@ -472,7 +536,7 @@ fn layernorm_matches_reference_with_and_without_residual() {
                 f64::from(eps),
             );
             assert_close(
-                &format!("layernorm cols={cols} residual={with_residual}"),
+                &format!("layernorm {dtype} weights cols={cols} residual={with_residual}"),
                 &out,
                 &expected,
             );

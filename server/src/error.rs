@@ -1,6 +1,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use surf_transport::Dtype;
+
 /// Everything that can stop the weight server from starting or serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,6 +31,8 @@ pub enum Error {
         tensor: String,
         dtype: String,
     },
+    #[error("weights cannot be served as {dtype}: a server serves f32 or f16")]
+    UnservableDtype { dtype: Dtype },
     #[error("cannot read {path}: {source}")]
     ModelFile {
         path: PathBuf,
@@ -72,6 +76,7 @@ impl Error {
             | Error::Safetensors { .. }
             | Error::InvalidModel { .. }
             | Error::UnsupportedDtype { .. }
+            | Error::UnservableDtype { .. }
             | Error::ModelFile { .. }
             | Error::FilesTooLarge { .. }
             | Error::CertificateOut { .. }

@@ -11,7 +11,7 @@ use surf_transport::wire::{
     self, FetchRefusal, FetchReply, FetchRequest, Hello, HelloReply, PROTOCOL_VERSION, Refusal,
     close_code, limits, stream_code,
 };
-use surf_transport::{Manifest, ObjectRef};
+use surf_transport::{Dtype, Manifest, ObjectRef};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,6 +56,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a graceful shutdown waits for fetches in flight.
     pub shutdown_grace: Duration,
+    /// The dtype float weights are served in: f16 halves the bytes on the
+    /// wire, converted once from the checkpoint.
+    pub weight_dtype: Dtype,
     /// Test hooks; see [`crate::fault`].
     pub faults: Faults,
 }
@@ -70,6 +73,7 @@ impl ServerConfig {
             identity: Identity::SelfSigned,
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(10),
+            weight_dtype: Dtype::F32,
             faults: Faults::default(),
         }
     }
@@ -90,7 +94,9 @@ impl WeightServer {
     /// Must run inside a tokio runtime.
     pub async fn bind(config: ServerConfig) -> Result<RunningServer, Error> {
         let model_dir = config.model_dir.clone();
-        let store = tokio::task::spawn_blocking(move || ModelStore::open(&model_dir)).await??;
+        let weight_dtype = config.weight_dtype;
+        let store = tokio::task::spawn_blocking(move || ModelStore::open(&model_dir, weight_dtype))
+            .await??;
         let manifest = store.manifest().clone();
         tracing::info!(
             model = %manifest.model_id,
@@ -160,6 +166,7 @@ impl WeightServer {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             faults: config.faults,
+            weight_dtype,
         });
         let accept_task = tokio::spawn(accept_connections(endpoint.clone(), shared.clone()));
         Ok(RunningServer {
@@ -272,6 +279,7 @@ struct Shared {
     cancel: CancellationToken,
     tracker: TaskTracker,
     faults: Faults,
+    weight_dtype: Dtype,
 }
 
 /// A fresh self-signed certificate for `localhost` (and `listen`'s address
@@ -409,6 +417,24 @@ async fn greet(connection: &quinn::Connection, shared: &Shared) -> bool {
             Refusal::Unauthorized,
             close_code::UNAUTHORIZED,
             "wrong or missing token",
+        )
+        .await;
+        return false;
+    }
+    if hello.weight_dtype != shared.weight_dtype {
+        let refusal = Refusal::DtypeUnavailable {
+            requested: hello.weight_dtype,
+            served: shared.weight_dtype,
+        };
+        let reason = refusal.to_string();
+        tracing::warn!(peer = %connection.remote_address(), "client refused: {reason}");
+        shared.stats.connections_refused.increment();
+        refuse(
+            connection,
+            &mut send,
+            refusal,
+            close_code::DTYPE_UNAVAILABLE,
+            &reason,
         )
         .await;
         return false;
@@ -561,7 +587,9 @@ async fn component_bytes(shared: &Arc<Shared>, name: &str) -> Result<Bytes, Fetc
         .cache
         .get_or_load(name, || async {
             let (store_shared, store_name) = (shared.clone(), name.to_owned());
-            // Gathering copies megabytes: keep it off the async workers.
+            // Gathering and converting touch megabytes: keep them off the
+            // async workers. Converted bytes stay in the cache, so a
+            // component is converted once per stay there, not per request.
             tokio::task::spawn_blocking(move || store_shared.store.gather_component(&store_name))
                 .await
                 .map_err(|error| FetchRefusal::Internal {

@@ -1,5 +1,8 @@
 //! The model as the server holds it: the safetensors file memory-mapped, its
-//! tensors grouped into components, and the manifest describing them.
+//! tensors grouped into components, and the manifest describing them. Float
+//! tensors stored in another dtype than the one served are converted (with
+//! the `half` crate, bf16 through f32, never reinterpreted); the manifest
+//! describes and hashes the converted bytes, which are what is sent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -36,6 +39,18 @@ enum Layout {
     /// The tensors are scattered: served from a copy that is assembled on
     /// demand and kept in the cache.
     Gathered(Vec<Range<usize>>),
+    /// Some tensors are served in another dtype than stored: converted on
+    /// demand, once per stay in the cache.
+    Converted(Vec<Piece>),
+}
+
+/// One tensor of a converted component: where it is in the file, as what
+/// it is stored and as what it is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Piece {
+    file_range: Range<usize>,
+    stored: Dtype,
+    served: Dtype,
 }
 
 /// A model folder opened for serving.
@@ -49,7 +64,10 @@ pub struct ModelStore {
 /// One tensor as found in the file.
 struct FileTensor {
     name: String,
+    /// The dtype it is served in.
     dtype: Dtype,
+    /// The dtype it is stored in.
+    stored: Dtype,
     shape: Vec<u64>,
     file_range: Range<usize>,
 }
@@ -65,8 +83,9 @@ impl AsRef<[u8]> for MappedFile {
 
 impl ModelStore {
     /// Opens `model_dir`, validates its safetensors file and hashes every
-    /// component. Blocking: this reads the whole file once.
-    pub fn open(model_dir: &Path) -> Result<Self, Error> {
+    /// component with its float tensors as `weight_dtype` (f32 or f16).
+    /// Blocking: this reads the whole file once, converting what needs it.
+    pub fn open(model_dir: &Path, weight_dtype: Dtype) -> Result<Self, Error> {
         let metadata = std::fs::metadata(model_dir).map_err(|source| Error::ModelDir {
             path: model_dir.to_owned(),
             source,
@@ -81,8 +100,18 @@ impl ModelStore {
         if !weights_path.is_file() {
             return Err(Error::MissingWeights { path: weights_path });
         }
+        if !weight_dtype.is_servable() {
+            return Err(Error::UnservableDtype {
+                dtype: weight_dtype,
+            });
+        }
         let file = map_file(&weights_path)?;
-        let tensors = read_tensors(&weights_path, &file)?;
+        let mut tensors = read_tensors(&weights_path, &file)?;
+        for tensor in &mut tensors {
+            if tensor.stored.is_float() {
+                tensor.dtype = weight_dtype;
+            }
+        }
         let groups = group_into_components(&weights_path, tensors)?;
         let files = read_small_files(model_dir)?;
 
@@ -111,6 +140,7 @@ impl ModelStore {
             revision: String::new(),
             files,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            weight_dtype,
             components,
         };
         manifest.revision = manifest.compute_revision();
@@ -134,16 +164,18 @@ impl ModelStore {
     pub fn mapped_component(&self, name: &str) -> Option<Bytes> {
         match self.layouts.get(name)? {
             Layout::Contiguous(range) => Some(self.file.slice(range.clone())),
-            Layout::Gathered(_) => None,
+            Layout::Gathered(_) | Layout::Converted(_) => None,
         }
     }
 
-    /// Copies a scattered component together; `None` for unknown names.
+    /// Copies a scattered component together, converting the tensors served
+    /// in another dtype; `None` for unknown names.
     pub fn gather_component(&self, name: &str) -> Option<Bytes> {
-        match self.layouts.get(name)? {
-            Layout::Contiguous(range) => Some(Bytes::copy_from_slice(&self.file[range.clone()])),
-            Layout::Gathered(pieces) => Some(Bytes::from(gather(&self.file, pieces))),
-        }
+        let layout = self.layouts.get(name)?;
+        Some(match assemble(&self.file, layout) {
+            std::borrow::Cow::Borrowed(bytes) => Bytes::copy_from_slice(bytes),
+            std::borrow::Cow::Owned(bytes) => Bytes::from(bytes),
+        })
     }
 }
 
@@ -180,9 +212,24 @@ fn read_tensors(path: &Path, file: &[u8]) -> Result<Vec<FileTensor>, Error> {
             dtype: format!("{:?}", info.dtype),
         })?;
         let (start, end) = info.data_offsets;
+        let expected_len = info
+            .shape
+            .iter()
+            .try_fold(dtype.size_bytes(), |len, &dim| len.checked_mul(dim as u64));
+        if expected_len != Some((end - start) as u64) {
+            return Err(Error::InvalidModel {
+                path: path.to_owned(),
+                detail: format!(
+                    "tensor {name} of shape {:?} and dtype {dtype} has {} bytes",
+                    info.shape,
+                    end - start
+                ),
+            });
+        }
         tensors.push(FileTensor {
             name,
             dtype,
+            stored: dtype,
             shape: info.shape.iter().map(|&dim| dim as u64).collect(),
             file_range: data_start + start..data_start + end,
         });
@@ -295,6 +342,18 @@ fn group_into_components(
 }
 
 fn layout_of(tensors: &[FileTensor]) -> Layout {
+    if tensors.iter().any(|tensor| tensor.stored != tensor.dtype) {
+        return Layout::Converted(
+            tensors
+                .iter()
+                .map(|tensor| Piece {
+                    file_range: tensor.file_range.clone(),
+                    stored: tensor.stored,
+                    served: tensor.dtype,
+                })
+                .collect(),
+        );
+    }
     let contiguous = tensors
         .windows(2)
         .all(|pair| pair[0].file_range.end == pair[1].file_range.start);
@@ -344,28 +403,113 @@ fn describe_components(file: &[u8], groups: &[(String, Vec<FileTensor>)]) -> Vec
 }
 
 fn describe_component(file: &[u8], name: &str, tensors: &[FileTensor]) -> Component {
+    let component_bytes = assemble(file, &layout_of(tensors));
     let mut offset = 0u64;
     let entries = tensors
         .iter()
         .map(|tensor| {
-            let bytes = &file[tensor.file_range.clone()];
+            let stored_len = tensor.file_range.len() as u64;
+            let byte_len = stored_len / tensor.stored.size_bytes() * tensor.dtype.size_bytes();
+            let bytes = &component_bytes[offset as usize..(offset + byte_len) as usize];
             let entry = TensorEntry {
                 name: tensor.name.clone(),
                 dtype: tensor.dtype,
                 shape: tensor.shape.clone(),
                 offset,
-                byte_len: bytes.len() as u64,
+                byte_len,
                 hash: Digest::of(bytes),
             };
-            offset += bytes.len() as u64;
+            offset += byte_len;
             entry
         })
         .collect();
-    let component_bytes: std::borrow::Cow<'_, [u8]> = match layout_of(tensors) {
-        Layout::Contiguous(range) => std::borrow::Cow::Borrowed(&file[range]),
-        Layout::Gathered(pieces) => std::borrow::Cow::Owned(gather(file, &pieces)),
-    };
     Component::describe(name, entries, &component_bytes, DEFAULT_CHUNK_SIZE)
+}
+
+/// A component's bytes as served: borrowed from the map where they sit back
+/// to back as stored, copied together or converted otherwise.
+fn assemble<'a>(file: &'a [u8], layout: &Layout) -> std::borrow::Cow<'a, [u8]> {
+    match layout {
+        Layout::Contiguous(range) => std::borrow::Cow::Borrowed(&file[range.clone()]),
+        Layout::Gathered(pieces) => std::borrow::Cow::Owned(gather(file, pieces)),
+        Layout::Converted(pieces) => {
+            let len = pieces
+                .iter()
+                .map(|piece| {
+                    piece.file_range.len() / piece.stored.size_bytes() as usize
+                        * piece.served.size_bytes() as usize
+                })
+                .sum();
+            let mut bytes = Vec::with_capacity(len);
+            for piece in pieces {
+                convert_into(
+                    &file[piece.file_range.clone()],
+                    piece.stored,
+                    piece.served,
+                    &mut bytes,
+                );
+            }
+            std::borrow::Cow::Owned(bytes)
+        }
+    }
+}
+
+/// Elements converted per step: the f32 staging buffers stay on the stack.
+const CONVERT_BLOCK: usize = 4096;
+
+/// Appends `stored` (little-endian elements of `from`) as little-endian
+/// elements of `to`. Only float tensors are ever given a served dtype other
+/// than their own, and only f32 or f16 is served (`open` checks both);
+/// anything else is copied as is. Values are converted, never
+/// reinterpreted: f16 and bf16 widen to f32 exactly, f32 narrows to f16 with
+/// `half` (rounding to nearest even, beyond f16's range to infinity).
+fn convert_into(stored: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) {
+    let from_size = from.size_bytes() as usize;
+    let convertible = from != to
+        && matches!(from, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        && matches!(to, Dtype::F16 | Dtype::F32);
+    if !convertible {
+        out.extend_from_slice(stored);
+        return;
+    }
+    out.reserve(stored.len() / from_size * to.size_bytes() as usize);
+    if from == Dtype::F64 {
+        // Straight from f64, so that narrowing to f16 rounds once.
+        for word in stored.chunks_exact(8) {
+            let mut le = [0u8; 8];
+            le.copy_from_slice(word);
+            let value = f64::from_le_bytes(le);
+            match to {
+                Dtype::F16 => out.extend_from_slice(&half::f16::from_f64(value).to_le_bytes()),
+                _ => out.extend_from_slice(&(value as f32).to_le_bytes()),
+            }
+        }
+        return;
+    }
+    let mut wide = [0f32; CONVERT_BLOCK];
+    let mut narrow = [half::f16::ZERO; CONVERT_BLOCK];
+    for block in stored.chunks(CONVERT_BLOCK * from_size) {
+        let wide = &mut wide[..block.len() / from_size];
+        for (value, word) in wide.iter_mut().zip(block.chunks_exact(from_size)) {
+            *value = match *word {
+                [a, b, c, d] => f32::from_le_bytes([a, b, c, d]),
+                [a, b] if from == Dtype::BF16 => half::bf16::from_le_bytes([a, b]).to_f32(),
+                [a, b] => half::f16::from_le_bytes([a, b]).to_f32(),
+                _ => 0.0,
+            };
+        }
+        if to == Dtype::F16 {
+            let narrow = &mut narrow[..wide.len()];
+            half::slice::HalfFloatSliceExt::convert_from_f32_slice(narrow, wide);
+            for value in narrow.iter() {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        } else {
+            for value in wide.iter() {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
 }
 
 /// Reads the configs and tokenizer files that travel in the manifest.
@@ -469,6 +613,7 @@ mod tests {
         let tensor = |start: usize, end: usize| FileTensor {
             name: String::new(),
             dtype: Dtype::U8,
+            stored: Dtype::U8,
             shape: vec![(end - start) as u64],
             file_range: start..end,
         };
@@ -482,5 +627,87 @@ mod tests {
         ));
         let file: Vec<u8> = (0..40).collect();
         assert_eq!(gather(&file, &[2..4, 10..12]), vec![2, 3, 10, 11]);
+    }
+
+    fn f16_words(bytes: &[u8]) -> Vec<u16> {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect()
+    }
+
+    #[test]
+    fn floats_convert_to_f16_by_value_and_bf16_is_never_reinterpreted() {
+        let values = [0.1f32, -2.5, 65504.0, 1.0e-7, 1.0e6];
+        let stored: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        convert_into(&stored, Dtype::F32, Dtype::F16, &mut out);
+        let expected: Vec<u16> = values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        assert_eq!(f16_words(&out), expected);
+
+        // 1.5 in bf16 is 0x3FC0; read as f16 bits that would be 1.9375.
+        let bf16: Vec<u8> = [1.5f32, -0.0078125]
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let mut out = Vec::new();
+        convert_into(&bf16, Dtype::BF16, Dtype::F16, &mut out);
+        let decoded: Vec<f32> = f16_words(&out)
+            .into_iter()
+            .map(|w| half::f16::from_bits(w).to_f32())
+            .collect();
+        assert_eq!(decoded, vec![1.5, -0.0078125]);
+
+        // f16 to f32 widens exactly; same to same copies.
+        let mut wide = Vec::new();
+        convert_into(&out, Dtype::F16, Dtype::F32, &mut wide);
+        assert_eq!(
+            wide,
+            [1.5f32, -0.0078125]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>()
+        );
+        let mut same = Vec::new();
+        convert_into(&out, Dtype::F16, Dtype::F16, &mut same);
+        assert_eq!(same, out);
+    }
+
+    #[test]
+    fn a_converted_component_is_described_by_the_bytes_it_sends() {
+        // Two f32 tensors, one u8 tensor that keeps its dtype.
+        let mut file = Vec::new();
+        for v in [1.0f32, 2.0, 3.0, -4.0] {
+            file.extend_from_slice(&v.to_le_bytes());
+        }
+        file.extend_from_slice(&[7, 8]);
+        let tensor = |name: &str, stored: Dtype, served: Dtype, range: Range<usize>| FileTensor {
+            name: name.into(),
+            dtype: served,
+            stored,
+            shape: vec![(range.len() as u64) / stored.size_bytes()],
+            file_range: range,
+        };
+        let tensors = [
+            tensor("encoder.layer.0.a", Dtype::F32, Dtype::F16, 0..12),
+            tensor("encoder.layer.0.b", Dtype::F32, Dtype::F16, 12..16),
+            tensor("encoder.layer.0.ids", Dtype::U8, Dtype::U8, 16..18),
+        ];
+        let component = describe_component(&file, "encoder.layer.0", &tensors);
+        let layout = layout_of(&tensors);
+        let sent = assemble(&file, &layout);
+        assert_eq!(component.byte_len, 6 + 2 + 2);
+        assert_eq!(sent.len() as u64, component.byte_len);
+        assert!(component.hash.matches(&blake3::hash(&sent)));
+        for entry in &component.tensors {
+            let bytes = &sent[entry.byte_range().start as usize..entry.byte_range().end as usize];
+            assert!(entry.hash.matches(&blake3::hash(bytes)), "{}", entry.name);
+        }
+        assert_eq!(component.tensors[1].dtype, Dtype::F16);
+        assert_eq!(component.tensors[2].dtype, Dtype::U8);
+        assert_eq!(&sent[8..], &[7, 8]);
     }
 }

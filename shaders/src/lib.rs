@@ -1,5 +1,12 @@
 //! WGSL sources of the engine's compute kernels, one file per kernel. The engine
 //! owns the pipelines; this crate only carries the text.
+//!
+//! Kernels that read model weights do not declare the weights buffer
+//! themselves: a line `// @weights(<binding>, scalar|vec4)` stands where the
+//! declaration goes, and the code reads through `weight1(i)` (one element)
+//! or `weight4(i)` (elements 4i..4i+4). [`with_weights`] puts in the
+//! declaration and the readers for the weights' storage format, so that one
+//! kernel text serves f32 weights and f16 weights packed two to a `u32`.
 
 /// Tiled matrix multiply with fused bias and activation.
 pub const MATMUL: &str = concat!(
@@ -60,9 +67,106 @@ pub const NORMALIZE: &str = include_str!("../normalize.wgsl");
 /// FMA chains that measure the adapter's arithmetic peak.
 pub const FMA_PEAK: &str = include_str!("../fma_peak.wgsl");
 
+/// How weights are stored in their GPU buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightWords {
+    /// One f32 per element.
+    F32,
+    /// Two f16 per `u32` word, element 2i in the low half: core WGSL unpacks
+    /// them with `unpack2x16float`, so no adapter feature is needed, and the
+    /// arithmetic stays f32.
+    F16Pairs,
+}
+
+/// `source` with its `// @weights(..)` line replaced by the declaration of the
+/// weights buffer and its readers for `words`. Panics on a source without a
+/// well-formed marker, which is a bug in this crate's kernels.
+pub fn with_weights(source: &str, words: WeightWords) -> String {
+    let mut out = String::with_capacity(source.len() + 512);
+    let mut found = false;
+    for line in source.lines() {
+        match line.trim().strip_prefix("// @weights(") {
+            Some(rest) => {
+                let args = rest
+                    .strip_suffix(')')
+                    .unwrap_or_else(|| panic!("malformed weights marker `{line}`"));
+                let (binding, access) = args
+                    .split_once(',')
+                    .unwrap_or_else(|| panic!("malformed weights marker `{line}`"));
+                let binding: u32 = binding
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("malformed weights marker `{line}`"));
+                out += &weights_declaration(binding, access.trim(), words);
+                found = true;
+            }
+            None => {
+                out += line;
+                out.push('\n');
+            }
+        }
+    }
+    assert!(found, "kernel source has no `// @weights(..)` marker");
+    out
+}
+
+fn weights_declaration(binding: u32, access: &str, words: WeightWords) -> String {
+    let decl = |ty: &str| {
+        format!("@group(0) @binding({binding}) var<storage, read> weights: array<{ty}>;\n")
+    };
+    match (words, access) {
+        (WeightWords::F32, "scalar") => {
+            decl("f32") + "fn weight1(i: u32) -> f32 {\n    return weights[i];\n}\n"
+        }
+        (WeightWords::F32, "vec4") => {
+            decl("vec4<f32>") + "fn weight4(i: u32) -> vec4<f32> {\n    return weights[i];\n}\n"
+        }
+        (WeightWords::F16Pairs, "scalar") => {
+            decl("u32")
+                + "fn weight1(i: u32) -> f32 {\n    return unpack2x16float(weights[i >> 1u])[i & 1u];\n}\n"
+        }
+        // One 8-byte load per four elements, like the f32 path's one vec4 load.
+        (WeightWords::F16Pairs, "vec4") => {
+            decl("vec2<u32>")
+                + "fn weight4(i: u32) -> vec4<f32> {\n    let w = weights[i];\n    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));\n}\n"
+        }
+        (_, other) => panic!("weights marker asks for `{other}` access, not scalar or vec4"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{ATTENTION_SUBGROUPS, MATMUL_SUBGROUPS};
+    use super::{
+        ATTENTION_SUBGROUPS, EMBED, LAYERNORM, MATMUL, MATMUL_SUBGROUPS, WeightWords,
+        with_weights,
+    };
+
+    #[test]
+    fn every_weight_reading_kernel_gets_one_declaration_per_format() {
+        let sources = [MATMUL, EMBED, LAYERNORM]
+            .into_iter()
+            .chain(MATMUL_SUBGROUPS.iter().map(|(_, source)| *source));
+        for source in sources {
+            assert!(!source.contains("var<storage, read> weights"));
+            for (words, element) in [
+                (WeightWords::F32, "f32>"),
+                (WeightWords::F16Pairs, "u32>"),
+            ] {
+                let expanded = with_weights(source, words);
+                assert_eq!(expanded.matches("var<storage, read> weights").count(), 1);
+                let declaration = expanded
+                    .lines()
+                    .find(|line| line.contains("var<storage, read> weights"))
+                    .unwrap_or_default();
+                assert!(declaration.ends_with(&format!("{element};")), "{declaration}");
+                assert!(!expanded.contains("@weights("));
+                assert_eq!(
+                    expanded.contains("unpack2x16float"),
+                    words == WeightWords::F16Pairs
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_attention_source_spells_out_its_queries_keys_and_head() {

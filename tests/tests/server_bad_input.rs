@@ -39,6 +39,7 @@ async fn raw_hello(
     let (mut send, mut recv) = connection.open_bi().await.expect("a stream");
     let hello = Hello {
         token: token.map(str::to_owned),
+        weight_dtype: surf_transport::Dtype::F32,
     };
     let frame = wire::encode_handshake_frame("hello", version, &hello, limits::HELLO)
         .expect("hello encodes");

@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::Mutex;
 
 use crate::error::{Recovery, ServerFailure};
-use crate::manifest::{Digest, Manifest};
+use crate::manifest::{Digest, Dtype, Manifest};
 use crate::wire::{
     self, FetchReply, FetchRequest, Hello, HelloReply, ObjectRef, PROTOCOL_VERSION, Refusal,
     close_code, limits,
@@ -78,6 +78,11 @@ pub struct ClientConfig {
     /// `None` verifies the IP address dialled.
     pub server_name: Option<String>,
     pub token: Option<String>,
+    /// The dtype to ask for float weights in ([`Dtype::F32`] or
+    /// [`Dtype::F16`]). A server that serves another refuses and the client
+    /// moves on to the next one; when none serves it, connecting fails with
+    /// [`Error::DtypeUnavailable`].
+    pub weight_dtype: Dtype,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
 }
@@ -89,6 +94,7 @@ impl ClientConfig {
             trusted_certs,
             server_name: None,
             token: None,
+            weight_dtype: Dtype::F32,
             timeouts: Timeouts::default(),
             retry: RetryPolicy::default(),
         }
@@ -436,6 +442,11 @@ impl WeightClient {
                 }
             }
         }
+        // Servers that all answer that they serve another dtype are no
+        // passing outage: the dtype error itself ends the fetch.
+        if all_dtype_unavailable(&failures) {
+            return Err(*failures.swap_remove(0).error);
+        }
         Err(Error::NoServerReachable { failures })
     }
 
@@ -452,13 +463,22 @@ impl WeightClient {
     }
 }
 
+/// The error of a connect that no server of the list accepted: the one
+/// failure itself when there was one, the first dtype refusal when every
+/// server answered that it serves another weight dtype, the whole list
+/// otherwise.
 fn collapse_failures(mut failures: Vec<ServerFailure>) -> Error {
-    if failures.len() == 1
-        && let Some(failure) = failures.pop()
-    {
-        return *failure.error;
+    if failures.len() == 1 || all_dtype_unavailable(&failures) {
+        return *failures.swap_remove(0).error;
     }
     Error::NoServerReachable { failures }
+}
+
+fn all_dtype_unavailable(failures: &[ServerFailure]) -> bool {
+    !failures.is_empty()
+        && failures
+            .iter()
+            .all(|failure| matches!(*failure.error, Error::DtypeUnavailable { .. }))
 }
 
 async fn within<T>(
@@ -494,7 +514,7 @@ async fn handshake(
     let result = within(
         config.timeouts.response,
         "waiting for the manifest",
-        exchange_hello(&connection, config.token.clone()),
+        exchange_hello(&connection, addr, config.token.clone(), config.weight_dtype),
     )
     .await
     .and_then(|result| result);
@@ -510,11 +530,16 @@ async fn handshake(
 
 async fn exchange_hello(
     connection: &quinn::Connection,
+    addr: SocketAddr,
     token: Option<String>,
+    weight_dtype: Dtype,
 ) -> Result<Manifest, Error> {
     let (mut send, mut recv) = connection.open_bi().await?;
-    let frame =
-        wire::encode_handshake_frame("hello", PROTOCOL_VERSION, &Hello { token }, limits::HELLO)?;
+    let hello = Hello {
+        token,
+        weight_dtype,
+    };
+    let frame = wire::encode_handshake_frame("hello", PROTOCOL_VERSION, &hello, limits::HELLO)?;
     wire::write_frame(&mut send, &frame, "sending hello").await?;
     let _ = send.finish();
     let server_version = wire::read_handshake_version(&mut recv, "hello reply").await?;
@@ -526,7 +551,25 @@ async fn exchange_hello(
     }
     let reply: HelloReply = wire::read_frame(&mut recv, "hello reply", limits::HELLO_REPLY).await?;
     match reply {
+        HelloReply::Accepted(manifest) if manifest.weight_dtype != weight_dtype => {
+            connection.close(
+                close_code::PROTOCOL_VIOLATION.into(),
+                b"manifest of another weight dtype than asked for",
+            );
+            Err(Error::ManifestDtypeMismatch {
+                addr,
+                requested: weight_dtype,
+                served: manifest.weight_dtype,
+            })
+        }
         HelloReply::Accepted(manifest) => Ok(*manifest),
+        HelloReply::Refused(Refusal::DtypeUnavailable { requested, served }) => {
+            Err(Error::DtypeUnavailable {
+                addr,
+                requested,
+                served,
+            })
+        }
         HelloReply::Refused(Refusal::Unauthorized) => Err(Error::Unauthorized),
         HelloReply::Refused(Refusal::VersionMismatch { server_version }) => {
             Err(Error::VersionMismatch {
@@ -734,5 +777,60 @@ mod tests {
             pauses,
             [100, 200, 350, 350].map(Duration::from_millis).to_vec()
         );
+    }
+
+    fn failure(port: u16, error: Error) -> ServerFailure {
+        ServerFailure {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            error: Box::new(error),
+        }
+    }
+
+    fn dtype_unavailable(port: u16) -> Error {
+        Error::DtypeUnavailable {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            requested: Dtype::F16,
+            served: Dtype::F32,
+        }
+    }
+
+    #[test]
+    fn servers_that_all_serve_another_dtype_give_the_dtype_error() {
+        let error = collapse_failures(vec![
+            failure(1, dtype_unavailable(1)),
+            failure(2, dtype_unavailable(2)),
+        ]);
+        assert!(
+            matches!(
+                error,
+                Error::DtypeUnavailable {
+                    addr,
+                    requested: Dtype::F16,
+                    served: Dtype::F32,
+                } if addr.port() == 1
+            ),
+            "{error}"
+        );
+        assert!(error.is_bad_input());
+        assert_eq!(error.recovery(), Recovery::GiveUp);
+        assert!(
+            error.to_string().contains("start it with --dtype f16"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_dtype_refusal_among_outages_keeps_the_whole_list() {
+        let timeout = Error::Timeout {
+            during: "waiting for the manifest",
+            timeout: Duration::from_secs(1),
+        };
+        let error = collapse_failures(vec![failure(1, timeout), failure(2, dtype_unavailable(2))]);
+        assert!(
+            matches!(&error, Error::NoServerReachable { failures } if failures.len() == 2),
+            "{error}"
+        );
+        assert!(error.to_string().contains("serves f32 weights, not f16"));
+        assert!(!error.is_bad_input());
     }
 }

@@ -2,7 +2,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::wire::{FetchRefusal, Refusal};
+use crate::manifest::Dtype;
+use crate::wire::{FetchRefusal, Refusal, dtype_fix};
 
 /// Everything that can go wrong on either end of the weight protocol.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,23 @@ pub enum Error {
     Unauthorized,
     #[error("the server refused the connection: {0}")]
     Refused(Refusal),
+    #[error(
+        "weight server {addr} serves {served} weights, not {requested} ({})",
+        dtype_fix(*requested)
+    )]
+    DtypeUnavailable {
+        addr: SocketAddr,
+        requested: Dtype,
+        served: Dtype,
+    },
+    #[error(
+        "weight server {addr} accepted a request for {requested} weights but its manifest serves {served}: a protocol violation"
+    )]
+    ManifestDtypeMismatch {
+        addr: SocketAddr,
+        requested: Dtype,
+        served: Dtype,
+    },
     #[error("the server closed the connection: {reason} (code {code})")]
     ClosedByServer { code: u64, reason: String },
     #[error("the server refused to send {object}: {refusal}")]
@@ -166,6 +184,7 @@ impl Error {
             | Error::Bind { .. }
             | Error::Unauthorized
             | Error::VersionMismatch { .. }
+            | Error::DtypeUnavailable { .. }
             | Error::UnknownComponent { .. }
             | Error::UnknownTensor { .. } => true,
             Error::FetchRefused { refusal, .. } => refusal.is_bad_input(),
@@ -190,6 +209,7 @@ impl Error {
             | Error::Connect { .. }
             | Error::NoServerReachable { .. }
             | Error::RevisionMismatch { .. }
+            | Error::ManifestDtypeMismatch { .. }
             | Error::LengthMismatch { .. }
             | Error::MessageTooLarge { .. }
             | Error::Malformed { .. }

@@ -14,7 +14,7 @@ pub mod wire;
 
 pub use client::{ClientConfig, RetryPolicy, Timeouts, WeightClient};
 pub use error::{Error, ServerFailure};
-pub use manifest::{Component, Digest, Dtype, Manifest, TensorEntry};
+pub use manifest::{Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry};
 pub use wire::{ObjectRef, PROTOCOL_VERSION};
 
 /// Re-exported so that callers name certificate types without depending on rustls.

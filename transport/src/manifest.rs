@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,9 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// The dtypes a server can be asked to serve its weights in.
+    pub const SERVABLE: [Dtype; 2] = [Dtype::F32, Dtype::F16];
+
     pub fn size_bytes(self) -> u64 {
         match self {
             Dtype::Bool | Dtype::U8 | Dtype::I8 => 1,
@@ -66,6 +70,61 @@ impl Dtype {
             Dtype::I32 | Dtype::F32 => 4,
             Dtype::I64 | Dtype::F64 => 8,
         }
+    }
+
+    /// True for the floating-point dtypes: the ones a server converts to
+    /// its served weight dtype.
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+
+    /// True for the dtypes in [`Dtype::SERVABLE`].
+    pub fn is_servable(self) -> bool {
+        Dtype::SERVABLE.contains(&self)
+    }
+
+    /// The lowercase name, as in `--dtype f16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "bool",
+            Dtype::U8 => "u8",
+            Dtype::I8 => "i8",
+            Dtype::I16 => "i16",
+            Dtype::I32 => "i32",
+            Dtype::I64 => "i64",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+            Dtype::F32 => "f32",
+            Dtype::F64 => "f64",
+        }
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not one of the weight dtypes a server serves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown weight dtype {given:?}; expected one of: f32, f16")]
+pub struct ParseDtypeError {
+    pub given: String,
+}
+
+/// Parses the weight dtypes a server can serve (`f32`, `f16`, in any case);
+/// every other name, other dtypes included, is refused.
+impl FromStr for Dtype {
+    type Err = ParseDtypeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Dtype::SERVABLE
+            .into_iter()
+            .find(|dtype| dtype.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| ParseDtypeError {
+                given: s.to_owned(),
+            })
     }
 }
 
@@ -142,6 +201,10 @@ pub struct Manifest {
     /// `modules.json`, `1_Pooling/config.json`, ...) by relative path with `/`.
     pub files: BTreeMap<String, Vec<u8>>,
     pub chunk_size: u64,
+    /// The dtype in which every floating-point tensor is served (each
+    /// [`TensorEntry::dtype`] of a float tensor states it again); integer
+    /// tensors keep their own dtype.
+    pub weight_dtype: Dtype,
     /// `embeddings`, then `encoder.layer.0..N`, then `pooler` when present.
     pub components: Vec<Component>,
 }
@@ -198,11 +261,19 @@ impl Manifest {
 
     /// Checks what a client cannot afford to take on trust: that the chunk
     /// hashes cover each component exactly, that tensors lie inside their
-    /// component, and that the revision matches the contents.
+    /// component and hold exactly their shape's elements, that every float
+    /// tensor is in the served weight dtype, and that the revision matches
+    /// the contents.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |detail: String| Err(Error::InvalidManifest { detail });
         if self.chunk_size == 0 {
             return invalid("chunk size is zero".into());
+        }
+        if !self.weight_dtype.is_float() {
+            return invalid(format!(
+                "weights are said to be served as {}, which is not a float dtype",
+                self.weight_dtype
+            ));
         }
         for component in &self.components {
             let expected_chunks = component.byte_len.div_ceil(self.chunk_size);
@@ -220,6 +291,23 @@ impl Manifest {
                     return invalid(format!(
                         "tensor {} lies outside component {}",
                         tensor.name, component.name
+                    ));
+                }
+                if tensor.dtype.is_float() && tensor.dtype != self.weight_dtype {
+                    return invalid(format!(
+                        "tensor {} is {} in a manifest of {} weights",
+                        tensor.name, tensor.dtype, self.weight_dtype
+                    ));
+                }
+                let expected_len = tensor
+                    .shape
+                    .iter()
+                    .try_fold(1u64, |elements, &dim| elements.checked_mul(dim))
+                    .and_then(|elements| elements.checked_mul(tensor.dtype.size_bytes()));
+                if expected_len != Some(tensor.byte_len) {
+                    return invalid(format!(
+                        "tensor {} of shape {:?} and dtype {} has {} bytes",
+                        tensor.name, tensor.shape, tensor.dtype, tensor.byte_len
                     ));
                 }
             }
@@ -259,6 +347,7 @@ mod tests {
             revision: String::new(),
             files: BTreeMap::from([("config.json".to_string(), b"{}".to_vec())]),
             chunk_size: 4,
+            weight_dtype: Dtype::F32,
             components: vec![Component::describe("pooler", vec![tensor], &bytes, 4)],
         };
         manifest.revision = manifest.compute_revision();
@@ -298,5 +387,86 @@ mod tests {
             manifest.validate(),
             Err(Error::InvalidManifest { .. })
         ));
+    }
+
+    /// A manifest of one f16 tensor of shape `[2, 3]` served as `weight_dtype`.
+    fn float_manifest(weight_dtype: Dtype) -> Manifest {
+        let bytes = vec![0u8; 12];
+        let tensor = TensorEntry {
+            name: "pooler.dense.weight".into(),
+            dtype: Dtype::F16,
+            shape: vec![2, 3],
+            offset: 0,
+            byte_len: 12,
+            hash: Digest::of(&bytes),
+        };
+        let mut manifest = Manifest {
+            model_id: "tiny".into(),
+            revision: String::new(),
+            files: BTreeMap::new(),
+            chunk_size: 8,
+            weight_dtype,
+            components: vec![Component::describe("pooler", vec![tensor], &bytes, 8)],
+        };
+        manifest.revision = manifest.compute_revision();
+        manifest
+    }
+
+    #[test]
+    fn float_tensors_must_be_in_the_served_dtype() {
+        float_manifest(Dtype::F16)
+            .validate()
+            .expect("an f16 tensor in an f16 manifest is valid");
+        let error = float_manifest(Dtype::F32)
+            .validate()
+            .expect_err("an f16 tensor in an f32 manifest is not");
+        assert!(
+            error.to_string().contains("f16 in a manifest of f32"),
+            "{error}"
+        );
+        // Integer tensors keep their own dtype whatever the weights are.
+        sample_manifest().validate().expect("u8 in an f32 manifest");
+    }
+
+    #[test]
+    fn byte_length_must_match_shape_and_dtype() {
+        let mut manifest = float_manifest(Dtype::F16);
+        manifest.components[0].tensors[0].shape = vec![3, 3];
+        assert!(matches!(
+            manifest.validate(),
+            Err(Error::InvalidManifest { .. })
+        ));
+        manifest.components[0].tensors[0].shape = vec![u64::MAX, 4];
+        assert!(
+            matches!(manifest.validate(), Err(Error::InvalidManifest { .. })),
+            "an overflowing shape is refused, not wrapped"
+        );
+        manifest.components[0].tensors[0].shape = vec![1 << 62, 0, 5];
+        assert!(matches!(
+            manifest.validate(),
+            Err(Error::InvalidManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn a_manifest_of_integer_weights_is_refused() {
+        let mut manifest = float_manifest(Dtype::F16);
+        manifest.weight_dtype = Dtype::I32;
+        assert!(matches!(
+            manifest.validate(),
+            Err(Error::InvalidManifest { .. })
+        ));
+    }
+
+    #[test]
+    fn dtype_names_round_trip_for_the_servable_ones() {
+        for dtype in Dtype::SERVABLE {
+            assert_eq!(dtype.to_string().parse::<Dtype>(), Ok(dtype));
+        }
+        assert_eq!("F16".parse::<Dtype>(), Ok(Dtype::F16));
+        assert_eq!(Dtype::BF16.to_string(), "bf16");
+        let error = "bf16".parse::<Dtype>().expect_err("bf16 is not served");
+        assert_eq!(error.given, "bf16");
+        assert!(error.to_string().contains("f32, f16"), "{error}");
     }
 }

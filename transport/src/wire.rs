@@ -18,10 +18,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::Error;
-use crate::manifest::Manifest;
+use crate::manifest::{Dtype, Manifest};
 
 /// Version of the messages below; bump it whenever they change.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// v2: `Hello` states the weight dtype wanted, the manifest the one served.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// TLS application protocol name: only surf peers complete a handshake.
 pub const ALPN: &[u8] = b"surf-weights";
 /// First bytes of both handshake frames.
@@ -44,6 +45,7 @@ pub mod close_code {
     pub const PROTOCOL_VIOLATION: u32 = 3;
     pub const SHUTTING_DOWN: u32 = 4;
     pub const UNRESPONSIVE: u32 = 5;
+    pub const DTYPE_UNAVAILABLE: u32 = 6;
 }
 
 /// Application codes for resetting or stopping one stream.
@@ -56,12 +58,18 @@ pub mod stream_code {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub token: Option<String>,
+    /// The dtype the client wants float weights in; a server that serves
+    /// another refuses with [`Refusal::DtypeUnavailable`].
+    pub weight_dtype: Dtype,
 }
 
 impl fmt::Debug for Hello {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let token = self.token.as_ref().map(|_| "<redacted>");
-        f.debug_struct("Hello").field("token", &token).finish()
+        f.debug_struct("Hello")
+            .field("token", &token)
+            .field("weight_dtype", &self.weight_dtype)
+            .finish()
     }
 }
 
@@ -80,6 +88,25 @@ pub enum Refusal {
     Unauthorized,
     #[error("malformed hello: {detail}")]
     Malformed { detail: String },
+    /// The server serves its weights in another dtype than the one asked for.
+    #[error("{}", dtype_unavailable(*requested, *served))]
+    DtypeUnavailable { requested: Dtype, served: Dtype },
+}
+
+fn dtype_unavailable(requested: Dtype, served: Dtype) -> String {
+    format!(
+        "the server serves {served} weights, not {requested} ({})",
+        dtype_fix(requested)
+    )
+}
+
+/// What makes a server serve `requested`.
+pub(crate) fn dtype_fix(requested: Dtype) -> String {
+    if requested.is_servable() {
+        format!("start it with --dtype {requested}")
+    } else {
+        "servers serve only f32 or f16".to_owned()
+    }
 }
 
 /// What a fetch asks for.
@@ -304,6 +331,7 @@ mod tests {
     async fn handshake_frame_states_its_version() {
         let hello = Hello {
             token: Some("secret".into()),
+            weight_dtype: Dtype::F16,
         };
         let frame = encode_handshake_frame("hello", 42, &hello, limits::HELLO).expect("encodes");
         let mut reader = frame.as_slice();
@@ -328,7 +356,25 @@ mod tests {
     fn the_token_stays_out_of_logs() {
         let hello = Hello {
             token: Some("hunter2".into()),
+            weight_dtype: Dtype::F32,
         };
         assert!(!format!("{hello:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_dtype_refusal_says_how_to_start_the_server() {
+        let refusal = Refusal::DtypeUnavailable {
+            requested: Dtype::F16,
+            served: Dtype::F32,
+        };
+        assert_eq!(
+            refusal.to_string(),
+            "the server serves f32 weights, not f16 (start it with --dtype f16)"
+        );
+        let odd = Refusal::DtypeUnavailable {
+            requested: Dtype::BF16,
+            served: Dtype::F32,
+        };
+        assert!(!odd.to_string().contains("--dtype bf16"), "{odd}");
     }
 }

@@ -182,8 +182,9 @@ fn figures(value: &Value, out: &mut String) {
 /// points and the machine's fully resident rate.
 type Series = (String, Vec<(f64, f64)>, f64);
 
-/// Throughput against the budget, one line per machine and eviction policy,
-/// with each machine's fully resident rate as a dashed line.
+/// Throughput against the budget, one line per machine, eviction policy and
+/// weight dtype, with each machine's fully resident rate (per dtype) as a
+/// dashed line.
 fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
     let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").map_err(|e| {
         format!("the plot needs DejaVu Sans (apt-get install fonts-dejavu-core): {e}")
@@ -192,26 +193,35 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into()))
         .map_err(|_| "DejaVuSans.ttf is not a font plotters can read".to_string())?;
 
-    // One line per machine and eviction policy.
+    // One line per machine, eviction policy and weight dtype; rows from
+    // before f16 existed are f32.
+    let kind = |row: &Value| {
+        (
+            row["eviction"].as_str().unwrap_or("lru").to_string(),
+            row["dtype"].as_str().unwrap_or("f32").to_string(),
+        )
+    };
     let series: Vec<Series> = runs
         .iter()
         .flat_map(|(label, paging)| {
             let rows = paging["budgets"].as_array().cloned().unwrap_or_default();
-            let resident = paging["resident_per_s"].as_f64();
-            let mut policies: Vec<String> = Vec::new();
+            let mut kinds: Vec<(String, String)> = Vec::new();
             for row in &rows {
-                let policy = row["eviction"].as_str().unwrap_or("lru").to_string();
-                if !policies.contains(&policy) {
-                    policies.push(policy);
+                if !kinds.contains(&kind(row)) {
+                    kinds.push(kind(row));
                 }
             }
-            policies.into_iter().filter_map(move |policy| {
+            kinds.into_iter().filter_map(move |(policy, dtype)| {
                 let points = rows
                     .iter()
-                    .filter(|row| row["eviction"].as_str().unwrap_or("lru") == policy)
+                    .filter(|row| kind(row) == (policy.clone(), dtype.clone()))
                     .filter_map(|row| Some((row["budget_mb"].as_f64()?, row["per_s"].as_f64()?)))
                     .collect::<Vec<_>>();
-                Some((format!("{label}, {policy}"), points, resident?))
+                let resident = match dtype.as_str() {
+                    "f32" => paging["resident_per_s"].as_f64(),
+                    other => paging[format!("resident_{other}_per_s")].as_f64(),
+                };
+                Some((format!("{label}, {policy}, {dtype}"), points, resident?))
             })
         })
         .filter(|(_, points, _)| !points.is_empty())
@@ -279,7 +289,11 @@ fn plot(runs: &[(String, Value)], path: &Path) -> Result<(), String> {
                 continue;
             }
             residents_drawn.push(*resident);
-            let machine = label.rsplit_once(", ").map_or(label.as_str(), |(m, _)| m);
+            // "machine, policy, dtype" names the resident line "machine, dtype".
+            let machine = match label.rsplitn(3, ", ").collect::<Vec<_>>()[..] {
+                [dtype, _, machine] => format!("{machine}, {dtype}"),
+                _ => label.clone(),
+            };
             let dashes = (0..40).map(|k| {
                 let x0 = x_max * k as f64 / 40.0;
                 PathElement::new([(x0, *resident), (x0 + x_max / 80.0, *resident)], colour)

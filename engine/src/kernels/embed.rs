@@ -1,6 +1,7 @@
 //! Launcher for `embed.wgsl`: word + position + token-type embedding gather.
 
 use super::{Access, DispatchPlan, Kernel, grid_2d};
+use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
 
 #[repr(C)]
@@ -15,7 +16,7 @@ struct EmbedParams {
     _pad: [u32; 2],
 }
 
-/// Offsets (in f32 elements) of the three tables inside one buffer.
+/// Offsets (in elements) of the three tables inside one buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddingTables {
     pub word_offset: u32,
@@ -30,12 +31,13 @@ pub struct Embed {
 const THREADS: u32 = 256;
 
 impl Embed {
-    pub fn new(gpu: &Gpu) -> Self {
+    /// The gather for tables stored as `dtype`.
+    pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         Self {
             kernel: Kernel::new(
                 gpu,
                 "embed",
-                surf_shaders::EMBED,
+                &surf_shaders::with_weights(surf_shaders::EMBED, dtype.words()),
                 &[Access::Read, Access::Read, Access::ReadWrite],
             ),
         }

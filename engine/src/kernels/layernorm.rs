@@ -1,6 +1,7 @@
 //! Launcher for `layernorm.wgsl`: LayerNorm with a fused residual add.
 
 use super::{Access, DispatchPlan, Kernel, grid_2d};
+use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
 
 #[repr(C)]
@@ -17,7 +18,7 @@ struct LayerNormParams {
 }
 
 /// The operands of one LayerNorm: `out = LN(x + residual)`, gamma and beta at
-/// element offsets inside `weights`.
+/// element offsets inside `weights`, in the launcher's weight dtype.
 pub struct LayerNormOperands<'a> {
     pub x: &'a wgpu::Buffer,
     pub residual: Option<&'a wgpu::Buffer>,
@@ -32,12 +33,12 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub fn new(gpu: &Gpu) -> Self {
+    pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         Self {
             kernel: Kernel::new(
                 gpu,
                 "layernorm",
-                surf_shaders::LAYERNORM,
+                &surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words()),
                 &[Access::Read, Access::Read, Access::Read, Access::ReadWrite],
             ),
         }

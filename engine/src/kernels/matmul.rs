@@ -7,6 +7,7 @@
 
 use super::{Access, DispatchPlan, Kernel, SUBGROUP_LANES, subgroup_kernels};
 use crate::config::Activation;
+use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
 
 #[repr(C)]
@@ -41,7 +42,8 @@ impl Epilogue {
 }
 
 /// Where the operands of one matmul live: `lhs` holds A, `weights` holds B
-/// ([k, n], row-major) and the bias; offsets are in f32 elements.
+/// ([k, n], row-major) and the bias in the launcher's weight dtype; offsets
+/// are in elements.
 pub struct MatmulOperands<'a> {
     pub lhs: &'a wgpu::Buffer,
     pub a_offset: u32,
@@ -148,24 +150,37 @@ pub fn subgroup_parts(m: usize, tiles: &[u32]) -> Vec<(u32, usize, usize)> {
 pub const PRIMING_ROWS: [usize; 4] = [1, 17, 33, 128];
 
 pub struct Matmul {
+    dtype: WeightDtype,
     general: Kernel,
     /// (rows, pipeline) per subgroup tile height, shortest first.
     subgroups: Vec<(u32, Kernel)>,
 }
 
 impl Matmul {
-    pub fn new(gpu: &Gpu) -> Self {
+    /// The pipelines for weights stored as `dtype`.
+    pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
-        let subgroups = subgroup_kernels(
-            gpu,
-            "matmul_subgroups",
-            &surf_shaders::MATMUL_SUBGROUPS,
-            &storage,
-        );
+        let words = dtype.words();
+        let sources: Vec<(u32, String)> = surf_shaders::MATMUL_SUBGROUPS
+            .iter()
+            .map(|&(rows, source)| (rows, surf_shaders::with_weights(source, words)))
+            .collect();
+        let sources: Vec<(u32, &str)> = sources
+            .iter()
+            .map(|(rows, source)| (*rows, source.as_str()))
+            .collect();
+        let subgroups = subgroup_kernels(gpu, "matmul_subgroups", &sources, &storage);
+        let general = surf_shaders::with_weights(surf_shaders::MATMUL, words);
         Self {
-            general: Kernel::new(gpu, "matmul", surf_shaders::MATMUL, &storage),
+            dtype,
+            general: Kernel::new(gpu, "matmul", &general, &storage),
             subgroups,
         }
+    }
+
+    /// The weight dtype these pipelines read.
+    pub fn dtype(&self) -> WeightDtype {
+        self.dtype
     }
 
     /// The variants this device can run.

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 
 use crate::config::BertConfig;
+use crate::dtype::WeightDtype;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::model::BertLayer;
+use crate::model::{BertLayer, PackedWeights};
 use crate::source::WeightSource;
 use crate::stats::PagingCounters;
 use host_policy::{Admission, HostPolicy};
@@ -47,6 +48,8 @@ pub struct PagerConfig {
     pub prefetch: usize,
     /// Which layer a full cache gives up, in GPU memory and in the host cache.
     pub eviction: Eviction,
+    /// How layers are packed, fetched and held: f16 halves every slot.
+    pub weight_dtype: WeightDtype,
 }
 
 impl Default for PagerConfig {
@@ -56,11 +59,12 @@ impl Default for PagerConfig {
             host_cache_bytes: 0,
             prefetch: 2,
             eviction: Eviction::default(),
+            weight_dtype: WeightDtype::default(),
         }
     }
 }
 
-type PackedLayer = Arc<Vec<f32>>;
+type PackedLayer = Arc<PackedWeights>;
 
 /// Called with (layer, bytes received) each time a layer arrives from the
 /// weight source; the command line drives its progress bar with it.
@@ -108,6 +112,7 @@ pub struct Pager {
     /// Layers put in the host cache by a fetch and not yet used from it.
     unused_fetches: HashSet<usize>,
     prefetch: usize,
+    weight_dtype: WeightDtype,
     staging: Staging,
     observer: Option<FetchObserver>,
     /// Policy counters and upload bytes when the running pass began.
@@ -162,12 +167,14 @@ impl Pager {
             slot_bytes,
             pinned_bytes,
             staging_in_budget,
+            settings.weight_dtype,
         )?;
         let staging = Staging::new(&gpu, slot_bytes, settings.prefetch);
         let fetch_stop = Arc::new(AtomicBool::new(false));
         let fetch_queue = spawn_fetch_thread(
             Arc::clone(&source),
             Arc::clone(&config),
+            settings.weight_dtype,
             Arc::clone(&fetch_stop),
         )?;
         Ok(Self {
@@ -192,6 +199,7 @@ impl Pager {
             arrived: HashMap::new(),
             unused_fetches: HashSet::new(),
             prefetch: settings.prefetch,
+            weight_dtype: settings.weight_dtype,
             staging,
             observer: None,
             pass_start: None,
@@ -218,6 +226,11 @@ impl Pager {
 
     pub fn eviction(&self) -> Eviction {
         self.policy.eviction()
+    }
+
+    /// The element type of the layers the pager holds.
+    pub fn weight_dtype(&self) -> WeightDtype {
+        self.weight_dtype
     }
 
     pub fn slot_bytes(&self) -> u64 {
@@ -292,6 +305,7 @@ impl Pager {
             self.slot_bytes,
             self.pinned_bytes,
             staging_in_budget(&self.gpu, self.prefetch, self.slot_bytes),
+            self.weight_dtype,
         )?;
         let plan = self.policy.resize(capacity);
         if !plan.moves.is_empty() {
@@ -338,6 +352,7 @@ impl Pager {
                 self.slot_bytes,
                 self.pinned_bytes,
                 staging_in_budget(&self.gpu, depth, self.slot_bytes),
+                self.weight_dtype,
             )?;
         }
         self.prefetch = depth;
@@ -516,7 +531,12 @@ impl Pager {
                 self.policy.fetch_finished(layer);
                 outcome?
             }
-            None => fetch_layer(self.source.as_ref(), &self.config, layer)?,
+            None => fetch_layer(
+                self.source.as_ref(),
+                &self.config,
+                self.weight_dtype,
+                layer,
+            )?,
         };
         self.accept_fetched(layer, &packed, bytes)?;
         // Used right away, so later reads from the host cache are real hits.
@@ -533,10 +553,10 @@ impl Pager {
         if let Some(observer) = &self.observer {
             observer(layer, bytes);
         }
-        if (packed.len() * 4) as u64 != self.slot_bytes {
+        if packed.bytes().len() as u64 != self.slot_bytes {
             return Err(Error::WeightSource(format!(
                 "layer {layer} packs to {} bytes, other layers to {}",
-                packed.len() * 4,
+                packed.bytes().len(),
                 self.slot_bytes
             )));
         }
@@ -608,6 +628,14 @@ impl Pager {
         Ok(buffer)
     }
 
+    /// Whether a layer of the prefetch window after `current` is missing from
+    /// GPU memory, so that uploading ahead has something to do.
+    pub fn window_needs_upload(&self, current: usize) -> bool {
+        let layers = self.layers();
+        (1..=self.prefetch.max(1).min(layers.saturating_sub(1)))
+            .any(|a| !self.policy.is_resident((current + a) % layers))
+    }
+
     /// Uploads the layers following `current` whose bytes are at hand, when
     /// the policy finds them a slot, so that they are in VRAM before they are
     /// needed. A layer the policy does not place now waits in host memory.
@@ -663,8 +691,8 @@ impl Pager {
         Ok(())
     }
 
-    fn upload(&mut self, buffer: &wgpu::Buffer, packed: &[f32]) -> Result<()> {
-        let bytes: &[u8] = bytemuck::cast_slice(packed);
+    fn upload(&mut self, buffer: &wgpu::Buffer, packed: &PackedWeights) -> Result<()> {
+        let bytes = packed.bytes();
         let size = NonZeroU64::new(bytes.len() as u64)
             .ok_or_else(|| Error::Gpu("an empty layer cannot be uploaded".into()))?;
         // Taking a chunk beyond the limit would make the belt allocate a new
@@ -736,6 +764,7 @@ impl Drop for Pager {
 fn spawn_fetch_thread(
     source: Arc<dyn WeightSource>,
     config: Arc<BertConfig>,
+    dtype: WeightDtype,
     stop: Arc<AtomicBool>,
 ) -> Result<Sender<FetchJob>> {
     let (queue, jobs) = channel::<FetchJob>();
@@ -747,7 +776,7 @@ fn spawn_fetch_thread(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let result = fetch_layer(source.as_ref(), &config, job.layer);
+                let result = fetch_layer(source.as_ref(), &config, dtype, job.layer);
                 // The pager may have stopped waiting; then nobody wants the layer.
                 let _ = job.reply.send(result);
             }
@@ -759,10 +788,11 @@ fn spawn_fetch_thread(
 fn fetch_layer(
     source: &dyn WeightSource,
     config: &BertConfig,
+    dtype: WeightDtype,
     layer: usize,
 ) -> Result<(PackedLayer, u64)> {
     let component = source.fetch(&format!("encoder.layer.{layer}"))?;
-    let (_, packed) = BertLayer::pack(component.tensors.as_ref(), config, layer)?;
+    let (_, packed) = BertLayer::pack(component.tensors.as_ref(), config, layer, dtype)?;
     Ok((Arc::new(packed), component.bytes))
 }
 
@@ -791,13 +821,15 @@ fn host_layers(bytes: u64, slot_bytes: u64) -> usize {
 
 /// Slots that `budget` allows, or an error that names the smallest budget
 /// that works. `staging_bytes` is the upload staging that shares the budget
-/// on this adapter (0 where staging lives in host memory).
+/// on this adapter (0 where staging lives in host memory). `dtype` is what
+/// the slots hold, which the message names: f16 layers take half the bytes.
 pub fn slots_for(
     budget: VramBudget,
     layers: usize,
     slot_bytes: u64,
     pinned_bytes: u64,
     staging_bytes: u64,
+    dtype: WeightDtype,
 ) -> Result<usize> {
     let smallest = pinned_bytes + slot_bytes + staging_bytes;
     let to_mb = |b: u64| b.div_ceil(1 << 20);
@@ -818,8 +850,12 @@ pub fn slots_for(
                 } else {
                     String::new()
                 };
+                let layer_note = match dtype {
+                    WeightDtype::F32 => "f32 weights; --dtype f16 halves every layer",
+                    WeightDtype::F16 => "f16 weights, half of f32's",
+                };
                 return Err(Error::InvalidInput(format!(
-                    "a VRAM budget of {} MB cannot hold the pinned weights ({} MB) and one layer ({} MB){staging}; \
+                    "a VRAM budget of {} MB cannot hold the pinned weights ({} MB) and one layer ({} MB, {layer_note}){staging}; \
                      the smallest budget that works is {} MB",
                     bytes >> 20,
                     to_mb(pinned_bytes),

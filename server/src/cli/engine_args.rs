@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use surf_engine::{
-    Engine, EngineBuilder, Error as EngineError, Eviction, RemoteSource, VramBudget,
+    Engine, EngineBuilder, Error as EngineError, Eviction, RemoteSource, VramBudget, WeightDtype,
 };
 use surf_transport::{CertificateDer, ClientConfig};
 
@@ -45,6 +45,11 @@ pub struct EngineArgs {
     /// repeated passes) or `lru`.
     #[arg(long, value_name = "POLICY", default_value = "optimal")]
     pub eviction: Eviction,
+    /// Weights as fetched and as held in GPU memory: `f32`, or `f16`, which
+    /// halves the bytes on the wire and in the VRAM budget (the arithmetic
+    /// stays f32). Weight servers are asked for this dtype.
+    #[arg(long, value_name = "DTYPE", default_value = "f32")]
+    pub dtype: WeightDtype,
     /// Largest number of texts per GPU batch.
     #[arg(long, default_value_t = surf_engine::engine::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
@@ -93,6 +98,7 @@ impl EngineArgs {
             .host_cache_bytes(self.host_cache_mb << 20)
             .prefetch(self.prefetch)
             .eviction(self.eviction)
+            .weight_dtype(self.dtype)
     }
 
     /// Builds the engine from `builder` over the weight source the flags name.
@@ -109,7 +115,7 @@ impl EngineArgs {
         }
         let mut embedded_server = None;
         let (servers, trusted) = if self.server.is_empty() {
-            let (server, addr, cert) = start_embedded_server(default_model_dir()?)?;
+            let (server, addr, cert) = start_embedded_server(default_model_dir()?, self.dtype)?;
             embedded_server = Some(server);
             (vec![addr], vec![cert])
         } else {
@@ -129,6 +135,7 @@ impl EngineArgs {
         };
         let mut config = ClientConfig::new(servers.clone(), trusted);
         config.token = self.token.clone();
+        config.weight_dtype = self.dtype.wire();
         let source = RemoteSource::connect(config)?;
         let engine = builder
             .source(Arc::new(source))
@@ -168,6 +175,7 @@ fn default_model_dir() -> anyhow::Result<PathBuf> {
 
 fn start_embedded_server(
     model_dir: PathBuf,
+    dtype: WeightDtype,
 ) -> anyhow::Result<(EmbeddedServer, SocketAddr, CertificateDer<'static>)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -176,9 +184,10 @@ fn start_embedded_server(
         .build()
         .context("cannot start the weight server's runtime")?;
     let listen: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let server = runtime.block_on(crate::WeightServer::bind(crate::ServerConfig::new(
-        model_dir, listen,
-    )))?;
+    let server = runtime.block_on(crate::WeightServer::bind(crate::ServerConfig {
+        weight_dtype: dtype.wire(),
+        ..crate::ServerConfig::new(model_dir, listen)
+    }))?;
     let addr = server.local_addr();
     let cert = server.certificate_der().clone();
     Ok((

@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// TCP address for Prometheus metrics at /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Dtype of the weights as served: f16 halves the bytes on the wire, converted once from the checkpoint.
+    #[arg(long, value_name = "f32|f16", default_value_t = surf_transport::Dtype::F32)]
+    pub dtype: surf_transport::Dtype,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -66,6 +69,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         token: args.token,
         identity,
         metrics_listen: args.metrics_listen,
+        weight_dtype: args.dtype,
         ..ServerConfig::new(args.model, args.listen)
     };
     let server = WeightServer::bind(config).await?;
@@ -85,11 +89,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let manifest = server.manifest();
     eprintln!(
-        "serving {} (revision {}, {} components, {} bytes)",
+        "serving {} (revision {}, {} components, {} bytes of {} weights)",
         manifest.model_id,
         &manifest.revision[..12.min(manifest.revision.len())],
         manifest.components.len(),
-        manifest.total_bytes()
+        manifest.total_bytes(),
+        manifest.weight_dtype
     );
     wait_for_stop_signal().await?;
     eprintln!("shutting down: letting fetches in flight finish");
