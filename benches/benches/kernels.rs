@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use surf_benches::{Tally, minilm_dir, quick, time_launches, write_json};
+use surf_engine::WeightDtype;
 use surf_engine::gpu::Gpu;
 use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::Attention;
 use surf_engine::kernels::fma_peak::FmaPeak;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
-use surf_engine::WeightDtype;
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };

@@ -237,10 +237,7 @@ fn main() {
     );
     let mut budget_rows_f16 = Vec::new();
     for budget_layers in [1usize, 2, 3, 6] {
-        let paged = loopback_f16.engine(
-            &gpu,
-            paging(VramBudget::Layers(budget_layers), 512 << 20),
-        );
+        let paged = loopback_f16.engine(&gpu, paging(VramBudget::Layers(budget_layers), 512 << 20));
         paged.infer(&texts).expect("fills the host cache");
         let time = measure(repeats, || {
             let start = Instant::now();

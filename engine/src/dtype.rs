@@ -86,8 +86,13 @@ mod tests {
             let dtype: WeightDtype = name.parse().expect("a listed name parses");
             assert_eq!(dtype.to_string(), name);
         }
-        let error = "bf16".parse::<WeightDtype>().expect_err("bf16 is not served");
+        let error = "bf16"
+            .parse::<WeightDtype>()
+            .expect_err("bf16 is not served");
         assert!(error.to_string().contains("f32, f16"), "{error}");
-        assert_eq!(WeightDtype::F16.size_bytes() * 2, WeightDtype::F32.size_bytes());
+        assert_eq!(
+            WeightDtype::F16.size_bytes() * 2,
+            WeightDtype::F32.size_bytes()
+        );
     }
 }

@@ -47,7 +47,8 @@ fn weights_for(gpu: &Gpu, dtype: WeightDtype, values: Vec<f32>) -> (Vec<f32>, wg
             (values, buffer)
         }
         WeightDtype::F16 => {
-            let mut words: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let mut words: Vec<half::f16> =
+                values.iter().map(|&v| half::f16::from_f32(v)).collect();
             let rounded = words.iter().map(|w| w.to_f32()).collect();
             words.resize(words.len().next_multiple_of(4), half::f16::ZERO);
             let buffer = gpu.storage_buffer_with("weights", bytemuck::cast_slice(&words));

@@ -211,5 +211,8 @@ fn the_same_mib_budget_holds_twice_the_f16_layers() {
         Err(error) => error.to_string(),
     };
     assert!(error.contains("f16 weights, half of f32's"), "{error}");
-    assert!(error.contains("the smallest budget that works is"), "{error}");
+    assert!(
+        error.contains("the smallest budget that works is"),
+        "{error}"
+    );
 }

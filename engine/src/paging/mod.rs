@@ -531,12 +531,7 @@ impl Pager {
                 self.policy.fetch_finished(layer);
                 outcome?
             }
-            None => fetch_layer(
-                self.source.as_ref(),
-                &self.config,
-                self.weight_dtype,
-                layer,
-            )?,
+            None => fetch_layer(self.source.as_ref(), &self.config, self.weight_dtype, layer)?,
         };
         self.accept_fetched(layer, &packed, bytes)?;
         // Used right away, so later reads from the host cache are real hits.
