@@ -165,13 +165,12 @@ fn safetensors_dtype(dtype: surf_transport::Dtype) -> safetensors::Dtype {
     }
 }
 
+/// `weights::decode` or `weights::decode_f16`: checks a stored tensor and
+/// converts it to the element type the engine packs.
+type Decoder<T> = fn(&Path, &str, safetensors::Dtype, &[usize], &[u8], &[usize]) -> Result<T>;
+
 impl ComponentTensors {
-    fn stored<T>(
-        &self,
-        name: &str,
-        shape: &[usize],
-        read: fn(&Path, &str, safetensors::Dtype, &[usize], &[u8], &[usize]) -> Result<T>,
-    ) -> Result<T> {
+    fn stored<T>(&self, name: &str, shape: &[usize], read: Decoder<T>) -> Result<T> {
         let entry = self
             .entries
             .iter()
