@@ -22,6 +22,18 @@ if ! has_vulkan_driver; then
   fi
 fi
 
+# redis-server, for the tests and benches of the shared cache tier, which
+# start their own on a free loopback port (never the system's service).
+if ! command -v redis-server >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing redis-server ..." >&2
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "warning: redis-server is missing and apt-get is not here; the Redis tests will be skipped" >&2
+  fi
+fi
+
 bash "$here/fetch-model.sh"
 
 # The official openai Python client, for the test that runs it unchanged

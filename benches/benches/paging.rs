@@ -2,8 +2,9 @@
 //! hidden 1024, about 1.3 GB of f32), served over QUIC on loopback, run under
 //! VRAM budgets far smaller than the model, with each eviction policy.
 //! Reports throughput against the budget with the host cache warm, as a ratio
-//! to the fully resident model, the bytes uploaded per pass next to the
-//! optimal policy's bound of (N - k + d + 1) layers, and the time of a cold
+//! to the fully resident model timed in runs alternating with the budget's,
+//! the bytes uploaded per pass next to the optimal policy's bound of
+//! (N - k + d + 1) layers, and the time of a cold
 //! pass that streams every layer from the server. Then the same model with
 //! f16 weights under the same MiB budgets, which hold about twice the layers.
 //!
@@ -52,30 +53,51 @@ struct PerRun {
     uploads_per_pass: f64,
 }
 
+fn timed_run(engine: &Engine, texts: &[&str]) -> Duration {
+    let start = Instant::now();
+    engine.infer(texts).expect("runs");
+    start.elapsed()
+}
+
 /// Median time of `repeats` runs of `texts`, after one run that fills
 /// caches, with the bytes the timed runs moved.
 fn time_runs(engine: &Engine, texts: &[&str], repeats: usize) -> PerRun {
+    time_runs_beside(engine, None, texts, repeats).0
+}
+
+/// Like [`time_runs`], each run alternating with one of `reference` (the
+/// fully resident engine), whose median comes back beside: on a shared
+/// machine whose speed drifts, a ratio of runs made side by side holds where
+/// a ratio to a rate measured minutes earlier does not.
+fn time_runs_beside(
+    engine: &Engine,
+    reference: Option<&Engine>,
+    texts: &[&str],
+    repeats: usize,
+) -> (PerRun, Option<Duration>) {
     engine.infer(texts).expect("fills the caches");
     let before = engine.inference_stats().expect("stats");
-    let time = median(
-        (0..repeats)
-            .map(|_| {
-                let start = Instant::now();
-                engine.infer(texts).expect("runs");
-                start.elapsed()
-            })
-            .collect(),
-    );
+    let mut reference_times = Vec::new();
+    let mut times = Vec::new();
+    for _ in 0..repeats {
+        if let Some(reference) = reference {
+            reference_times.push(timed_run(reference, texts));
+        }
+        times.push(timed_run(engine, texts));
+    }
+    let time = median(times);
     let after = engine.inference_stats().expect("stats");
     let passes = (after.passes - before.passes).max(1) as f64;
     let uploaded = after.bytes_uploaded - before.bytes_uploaded;
-    PerRun {
+    let per_run = PerRun {
         time,
         uploaded: uploaded / repeats as u64,
         fetched: (after.bytes_fetched - before.bytes_fetched) / repeats as u64,
         uploaded_per_pass: uploaded as f64 / passes,
         uploads_per_pass: (after.vram_misses - before.vram_misses) as f64 / passes,
-    }
+    };
+    let reference_time = (!reference_times.is_empty()).then(|| median(reference_times));
+    (per_run, reference_time)
 }
 
 fn main() {
@@ -98,7 +120,7 @@ fn main() {
             SynthSpec::bert_large(),
             "bert-large",
             &[1, 2, 4, 8, 12, 16, 24],
-            3,
+            5,
         )
     };
     let dir = model(&spec, name);
@@ -124,7 +146,6 @@ fn main() {
     let pinned_bytes = resident.pinned_bytes();
     let model_bytes = pinned_bytes + layers as u64 * layer_bytes;
     let resident_time = time_runs(&resident, &texts, repeats).time;
-    drop(resident);
     let resident_rate = texts.len() as f64 / resident_time.as_secs_f64();
     let mb = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
 
@@ -159,7 +180,9 @@ fn main() {
                     eviction,
                 },
             );
-            let steady = time_runs(&engine, &texts, repeats);
+            let (steady, beside) = time_runs_beside(&engine, Some(&resident), &texts, repeats);
+            let resident_beside =
+                texts.len() as f64 / beside.unwrap_or(resident_time).as_secs_f64();
             let info = engine.cache_info().expect("cache info");
             drop(engine);
             if info.staging_in_vram {
@@ -179,7 +202,7 @@ fn main() {
                 "  {:<8}  {budget_layers:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {bound_mb:>6.0}",
                 eviction.name(),
                 mb(budget_bytes),
-                rate / resident_rate,
+                rate / resident_beside,
                 mb(steady.uploaded_per_pass as u64),
                 steady.uploads_per_pass,
             );
@@ -189,7 +212,8 @@ fn main() {
                 "budget_layers": budget_layers,
                 "budget_mb": mb(budget_bytes),
                 "per_s": rate,
-                "ratio_to_resident": rate / resident_rate,
+                "resident_beside_per_s": resident_beside,
+                "ratio_to_resident": rate / resident_beside,
                 "uploads_per_pass": steady.uploads_per_pass,
                 "uploaded_mb_per_pass": mb(steady.uploaded_per_pass as u64),
                 "bound_mb_per_pass": bound_mb,
@@ -232,7 +256,8 @@ fn main() {
                 eviction: Eviction::Optimal,
             },
         );
-        let steady = time_runs(&engine, &texts, repeats);
+        let (steady, beside) = time_runs_beside(&engine, Some(&resident), &texts, repeats);
+        let resident_beside = texts.len() as f64 / beside.unwrap_or(resident_time).as_secs_f64();
         let info = engine.cache_info().expect("cache info");
         drop(engine);
         let rate = texts.len() as f64 / steady.time.as_secs_f64();
@@ -245,7 +270,7 @@ fn main() {
         println!(
             "  f16       {slots:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {:>6.0}",
             mb(budget_bytes),
-            rate / resident_rate,
+            rate / resident_beside,
             mb(steady.uploaded_per_pass as u64),
             steady.uploads_per_pass,
             mb(bound_layers as u64 * layer_bytes_f16),
@@ -256,7 +281,8 @@ fn main() {
             "budget_layers": slots,
             "budget_mb": mb(budget_bytes),
             "per_s": rate,
-            "ratio_to_resident": rate / resident_rate,
+            "resident_beside_per_s": resident_beside,
+            "ratio_to_resident": rate / resident_beside,
             "ratio_to_f16_resident": rate / resident_f16_rate,
             "uploads_per_pass": steady.uploads_per_pass,
             "uploaded_mb_per_pass": mb(steady.uploaded_per_pass as u64),
@@ -266,6 +292,7 @@ fn main() {
         }));
     }
     drop(loopback_f16);
+    drop(resident);
 
     // Cold: a small budget and no host cache, so every layer crosses the
     // network on every pass, with prefetch running ahead of compute.

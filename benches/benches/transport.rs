@@ -1,6 +1,10 @@
 //! Weight transfer over loopback QUIC: one client and eight clients fetching
 //! the whole MiniLM model (hash-checked), next to a plain quinn stream of the
-//! same number of bytes with the same transport settings.
+//! same number of bytes with the same transport settings. Then one client
+//! through a regional server (no model of its own, no cache of its own, so
+//! every fetch goes to the shared tier) with Redis warm and with Redis
+//! emptied before each round, next to the origin directly, in the same run.
+//! The regional rows need `redis-server` (installed by `assets/setup.sh`).
 //!
 //! `SURF_BENCH_QUICK=1` fetches two small components instead of the model.
 
@@ -10,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput};
-use surf_server::{RunningServer, ServerConfig, WeightServer};
+use surf_server::redis_tier::RedisConfig;
+use surf_server::{RunningServer, ServerConfig, UpstreamConfig, WeightServer};
+use surf_tests::redis_server::RedisServer;
 use surf_transport::{ClientConfig, PrivateKeyDer, WeightClient, tls};
 use tokio::runtime::Runtime;
 
@@ -188,6 +194,131 @@ async fn plain_round(setup: &PlainSetup) -> u64 {
     total
 }
 
+/// One client of a regional server that pulls from `origin` through
+/// `redis`, with no component cache of its own.
+async fn region_setup(origin: &RunningServer, redis: &RedisServer) -> SurfSetup {
+    let upstream = UpstreamConfig::new(
+        vec![origin.local_addr()],
+        vec![origin.certificate_der().clone()],
+    );
+    let mut config = ServerConfig::regional(upstream, loopback());
+    config.cache_bytes = 0;
+    config.redis = Some(RedisConfig::new(redis.url()));
+    let server = WeightServer::bind(config).await.expect("region starts");
+    let client = WeightClient::connect(ClientConfig::new(
+        vec![server.local_addr()],
+        vec![server.certificate_der().clone()],
+    ))
+    .await
+    .expect("client connects");
+    let names = components_to_fetch(&client);
+    let bytes_per_client = names
+        .iter()
+        .filter_map(|name| client.manifest().component(name))
+        .map(|component| component.byte_len)
+        .sum();
+    SurfSetup {
+        server,
+        clients: vec![client],
+        names,
+        bytes_per_client,
+    }
+}
+
+/// Waits until the region's writes to Redis have landed, so that a round
+/// neither pays for the last one's nor finds Redis half filled.
+async fn settle(region: &RunningServer) {
+    let started = Instant::now();
+    while region.stats().redis_writes_pending > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "writes to Redis never land"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Times one round through the region, Redis emptied first (cold) or
+/// filled by earlier rounds (warm).
+async fn region_round(region: &SurfSetup, redis: &RedisServer, cold: bool) -> (u64, Duration) {
+    settle(&region.server).await;
+    if cold {
+        assert_eq!(redis.command(&[b"FLUSHALL"]), "+OK");
+    }
+    let start = Instant::now();
+    let bytes = surf_round(region).await;
+    (bytes, start.elapsed())
+}
+
+/// The regional rows: one client through a region with Redis warm and cold,
+/// next to the origin directly, each timed the same way in the same run.
+/// `None` when `redis-server` is missing.
+fn regional(
+    criterion: &mut Criterion,
+    runtime: &Runtime,
+    origin: &SurfSetup,
+) -> Option<serde_json::Value> {
+    let redis = RedisServer::start()?;
+    let region = runtime.block_on(region_setup(&origin.server, &redis));
+    // Fill Redis once, so that the warm rows start warm.
+    runtime.block_on(region_round(&region, &redis, false));
+
+    let mut group = criterion.benchmark_group("transport_regional");
+    group.throughput(Throughput::Bytes(region.bytes_per_client));
+    group.bench_function("origin_direct", |bench| {
+        bench.iter(|| runtime.block_on(surf_round(origin)))
+    });
+    for (name, cold) in [("region_warm_redis", false), ("region_cold_redis", true)] {
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iterations| {
+                (0..iterations)
+                    .map(|_| runtime.block_on(region_round(&region, &redis, cold)).1)
+                    .sum()
+            })
+        });
+    }
+    group.finish();
+
+    let rounds = if quick() { 1 } else { 3 };
+    let best = |cold: bool| {
+        (0..rounds)
+            .map(|_| {
+                let (bytes, elapsed) = runtime.block_on(region_round(&region, &redis, cold));
+                mb_per_s(bytes, elapsed)
+            })
+            .fold(0.0, f64::max)
+    };
+    let origin_rate = best_rate(rounds, || runtime.block_on(surf_round(origin)));
+    let warm_rate = best(false);
+    let cold_rate = best(true);
+    let stats = region.server.stats();
+    println!(
+        "regional summary (one client): origin directly {origin_rate:.0} MB/s, \
+         region with Redis warm {warm_rate:.0} MB/s ({:.2} of origin), \
+         region with Redis cold {cold_rate:.0} MB/s ({:.2} of origin); \
+         region counted {} Redis hits, {} misses, {} upstream fetches",
+        warm_rate / origin_rate,
+        cold_rate / origin_rate,
+        stats.redis_hits,
+        stats.redis_misses,
+        stats.upstream_fetches,
+    );
+    runtime.block_on(async {
+        settle(&region.server).await;
+        for client in &region.clients {
+            client.close().await;
+        }
+    });
+    runtime.block_on(region.server.shutdown());
+    Some(serde_json::json!({
+        "origin_direct_mb_s": origin_rate,
+        "region_warm_redis_mb_s": warm_rate,
+        "region_cold_redis_mb_s": cold_rate,
+        "warm_ratio_to_origin": warm_rate / origin_rate,
+        "cold_ratio_to_origin": cold_rate / origin_rate,
+    }))
+}
+
 fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e6
 }
@@ -236,17 +367,21 @@ fn transport(criterion: &mut Criterion) {
         100.0 * one_rate / plain_rate,
         100.0 * eight_rate / plain_rate,
     );
-    surf_benches::write_json(
-        "transport",
-        &serde_json::json!({
-            "quick": quick(),
-            "mb_per_client": one.bytes_per_client as f64 / 1e6,
-            "rounds": rounds,
-            "plain_quinn_mb_s": plain_rate,
-            "surf_1_client_mb_s": one_rate,
-            "surf_8_clients_mb_s": eight_rate,
-        }),
-    );
+    let regional = regional(criterion, &runtime, &one);
+    let mut figures = serde_json::json!({
+        "quick": quick(),
+        "mb_per_client": one.bytes_per_client as f64 / 1e6,
+        "rounds": rounds,
+        "plain_quinn_mb_s": plain_rate,
+        "surf_1_client_mb_s": one_rate,
+        "surf_8_clients_mb_s": eight_rate,
+    });
+    if let (Some(figures), Some(serde_json::Value::Object(regional))) =
+        (figures.as_object_mut(), regional)
+    {
+        figures.extend(regional);
+    }
+    surf_benches::write_json("transport", &figures);
 
     runtime.block_on(async {
         for client in one.clients.iter().chain(&eight.clients) {

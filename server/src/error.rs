@@ -61,6 +61,15 @@ pub enum Error {
     },
     #[error(transparent)]
     Transport(#[from] surf_transport::Error),
+    #[error("cannot reach the upstream servers {servers:?}: {source}")]
+    Upstream {
+        servers: Vec<SocketAddr>,
+        source: Box<surf_transport::Error>,
+    },
+    #[error("nothing to serve: give --model DIR, or --upstream ADDR with --upstream-cert PEM")]
+    NoOrigin,
+    #[error("{url} is not a Redis URL the server can use (redis://HOST:PORT[/DB]): {detail}")]
+    RedisUrl { url: String, detail: String },
     #[error("the task loading the model failed: {0}")]
     LoadTask(#[from] tokio::task::JoinError),
 }
@@ -83,6 +92,10 @@ impl Error {
             | Error::Listen { .. }
             | Error::MetricsListen { .. } => true,
             Error::Transport(error) => error.is_bad_input(),
+            // A wrong token, certificate or dtype for the upstream is the
+            // user's to fix; an upstream that is down is not.
+            Error::Upstream { source, .. } => source.is_bad_input(),
+            Error::RedisUrl { .. } | Error::NoOrigin => true,
             Error::SelfSigned(_) | Error::LoadTask(_) => false,
         }
     }

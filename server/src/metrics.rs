@@ -81,6 +81,14 @@ pub struct Stats {
     pub cache_coalesced: Counter,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
+    pub redis_hits: Counter,
+    pub redis_misses: Counter,
+    pub redis_errors: Counter,
+    pub redis_writes: Counter,
+    pub upstream_fetches: Counter,
+    pub upstream_bytes: Counter,
+    /// Writes to Redis started and not yet finished.
+    pub redis_writes_pending: Gauge,
     registry: Registry,
 }
 
@@ -97,6 +105,13 @@ impl Default for Stats {
         let cache_coalesced = Counter::default();
         let cache_evictions = Counter::default();
         let cache_bytes = Gauge::default();
+        let redis_hits = Counter::default();
+        let redis_misses = Counter::default();
+        let redis_errors = Counter::default();
+        let redis_writes = Counter::default();
+        let upstream_fetches = Counter::default();
+        let upstream_bytes = Counter::default();
+        let redis_writes_pending = Gauge::default();
 
         // Counter names go in without `_total`: the encoder adds it. Help
         // texts go in without a full stop: the registry adds one.
@@ -131,6 +146,36 @@ impl Default for Stats {
                 "Component cache evictions",
                 &cache_evictions,
             ),
+            (
+                "redis_hits",
+                "Components read from the shared Redis tier, whole and checked",
+                &redis_hits,
+            ),
+            (
+                "redis_misses",
+                "Lookups in the shared Redis tier that found nothing usable",
+                &redis_misses,
+            ),
+            (
+                "redis_errors",
+                "Failed Redis commands and values that failed their hash check",
+                &redis_errors,
+            ),
+            (
+                "redis_writes",
+                "Components written to the shared Redis tier",
+                &redis_writes,
+            ),
+            (
+                "upstream_fetches",
+                "Components fetched from the upstream origin",
+                &upstream_fetches,
+            ),
+            (
+                "upstream_bytes",
+                "Bytes fetched from the upstream origin",
+                &upstream_bytes,
+            ),
         ];
         for (name, help, metric) in counters {
             registry.register(name, help, metric.0.clone());
@@ -145,6 +190,11 @@ impl Default for Stats {
                 "cache_bytes",
                 "Bytes held by the component cache",
                 &cache_bytes,
+            ),
+            (
+                "redis_writes_pending",
+                "Writes to the shared Redis tier in flight",
+                &redis_writes_pending,
             ),
         ];
         for (name, help, metric) in gauges {
@@ -163,6 +213,13 @@ impl Default for Stats {
             cache_coalesced,
             cache_evictions,
             cache_bytes,
+            redis_hits,
+            redis_misses,
+            redis_errors,
+            redis_writes,
+            upstream_fetches,
+            upstream_bytes,
+            redis_writes_pending,
             registry,
         }
     }
@@ -182,6 +239,13 @@ pub struct StatsSnapshot {
     pub cache_coalesced: u64,
     pub cache_evictions: u64,
     pub cache_bytes: u64,
+    pub redis_hits: u64,
+    pub redis_misses: u64,
+    pub redis_errors: u64,
+    pub redis_writes: u64,
+    pub upstream_fetches: u64,
+    pub upstream_bytes: u64,
+    pub redis_writes_pending: u64,
 }
 
 impl Stats {
@@ -198,6 +262,13 @@ impl Stats {
             cache_coalesced: self.cache_coalesced.get(),
             cache_evictions: self.cache_evictions.get(),
             cache_bytes: self.cache_bytes.get(),
+            redis_hits: self.redis_hits.get(),
+            redis_misses: self.redis_misses.get(),
+            redis_errors: self.redis_errors.get(),
+            redis_writes: self.redis_writes.get(),
+            upstream_fetches: self.upstream_fetches.get(),
+            upstream_bytes: self.upstream_bytes.get(),
+            redis_writes_pending: self.redis_writes_pending.get(),
         }
     }
 
@@ -280,7 +351,7 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
 
         let samples: Vec<_> = text.lines().filter(|line| !line.starts_with('#')).collect();
-        assert_eq!(samples.len(), 11, "{text}");
+        assert_eq!(samples.len(), 18, "{text}");
         assert!(samples.iter().all(|line| line.starts_with("surf_server_")));
         let mut names: Vec<_> = samples
             .iter()
@@ -288,7 +359,7 @@ mod tests {
             .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 11, "a metric appears twice in\n{text}");
+        assert_eq!(names.len(), 18, "a metric appears twice in\n{text}");
     }
 
     #[test]

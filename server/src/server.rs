@@ -20,7 +20,8 @@ use crate::Error;
 use crate::cache::ComponentCache;
 use crate::fault::{Faults, SliceAction};
 use crate::metrics::{self, Stats, StatsSnapshot};
-use crate::store::ModelStore;
+use crate::origin::{Origin, OriginConfig, UpstreamConfig};
+use crate::redis_tier::{Lookup, RedisConfig, RedisTier};
 
 /// How long a new connection has to say hello, and a stream to state its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,8 +44,9 @@ pub enum Identity {
 
 /// What to serve and how.
 pub struct ServerConfig {
-    /// A folder with `model.safetensors` and the model's configs and tokenizer.
-    pub model_dir: PathBuf,
+    /// Where the components come from: a folder with `model.safetensors` and
+    /// the model's configs and tokenizer, or other servers upstream.
+    pub origin: OriginConfig,
     /// Where to listen; port 0 picks a free port.
     pub listen: SocketAddr,
     /// Budget of the cache of assembled components, in bytes.
@@ -57,16 +59,31 @@ pub struct ServerConfig {
     /// How long a graceful shutdown waits for fetches in flight.
     pub shutdown_grace: Duration,
     /// The dtype float weights are served in: f16 halves the bytes on the
-    /// wire, converted once from the checkpoint.
+    /// wire, converted once from the checkpoint. A server with an upstream
+    /// asks it for this dtype.
     pub weight_dtype: Dtype,
+    /// A cache tier shared with other servers, between this server's own
+    /// cache and its origin.
+    pub redis: Option<RedisConfig>,
     /// Test hooks; see [`crate::fault`].
     pub faults: Faults,
 }
 
 impl ServerConfig {
+    /// Serves the model in `model_dir`.
     pub fn new(model_dir: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Self::serving(OriginConfig::Model(model_dir.into()), listen)
+    }
+
+    /// Serves what `upstream` serves, pulled through on demand.
+    pub fn regional(upstream: UpstreamConfig, listen: SocketAddr) -> Self {
+        Self::serving(OriginConfig::Upstream(upstream), listen)
+    }
+
+    /// Serves what `origin` holds, with the defaults for everything else.
+    pub fn serving(origin: OriginConfig, listen: SocketAddr) -> Self {
         ServerConfig {
-            model_dir: model_dir.into(),
+            origin,
             listen,
             cache_bytes: 256 * 1024 * 1024,
             token: None,
@@ -74,6 +91,7 @@ impl ServerConfig {
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(10),
             weight_dtype: Dtype::F32,
+            redis: None,
             faults: Faults::default(),
         }
     }
@@ -90,14 +108,12 @@ impl ServerConfig {
 pub struct WeightServer;
 
 impl WeightServer {
-    /// Loads and checks the model, binds the endpoint and starts serving.
-    /// Must run inside a tokio runtime.
+    /// Loads and checks the model (or takes the upstream's manifest), binds
+    /// the endpoint and starts serving. Must run inside a tokio runtime.
     pub async fn bind(config: ServerConfig) -> Result<RunningServer, Error> {
-        let model_dir = config.model_dir.clone();
-        let weight_dtype = config.weight_dtype;
-        let store = tokio::task::spawn_blocking(move || ModelStore::open(&model_dir, weight_dtype))
-            .await??;
-        let manifest = store.manifest().clone();
+        let origin = Origin::open(&config.origin, config.weight_dtype).await?;
+        let manifest = Arc::new(origin.manifest().clone());
+        let weight_dtype = manifest.weight_dtype;
         tracing::info!(
             model = %manifest.model_id,
             revision = %manifest.revision,
@@ -130,6 +146,11 @@ impl WeightServer {
         })?;
 
         let stats = Arc::new(Stats::default());
+        let redis = config
+            .redis
+            .as_ref()
+            .map(|redis| RedisTier::connect(redis, stats.clone()))
+            .transpose()?;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let metrics_addr = match config.metrics_listen {
@@ -156,7 +177,9 @@ impl WeightServer {
         )?);
         let shared = Arc::new(Shared {
             cache: ComponentCache::new(config.cache_bytes, stats.clone()),
-            store,
+            origin,
+            manifest: manifest.clone(),
+            redis,
             stats,
             token_digest: config
                 .token
@@ -246,6 +269,7 @@ impl RunningServer {
         }
         self.endpoint
             .close(close_code::SHUTTING_DOWN.into(), b"server shutting down");
+        self.shared.origin.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
@@ -270,7 +294,10 @@ impl Drop for RunningServer {
 }
 
 struct Shared {
-    store: ModelStore,
+    origin: Origin,
+    /// The manifest served: the model folder's, or the upstream's unchanged.
+    manifest: Arc<Manifest>,
+    redis: Option<RedisTier>,
     cache: ComponentCache,
     stats: Arc<Stats>,
     token_digest: Option<blake3::Hash>,
@@ -552,7 +579,7 @@ async fn serve_fetch(
 
 /// The requested bytes, or why they cannot be served.
 async fn resolve(shared: &Arc<Shared>, request: &FetchRequest) -> Result<Bytes, FetchRefusal> {
-    let manifest = shared.store.manifest();
+    let manifest = &shared.manifest;
     let (component_name, object_range) = match &request.object {
         ObjectRef::Component(name) => {
             let component = manifest
@@ -579,25 +606,38 @@ async fn resolve(shared: &Arc<Shared>, request: &FetchRequest) -> Result<Bytes, 
     Ok(component_bytes.slice(start..end))
 }
 
+/// A component's bytes, looked up in order: the mapped model file, this
+/// server's cache, the shared Redis tier, then the origin. Concurrent misses
+/// on one component share one load, so the origin sees one fetch.
 async fn component_bytes(shared: &Arc<Shared>, name: &str) -> Result<Bytes, FetchRefusal> {
-    if let Some(bytes) = shared.store.mapped_component(name) {
+    if let Some(bytes) = shared.origin.mapped_component(name) {
         return Ok(bytes);
     }
     shared
         .cache
-        .get_or_load(name, || async {
-            let (store_shared, store_name) = (shared.clone(), name.to_owned());
-            // Gathering and converting touch megabytes: keep them off the
-            // async workers. Converted bytes stay in the cache, so a
-            // component is converted once per stay there, not per request.
-            tokio::task::spawn_blocking(move || store_shared.store.gather_component(&store_name))
-                .await
-                .map_err(|error| FetchRefusal::Internal {
-                    detail: error.to_string(),
-                })?
-                .ok_or(FetchRefusal::UnknownObject)
-        })
+        .get_or_load(name, || load_component(shared, name))
         .await
+}
+
+/// Bytes that this server's cache does not hold: from Redis when the tier
+/// is worth asking, else from the origin, and then written to Redis in the
+/// background, without delaying the reply.
+async fn load_component(shared: &Arc<Shared>, name: &str) -> Result<Bytes, FetchRefusal> {
+    let shared_tier = shared
+        .redis
+        .as_ref()
+        .filter(|_| shared.origin.worth_sharing(name))
+        .zip(shared.manifest.component(name));
+    if let Some((redis, component)) = shared_tier {
+        let (revision, dtype) = (&shared.manifest.revision, shared.manifest.weight_dtype);
+        if let Lookup::Hit(bytes) = redis.lookup(revision, dtype, component).await {
+            return Ok(bytes);
+        }
+        let bytes = shared.origin.load(name, &shared.stats).await?;
+        redis.store_in_background(revision, dtype, component, bytes.clone());
+        return Ok(bytes);
+    }
+    shared.origin.load(name, &shared.stats).await
 }
 
 async fn send_payload(

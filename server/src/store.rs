@@ -168,6 +168,12 @@ impl ModelStore {
         }
     }
 
+    /// Whether serving the component means converting some of its tensors
+    /// (work worth sharing with other servers), not only reading the file.
+    pub fn is_converted(&self, name: &str) -> bool {
+        matches!(self.layouts.get(name), Some(Layout::Converted(_)))
+    }
+
     /// Copies a scattered component together, converting the tensors served
     /// in another dtype; `None` for unknown names.
     pub fn gather_component(&self, name: &str) -> Option<Bytes> {

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::error::{Recovery, ServerFailure};
 use crate::manifest::{Digest, Dtype, Manifest};
+use crate::rotation::Rotation;
 use crate::wire::{
     self, FetchReply, FetchRequest, Hello, HelloReply, ObjectRef, PROTOCOL_VERSION, Refusal,
     close_code, limits,
@@ -69,8 +70,9 @@ impl RetryPolicy {
 /// Where to fetch from and whom to trust.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Servers in order of preference; the client moves down the list (and
-    /// wraps around) when one stops answering.
+    /// Servers that hold the same model. Fetches take them in turn, so that
+    /// load spreads over every one that answers; a server that fails is set
+    /// aside for a while and its fetches go to the others.
     pub servers: Vec<SocketAddr>,
     /// Certificates to pin, or roots for the servers' chains.
     pub trusted_certs: Vec<CertificateDer<'static>>,
@@ -112,13 +114,16 @@ struct ClientInner {
     config: ClientConfig,
     endpoint: quinn::Endpoint,
     manifest: Manifest,
-    current: Mutex<CurrentServer>,
+    servers: Mutex<Servers>,
 }
 
-struct CurrentServer {
-    link: Option<Link>,
-    /// Index of the server to try first when there is no link.
-    next_server: usize,
+/// The connections to the servers, and whose turn it is.
+struct Servers {
+    /// One per server of the list, made when its turn first comes.
+    links: Vec<Option<Link>>,
+    rotation: Rotation,
+    /// The server of the link handed out last.
+    last_used: Option<usize>,
     links_made: u64,
 }
 
@@ -155,19 +160,29 @@ impl WeightClient {
         })?;
         endpoint.set_default_client_config(quic_config);
 
-        let mut failures = Vec::new();
+        let mut failures: Vec<ServerFailure> = Vec::new();
         for (index, &addr) in config.servers.iter().enumerate() {
             match handshake(&endpoint, addr, &config).await {
                 Ok((connection, manifest)) => {
                     manifest.validate()?;
-                    let link = Link {
+                    let mut links = vec![None; config.servers.len()];
+                    links[index] = Some(Link {
                         connection,
                         server: index,
                         id: 0,
-                    };
-                    let current = CurrentServer {
-                        link: Some(link),
-                        next_server: index,
+                    });
+                    let mut rotation = Rotation::new(config.servers.len());
+                    rotation.start_at(index);
+                    for failure in &failures {
+                        let failed = config.servers.iter().position(|addr| *addr == failure.addr);
+                        if let Some(failed) = failed {
+                            rotation.failed(failed, Instant::now());
+                        }
+                    }
+                    let servers = Servers {
+                        links,
+                        rotation,
+                        last_used: Some(index),
                         links_made: 1,
                     };
                     return Ok(WeightClient {
@@ -175,7 +190,7 @@ impl WeightClient {
                             config,
                             endpoint,
                             manifest,
-                            current: Mutex::new(current),
+                            servers: Mutex::new(servers),
                         }),
                     });
                 }
@@ -195,13 +210,14 @@ impl WeightClient {
         &self.inner.manifest
     }
 
-    /// The server that the client is talking to now, if connected.
+    /// The server of the last fetch attempt, if its connection is open.
     pub async fn current_server(&self) -> Option<SocketAddr> {
-        let current = self.inner.current.lock().await;
-        current
-            .link
+        let servers = self.inner.servers.lock().await;
+        let index = servers.last_used?;
+        servers.links[index]
             .as_ref()
-            .map(|link| self.inner.config.servers[link.server])
+            .filter(|link| link.connection.close_reason().is_none())
+            .map(|_| self.inner.config.servers[index])
     }
 
     /// Fetches all bytes of a component, checked against the manifest's
@@ -270,13 +286,13 @@ impl WeightClient {
         Ok(Bytes::from(assembly.data))
     }
 
-    /// Closes the connection politely and waits for the server to hear it.
+    /// Closes the connections politely and waits for the servers to hear it.
     pub async fn close(&self) {
-        let mut current = self.inner.current.lock().await;
-        if let Some(link) = current.link.take() {
+        let mut servers = self.inner.servers.lock().await;
+        for link in servers.links.iter_mut().filter_map(Option::take) {
             link.connection.close(close_code::DONE.into(), b"done");
         }
-        drop(current);
+        drop(servers);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 
@@ -390,22 +406,23 @@ impl WeightClient {
         Ok(())
     }
 
-    /// The live connection, or a new one to the next server that answers.
+    /// The connection to the server whose turn it is, made if needed; a
+    /// server that cannot be reached is set aside and the next one asked.
     async fn link(&self) -> Result<Link, Error> {
-        let mut current = self.inner.current.lock().await;
-        if let Some(link) = &current.link {
-            if link.connection.close_reason().is_none() {
-                return Ok(link.clone());
-            }
-            let dead_server = link.server;
-            current.next_server = (dead_server + 1) % self.inner.config.servers.len();
-            current.link = None;
-        }
-        let servers = &self.inner.config.servers;
+        let mut servers = self.inner.servers.lock().await;
+        let order = servers.rotation.order(Instant::now());
+        let addrs = &self.inner.config.servers;
         let mut failures = Vec::new();
-        for step in 0..servers.len() {
-            let index = (current.next_server + step) % servers.len();
-            let addr = servers[index];
+        for index in order {
+            if let Some(link) = &servers.links[index] {
+                if link.connection.close_reason().is_none() {
+                    let link = link.clone();
+                    servers.last_used = Some(index);
+                    return Ok(link);
+                }
+                servers.links[index] = None;
+            }
+            let addr = addrs[index];
             let outcome = handshake(&self.inner.endpoint, addr, &self.inner.config)
                 .await
                 .and_then(|(connection, manifest)| {
@@ -426,15 +443,17 @@ impl WeightClient {
                     let link = Link {
                         connection,
                         server: index,
-                        id: current.links_made,
+                        id: servers.links_made,
                     };
-                    current.links_made += 1;
-                    current.next_server = index;
-                    current.link = Some(link.clone());
+                    servers.links_made += 1;
+                    servers.links[index] = Some(link.clone());
+                    servers.rotation.succeeded(index);
+                    servers.last_used = Some(index);
                     return Ok(link);
                 }
                 Err(error) => {
                     tracing::warn!(%addr, %error, "weight server unavailable");
+                    servers.rotation.failed(index, Instant::now());
                     failures.push(ServerFailure {
                         addr,
                         error: Box::new(error),
@@ -451,12 +470,14 @@ impl WeightClient {
     }
 
     /// Drops a link that misbehaved (unless another task already replaced
-    /// it), so that the next attempt starts on the next server.
+    /// it) and sets its server aside, so that the next attempts go to the
+    /// others.
     async fn abandon(&self, link: &Link) {
-        let mut current = self.inner.current.lock().await;
-        if current.link.as_ref().is_some_and(|live| live.id == link.id) {
-            current.link = None;
-            current.next_server = (link.server + 1) % self.inner.config.servers.len();
+        let mut servers = self.inner.servers.lock().await;
+        let live = &mut servers.links[link.server];
+        if live.as_ref().is_some_and(|live| live.id == link.id) {
+            *live = None;
+            servers.rotation.failed(link.server, Instant::now());
         }
         link.connection
             .close(close_code::UNRESPONSIVE.into(), b"failing over");

@@ -1,7 +1,8 @@
 //! The wire protocol between the weight server and the engine: QUIC (quinn over
 //! rustls, TLS 1.3), the versioned handshake with its token check, the
 //! manifest of a model, ranged and blake3-checked fetches, and
-//! [`WeightClient`], which retries, resumes and fails over between servers.
+//! [`WeightClient`], which spreads fetches over its servers, retries,
+//! resumes and fails over between them.
 //!
 //! The server side of the protocol lives in `surf-server`; this crate holds
 //! everything both sides must agree on.
@@ -9,6 +10,7 @@
 mod client;
 mod error;
 pub mod manifest;
+mod rotation;
 pub mod tls;
 pub mod wire;
 

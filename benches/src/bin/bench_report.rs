@@ -29,7 +29,9 @@ const SECTIONS: [(&str, &str, &str); 6] = [
         "transport",
         "Transport",
         "MB/s over QUIC on loopback: a bare quinn stream, and the weight server \
-         with hashing, to one client and to eight at once.",
+         with hashing, to one client and to eight at once; then one client through \
+         a regional server (no model and no cache of its own) with its shared Redis \
+         warm and emptied before each round, next to the origin directly.",
     ),
     (
         "streaming",
@@ -42,8 +44,11 @@ const SECTIONS: [(&str, &str, &str); 6] = [
         "paging",
         "Paging a model larger than the budget",
         "A random-weight model from the synthetic generator, served over QUIC on \
-         loopback, under VRAM budgets given in layers; the host cache holds the \
-         whole model, so the budget alone limits.",
+         loopback, under VRAM budgets given in layers, with eviction by next use \
+         (`optimal`, the default) and by `lru`, then with f16 weights under the same \
+         MiB budgets (`budget_layers` is then the slots they hold). The host cache \
+         holds the whole model, so the budget alone limits. `bound_mb_per_pass` is \
+         what next-use eviction promises: N - k + d + 1 layers a pass.",
     ),
     (
         "http",

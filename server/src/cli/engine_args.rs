@@ -18,8 +18,8 @@ pub struct EngineArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json, ...).
     #[arg(long, value_name = "DIR", conflicts_with = "server")]
     pub model: Option<PathBuf>,
-    /// Weight server to stream layers from (repeatable: the next one takes over
-    /// when a server stops answering).
+    /// Weight server to stream layers from (repeatable: fetches are spread over
+    /// every server that answers, and one that stops answering is set aside).
     #[arg(long = "server", value_name = "ADDR")]
     pub server: Vec<SocketAddr>,
     /// PEM file of the certificate(s) to trust for --server.

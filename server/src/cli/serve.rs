@@ -3,12 +3,14 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
 use surf_transport::tls;
 
-use crate::{Error, Identity, ServerConfig, WeightServer};
+use crate::redis_tier::RedisConfig;
+use crate::{Error, Identity, OriginConfig, ServerConfig, UpstreamConfig, WeightServer};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -16,7 +18,37 @@ const MIB: u64 = 1024 * 1024;
 pub struct ServeArgs {
     /// Model folder: model.safetensors, config.json, the tokenizer files.
     #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// Another weight server to pull components from instead of a model
+    /// folder (repeat for failover); its manifest is served unchanged.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "model",
+        requires = "upstream_cert"
+    )]
+    pub upstream: Vec<SocketAddr>,
+    /// Certificate (PEM) of the upstream servers, to pin: their --cert-out.
+    #[arg(long, value_name = "PEM", requires = "upstream")]
+    pub upstream_cert: Option<PathBuf>,
+    /// Token to present to the upstream servers.
+    #[arg(
+        long,
+        value_name = "T",
+        requires = "upstream",
+        env = "SURF_UPSTREAM_TOKEN",
+        hide_env_values = true
+    )]
+    pub upstream_token: Option<String>,
+    /// Redis shared by several servers as a cache tier: redis://HOST:PORT[/DB].
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Put before every key this server writes to Redis.
+    #[arg(long, value_name = "P", default_value = "surf", requires = "redis")]
+    pub redis_prefix: String,
+    /// How long a component stays in Redis, in seconds; 0 keeps it until Redis evicts it.
+    #[arg(long, value_name = "SECS", default_value_t = 7 * 24 * 3600, requires = "redis")]
+    pub redis_ttl: u64,
     /// UDP address to listen on; port 0 picks a free port.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
@@ -64,13 +96,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         _ => Identity::SelfSigned,
     };
+    let origin = match (args.model, args.upstream_cert) {
+        (Some(model), _) => OriginConfig::Model(model),
+        (None, Some(cert)) => OriginConfig::Upstream(UpstreamConfig {
+            servers: args.upstream,
+            trusted_certs: tls::load_certificates_pem(&cert).map_err(Error::from)?,
+            token: args.upstream_token,
+        }),
+        (None, None) => return Err(Error::NoOrigin.into()),
+    };
+    let redis = args.redis.map(|url| RedisConfig {
+        url,
+        prefix: args.redis_prefix,
+        ttl: (args.redis_ttl > 0).then(|| Duration::from_secs(args.redis_ttl)),
+    });
     let config = ServerConfig {
+        redis,
         cache_bytes: args.cache_mb.saturating_mul(MIB),
         token: args.token,
         identity,
         metrics_listen: args.metrics_listen,
         weight_dtype: args.dtype,
-        ..ServerConfig::new(args.model, args.listen)
+        ..ServerConfig::serving(origin, args.listen)
     };
     let server = WeightServer::bind(config).await?;
     if let (Some(path), Some(pem)) = (&args.cert_out, server.certificate_pem()) {
