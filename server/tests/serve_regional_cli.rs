@@ -3,21 +3,15 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use surf_tests::minilm_dir;
 use surf_tests::redis_server::RedisServer;
 use surf_transport::{ClientConfig, WeightClient, tls};
 
-fn model_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/all-MiniLM-L6-v2");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the MiniLM model is missing at {}: run `bash assets/fetch-model.sh` first",
-        dir.display()
-    );
-    dir
-}
+/// The token the origins of these tests ask for.
+const ORIGIN_TOKEN: &str = "origin-secret";
 
 fn surf() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_surf"));
@@ -68,6 +62,19 @@ fn serve(args: &[&std::ffi::OsStr]) -> Served {
     }
 }
 
+/// An origin serving MiniLM behind [`ORIGIN_TOKEN`], its certificate
+/// written to `pem`.
+fn serve_origin(pem: &Path) -> Served {
+    serve(&[
+        "--model".as_ref(),
+        minilm_dir().as_os_str(),
+        "--cert-out".as_ref(),
+        pem.as_os_str(),
+        "--token".as_ref(),
+        ORIGIN_TOKEN.as_ref(),
+    ])
+}
+
 fn metrics_addr(served: &mut Served) -> SocketAddr {
     loop {
         let mut line = String::new();
@@ -109,14 +116,7 @@ fn a_regional_server_pulls_from_its_origin_and_counts_its_redis_tier() {
     let scratch = tempfile::tempdir().expect("a temp dir");
     let origin_pem = scratch.path().join("origin.pem");
     let region_pem = scratch.path().join("region.pem");
-    let origin = serve(&[
-        "--model".as_ref(),
-        model_dir().as_os_str(),
-        "--cert-out".as_ref(),
-        origin_pem.as_os_str(),
-        "--token".as_ref(),
-        "origin-secret".as_ref(),
-    ]);
+    let origin = serve_origin(&origin_pem);
     let origin_addr = origin.addr.to_string();
     let redis_url = redis.url();
     let mut region = serve(&[
@@ -125,7 +125,7 @@ fn a_regional_server_pulls_from_its_origin_and_counts_its_redis_tier() {
         "--upstream-cert".as_ref(),
         origin_pem.as_os_str(),
         "--upstream-token".as_ref(),
-        "origin-secret".as_ref(),
+        ORIGIN_TOKEN.as_ref(),
         "--redis".as_ref(),
         redis_url.as_ref(),
         "--redis-prefix".as_ref(),
@@ -187,14 +187,7 @@ fn a_regional_server_pulls_from_its_origin_and_counts_its_redis_tier() {
 fn a_wrong_upstream_token_exits_2_naming_the_origin() {
     let scratch = tempfile::tempdir().expect("a temp dir");
     let origin_pem = scratch.path().join("origin.pem");
-    let origin = serve(&[
-        "--model".as_ref(),
-        model_dir().as_os_str(),
-        "--cert-out".as_ref(),
-        origin_pem.as_os_str(),
-        "--token".as_ref(),
-        "origin-secret".as_ref(),
-    ]);
+    let origin = serve_origin(&origin_pem);
     let output = surf()
         .arg("serve")
         .args(["--listen", "127.0.0.1:0"])
