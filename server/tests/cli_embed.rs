@@ -200,3 +200,27 @@ fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
         );
     }
 }
+
+#[test]
+fn stderr_in_a_pipe_has_no_colour_codes_and_no_window_system_noise() {
+    if !has_gpu() {
+        return;
+    }
+    let model = model_dir();
+    let output = Command::new(env!("CARGO_BIN_EXE_surf"))
+        .args([
+            "embed",
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "hello",
+        ])
+        .env("SURF_LOG", "info")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("surf runs");
+    assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("INFO"), "the info log reaches stderr: {err}");
+    assert!(!err.contains('\x1b'), "escape codes in a pipe: {err:?}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
