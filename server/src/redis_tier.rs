@@ -143,30 +143,16 @@ impl RedisTier {
         }
         let keys = self.keys(revision, dtype, component);
         let mut connection = self.connection.clone();
-        let read = tokio::time::timeout(
-            deadline(keys.len()),
-            redis::cmd("MGET")
-                .arg(&keys)
-                .query_async::<Vec<Option<Vec<u8>>>>(&mut connection),
-        )
-        .await;
-        let pieces = match read {
-            Ok(Ok(pieces)) => {
-                self.answered();
-                pieces
-            }
-            Ok(Err(error)) => {
-                self.failed(&error.to_string());
-                self.stats.redis_misses.increment();
-                return Lookup::Miss;
-            }
-            Err(_) => {
-                self.failed("no answer within the deadline");
-                self.stats.redis_misses.increment();
-                return Lookup::Miss;
-            }
-        };
-        let Some(pieces) = pieces.into_iter().collect::<Option<Vec<_>>>() else {
+        let read = self
+            .command(
+                keys.len(),
+                redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut connection),
+            )
+            .await;
+        let Some(pieces) = read.and_then(|pieces| pieces.into_iter().collect::<Option<Vec<_>>>())
+        else {
             self.stats.redis_misses.increment();
             return Lookup::Miss;
         };
@@ -225,34 +211,42 @@ impl RedisTier {
             set.ignore();
         }
         let mut connection = self.connection.clone();
-        let written = tokio::time::timeout(
-            deadline(keys.len()),
-            pipe.query_async::<()>(&mut connection),
-        )
-        .await;
-        match written {
-            Ok(Ok(())) => {
-                self.answered();
-                self.stats.redis_writes.increment();
-            }
-            Ok(Err(error)) => self.failed(&error.to_string()),
-            Err(_) => self.failed("no answer within the deadline"),
+        let written = self
+            .command(keys.len(), pipe.query_async::<()>(&mut connection))
+            .await;
+        if written.is_some() {
+            self.stats.redis_writes.increment();
         }
     }
 
     async fn delete(&self, keys: &[String]) {
         let mut connection = self.connection.clone();
-        let deleted = tokio::time::timeout(
-            deadline(1),
-            redis::cmd("DEL")
-                .arg(keys)
-                .query_async::<()>(&mut connection),
-        )
-        .await;
-        match deleted {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => self.failed(&error.to_string()),
-            Err(_) => self.failed("no answer within the deadline"),
+        let mut delete = redis::cmd("DEL");
+        delete.arg(keys);
+        self.command(1, delete.query_async::<()>(&mut connection))
+            .await;
+    }
+
+    /// Runs one command that moves `pieces` pieces under its deadline, and
+    /// notes whether Redis answered; `None` when it did not.
+    async fn command<T>(
+        &self,
+        pieces: usize,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(deadline(pieces), command).await {
+            Ok(Ok(value)) => {
+                self.answered();
+                Some(value)
+            }
+            Ok(Err(error)) => {
+                self.failed(&error.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("no answer within the deadline");
+                None
+            }
         }
     }
 

@@ -160,7 +160,7 @@ impl WeightClient {
         })?;
         endpoint.set_default_client_config(quic_config);
 
-        let mut failures: Vec<ServerFailure> = Vec::new();
+        let mut failures = Vec::new();
         for (index, &addr) in config.servers.iter().enumerate() {
             match handshake(&endpoint, addr, &config).await {
                 Ok((connection, manifest)) => {
@@ -173,11 +173,9 @@ impl WeightClient {
                     });
                     let mut rotation = Rotation::new(config.servers.len());
                     rotation.start_at(index);
-                    for failure in &failures {
-                        let failed = config.servers.iter().position(|addr| *addr == failure.addr);
-                        if let Some(failed) = failed {
-                            rotation.failed(failed, Instant::now());
-                        }
+                    // Every server before this one failed to connect.
+                    for failed in 0..index {
+                        rotation.failed(failed, Instant::now());
                     }
                     let servers = Servers {
                         links,
