@@ -2,9 +2,17 @@
 // qkv: [batch * seq, 3 * hidden] rows of (query | key | value), heads side by side.
 // mask: [batch * seq] additive bias, 0 for real tokens, very negative for padding.
 // out:  [batch * seq, hidden] context vectors.
-// One workgroup per (64 queries, head, sequence). Keys and values stream through
-// workgroup memory in blocks; each query keeps a running maximum and sum, so the
-// softmax is exact without storing the score matrix.
+// One workgroup per (QUERIES queries, head, sequence), one query per
+// invocation. Keys and values stream through workgroup memory in blocks of
+// KEY_BLOCK; each query keeps a running maximum and sum, so the softmax is
+// exact without storing the score matrix.
+//
+// The constants below are specialized per kernel family by the launcher
+// (`surf_shaders::specialize`): the portable kernel takes any head size up to
+// 64 from the parameters; the GPU family fixes HEAD_DIM4, which turns the
+// loops over the head into constant-bound loops that a GPU compiler unrolls,
+// keeping the query and accumulator arrays in registers, and sizes the key
+// block to fill its workgroup memory.
 
 struct Params {
     seq: u32,
@@ -24,19 +32,22 @@ struct Params {
 
 const QUERIES: u32 = 64u;
 const KEY_BLOCK: u32 = 16u;
-const MAX_DIM4: u32 = 16u; // head size up to 64
+// Head size up to 4 * MAX_DIM4.
+const MAX_DIM4: u32 = 16u;
+// The head size / 4 when fixed at compile time, 0 when read from the parameters.
+const HEAD_DIM4: u32 = 0u;
 
-var<workgroup> keys: array<vec4<f32>, 256>; // KEY_BLOCK * MAX_DIM4
-var<workgroup> values: array<vec4<f32>, 256>;
+var<workgroup> keys: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
+var<workgroup> values: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
 var<workgroup> bias: array<f32, KEY_BLOCK>;
 
-@compute @workgroup_size(64, 1, 1)
+@compute @workgroup_size(QUERIES, 1, 1)
 fn main(
     @builtin(workgroup_id) group: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
 ) {
     let seq = params.seq;
-    let dim4 = params.head_dim / 4u;
+    let dim4 = select(params.head_dim / 4u, HEAD_DIM4, HEAD_DIM4 != 0u);
     let head = group.y;
     let sequence = group.z;
     let query = group.x * QUERIES + lane;

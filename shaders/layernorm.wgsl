@@ -4,9 +4,10 @@
 // Two passes over the row (mean, then squared deviations) keep the variance
 // exact where the one-pass E[x^2] - E[x]^2 form cancels; it is clamped at zero
 // because eps can be as small as 1e-12.
-// A workgroup of 8 is one SIMD vector on software rasterizers, where a barrier
-// then costs next to nothing and each vec4 load counts once per lane; on GPUs
-// the row is short enough that 8 lanes stream it at memory speed.
+// THREADS is specialized per kernel family by the launcher: 8 is one SIMD
+// vector of a software rasterizer, where a barrier then costs next to nothing
+// and each vec4 load counts once per lane; GPUs take a wider workgroup so that
+// a row is read by many lanes at once.
 
 struct Params {
     rows: u32,
@@ -50,7 +51,7 @@ fn reduce_sum(lane: u32, v: f32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(8, 1, 1)
+@compute @workgroup_size(THREADS, 1, 1)
 fn main(
     @builtin(workgroup_id) group: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::DispatchPlan;
 use crate::kernels::attention::MASKED;
+use crate::kernels::family::{KERNELS_ENV, KernelMode};
 use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
 use crate::paging::{Pager, PagerConfig, VramBudget};
 use crate::source::{LocalSource, WeightSource};
@@ -36,6 +37,7 @@ pub struct EngineBuilder {
     observer: Option<crate::paging::FetchObserver>,
     gpu: Option<Gpu>,
     normalize: Option<bool>,
+    kernels: Option<KernelMode>,
 }
 
 impl EngineBuilder {
@@ -112,6 +114,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Which kernels run: measured per shape on the adapter (`Auto`) or one
+    /// family everywhere. By default `SURF_KERNELS` decides, else `Auto`.
+    pub fn kernels(mut self, mode: KernelMode) -> Self {
+        self.kernels = Some(mode);
+        self
+    }
+
     pub fn build(self) -> Result<Engine> {
         if self.batch_size == 0 {
             return Err(Error::InvalidInput("batch size must be at least 1".into()));
@@ -133,9 +142,24 @@ impl EngineBuilder {
             Some(gpu) => gpu,
             None => Gpu::new()?,
         };
-        let engine = Engine::start(gpu, spec, source, self.batch_size, self.pager)?;
+        let kernels = match self.kernels {
+            Some(mode) => mode,
+            None => kernel_mode_from_env()?,
+        };
+        let engine = Engine::start(gpu, spec, source, self.batch_size, self.pager, kernels)?;
         engine.state()?.pager.set_observer(self.observer);
         Ok(engine)
+    }
+}
+
+/// The kernel mode `SURF_KERNELS` asks for; `Auto` when it is unset.
+pub fn kernel_mode_from_env() -> Result<KernelMode> {
+    match std::env::var(KERNELS_ENV) {
+        Err(_) => Ok(KernelMode::Auto),
+        Ok(value) => KernelMode::parse(&value).ok_or_else(|| Error::KernelChoice {
+            value,
+            accepted: KernelMode::accepted(),
+        }),
     }
 }
 
@@ -180,6 +204,7 @@ impl Engine {
             observer: None,
             gpu: None,
             normalize: None,
+            kernels: None,
         }
     }
 
@@ -194,6 +219,7 @@ impl Engine {
         source: Arc<dyn WeightSource>,
         batch_size: usize,
         settings: PagerConfig,
+        kernel_mode: KernelMode,
     ) -> Result<Self> {
         let config = &spec.config;
         let tokenizer = TextTokenizer::from_json(
@@ -203,8 +229,10 @@ impl Engine {
             config.vocab_size,
         )?;
         let dtype = settings.weight_dtype;
-        let kernels = Kernels::new(&gpu, dtype);
+        let mut kernels = Kernels::new(&gpu, dtype);
         gpu.check_errors()?;
+        let started = Instant::now();
+        let choices = kernels.choose(&gpu, kernel_mode, config)?;
 
         let layer_layout = BertLayer::layout(config);
         let slot_bytes = (layer_layout.len * dtype.size_bytes()) as u64;
@@ -257,6 +285,13 @@ impl Engine {
         let mut state = engine.state()?;
         engine.prime_pipelines(&mut state)?;
         drop(state);
+        engine.gpu.save_pipeline_cache();
+        tracing::info!(
+            reused_choices = choices.reused,
+            measured_choices = choices.measured,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "kernels chosen and compiled"
+        );
         Ok(engine)
     }
 

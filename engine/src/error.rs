@@ -59,6 +59,14 @@ pub enum Error {
         needed: u64,
         limit: u64,
     },
+    #[error("the {family} kernel family cannot run on {adapter}: {reason}")]
+    KernelFamily {
+        family: &'static str,
+        adapter: String,
+        reason: String,
+    },
+    #[error("unknown kernel choice `{value}` in SURF_KERNELS (accepted: {accepted})")]
+    KernelChoice { value: String, accepted: String },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("weight source: {0}")]
@@ -81,6 +89,8 @@ impl Error {
                 | Error::Tokenizer { .. }
                 | Error::InvalidInput(_)
                 | Error::InputFile { .. }
+                | Error::KernelFamily { .. }
+                | Error::KernelChoice { .. }
         )
     }
 

@@ -18,6 +18,41 @@ pub struct Gpu {
     /// Validation and out-of-memory errors the device raised since the last
     /// `check_errors`; wgpu would otherwise panic on them.
     errors: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The driver's compiled pipelines, kept on disk between starts where the
+    /// backend supports it (Vulkan).
+    pipeline_cache: Option<Arc<StoredPipelineCache>>,
+}
+
+/// A pipeline cache and the file it was loaded from and is saved to.
+struct StoredPipelineCache {
+    cache: wgpu::PipelineCache,
+    path: std::path::PathBuf,
+    /// Bytes read at start, to skip saving when nothing was added.
+    loaded_len: usize,
+}
+
+/// The pipeline cache saved at `path` by an earlier start, or an empty one.
+fn load_pipeline_cache(device: &wgpu::Device, path: std::path::PathBuf) -> StoredPipelineCache {
+    let data = std::fs::read(&path).ok();
+    #[allow(unsafe_code)]
+    // SAFETY: the data is either absent or what `save_pipeline_cache` wrote
+    // from `PipelineCache::get_data` into surf's own cache folder, under a
+    // name that is wgpu's key for this adapter. wgpu and the driver check its
+    // header and, with `fallback`, start empty on data they do not accept.
+    let cache = unsafe {
+        device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+            label: Some("surf pipelines"),
+            data: data.as_deref(),
+            fallback: true,
+        })
+    };
+    let loaded_len = data.as_ref().map_or(0, Vec::len);
+    tracing::debug!(path = %path.display(), bytes = loaded_len, "pipeline cache loaded");
+    StoredPipelineCache {
+        cache,
+        path,
+        loaded_len,
+    }
 }
 
 fn rank(device_type: wgpu::DeviceType) -> u8 {
@@ -83,6 +118,12 @@ impl Gpu {
         if subgroups {
             required_features |= wgpu::Features::SUBGROUP;
         }
+        let cache_file = wgpu::util::pipeline_cache_key(&info)
+            .filter(|_| adapter.features().contains(wgpu::Features::PIPELINE_CACHE))
+            .and_then(|key| Some(crate::kernels::tuning_cache::cache_dir()?.join(key)));
+        if cache_file.is_some() {
+            required_features |= wgpu::Features::PIPELINE_CACHE;
+        }
         // Ask for everything the adapter offers: big models need large bindings.
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -107,6 +148,7 @@ impl Gpu {
                 list.push(error.to_string());
             }
         }));
+        let pipeline_cache = cache_file.map(|path| Arc::new(load_pipeline_cache(&device, path)));
         tracing::info!(adapter = %info.name, backend = ?info.backend, subgroups, "GPU device ready");
         Ok(Self {
             device,
@@ -115,7 +157,33 @@ impl Gpu {
             limits,
             subgroups,
             errors,
+            pipeline_cache,
         })
+    }
+
+    /// The pipeline cache new pipelines should use, where there is one.
+    pub fn pipeline_cache(&self) -> Option<&wgpu::PipelineCache> {
+        self.pipeline_cache.as_ref().map(|stored| &stored.cache)
+    }
+
+    /// Writes the pipeline cache back to its file when pipelines were added
+    /// to it, so that the next start skips their compilation. Failing to
+    /// write only costs that time, so it is logged, not returned.
+    pub fn save_pipeline_cache(&self) {
+        let Some(stored) = &self.pipeline_cache else {
+            return;
+        };
+        let Some(data) = stored.cache.get_data() else {
+            return;
+        };
+        if data.len() == stored.loaded_len {
+            return;
+        }
+        if let Err(error) = crate::kernels::tuning_cache::write_atomically(&stored.path, &data) {
+            tracing::warn!(path = %stored.path.display(), %error, "could not save the pipeline cache");
+        } else {
+            tracing::debug!(path = %stored.path.display(), bytes = data.len(), "pipeline cache saved");
+        }
     }
 
     /// Returns the first error the device raised since the last call, if any.

@@ -6,9 +6,13 @@ use crate::config::{Activation, BertConfig};
 use crate::dtype::WeightDtype;
 use crate::error::Result;
 use crate::gpu::Gpu;
+use crate::kernels::autotune::Launchers;
+use crate::kernels::choice::{self, ChoiceOrigin};
 use crate::kernels::embed::EmbeddingTables;
+use crate::kernels::family::{KernelFamily, KernelMode};
 use crate::kernels::layernorm::LayerNormOperands;
 use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::selection::{ModelShapes, Selection, TunedOp};
 use crate::kernels::{DispatchPlan, attention, embed, layernorm, matmul, normalize, pool};
 use crate::weights::TensorSource;
 
@@ -86,7 +90,8 @@ pub fn model_tensors(config: &BertConfig) -> Vec<(String, Vec<usize>)> {
     all
 }
 
-/// Every launcher the forward pass uses, built once per device.
+/// Every launcher the forward pass uses, built once per device, and the
+/// kernel family each shape runs.
 pub struct Kernels {
     pub matmul: matmul::Matmul,
     pub embed: embed::Embed,
@@ -94,10 +99,12 @@ pub struct Kernels {
     pub attention: attention::Attention,
     pub pool: pool::Pool,
     pub normalize: normalize::Normalize,
+    pub selection: Selection,
 }
 
 impl Kernels {
-    /// The launchers for weights stored as `dtype`.
+    /// The launchers for weights stored as `dtype`, running the kernels of
+    /// [`KernelFamily::fixed_default`] until [`Kernels::choose`] measures.
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         Self {
             matmul: matmul::Matmul::new(gpu, dtype),
@@ -106,7 +113,62 @@ impl Kernels {
             attention: attention::Attention::new(gpu),
             pool: pool::Pool::new(gpu),
             normalize: normalize::Normalize::new(gpu),
+            selection: Selection::Forced(KernelFamily::fixed_default(gpu)),
         }
+    }
+
+    /// Sets the family per shape for a model of `config`: forced by `mode`,
+    /// or measured (and cached) on this adapter.
+    pub fn choose(
+        &mut self,
+        gpu: &Gpu,
+        mode: KernelMode,
+        config: &BertConfig,
+    ) -> Result<ChoiceOrigin> {
+        let model = ModelShapes {
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            heads: config.num_attention_heads,
+            head_dim: config.head_dim(),
+        };
+        let launchers = Launchers {
+            matmul: &self.matmul,
+            attention: &self.attention,
+            layernorm: &self.layernorm,
+        };
+        let dtype = self.matmul.dtype().name();
+        let (selection, origin) = choice::select(gpu, &launchers, mode, &model, dtype)?;
+        self.selection = selection;
+        Ok(origin)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        plan: &mut DispatchPlan,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: Epilogue,
+        operands: MatmulOperands<'_>,
+    ) {
+        let family = self.selection.family(TunedOp::Matmul, m, k, n);
+        self.matmul
+            .push_family(family, plan, m, n, k, epilogue, operands);
+    }
+
+    fn layernorm(
+        &self,
+        gpu: &Gpu,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        operands: LayerNormOperands<'_>,
+    ) {
+        let family = self.selection.family(TunedOp::LayerNorm, rows, cols, 0);
+        self.layernorm
+            .push_family(family, gpu, plan, rows, cols, eps, operands);
     }
 }
 
@@ -276,7 +338,7 @@ impl BertEmbeddings {
             self.layout.tables,
             &batch.scratch,
         );
-        kernels.layernorm.push(
+        kernels.layernorm(
             gpu,
             plan,
             tokens,
@@ -459,8 +521,7 @@ impl BertLayer {
         let inter = config.intermediate_size;
         let rows = batch.rows;
         let eps = config.layer_norm_eps as f32;
-        let mm = &kernels.matmul;
-        mm.push(
+        kernels.matmul(
             plan,
             rows,
             3 * h,
@@ -476,7 +537,15 @@ impl BertLayer {
                 c_offset: 0,
             },
         );
-        kernels.attention.push(
+        let rows_of_batch = batch.sequences * batch.seq_len;
+        let attention_family = kernels.selection.family(
+            TunedOp::Attention,
+            rows_of_batch,
+            config.head_dim(),
+            config.num_attention_heads,
+        );
+        kernels.attention.push_family(
+            attention_family,
             plan,
             batch.sequences,
             batch.seq_len,
@@ -486,7 +555,7 @@ impl BertLayer {
             &batch.mask,
             &batch.context,
         );
-        mm.push(
+        kernels.matmul(
             plan,
             rows,
             h,
@@ -502,7 +571,7 @@ impl BertLayer {
                 c_offset: 0,
             },
         );
-        kernels.layernorm.push(
+        kernels.layernorm(
             gpu,
             plan,
             rows,
@@ -517,7 +586,7 @@ impl BertLayer {
                 out: &batch.attention_output,
             },
         );
-        mm.push(
+        kernels.matmul(
             plan,
             rows,
             inter,
@@ -533,7 +602,7 @@ impl BertLayer {
                 c_offset: 0,
             },
         );
-        mm.push(
+        kernels.matmul(
             plan,
             rows,
             h,
@@ -549,7 +618,7 @@ impl BertLayer {
                 c_offset: 0,
             },
         );
-        kernels.layernorm.push(
+        kernels.layernorm(
             gpu,
             plan,
             rows,

@@ -16,6 +16,7 @@ use surf_engine::gpu::{Gpu, gpu_for_tests};
 use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::{Attention, MASKED};
 use surf_engine::kernels::embed::{Embed, EmbeddingTables};
+use surf_engine::kernels::family::KernelFamily;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
 use surf_engine::kernels::normalize::Normalize;
@@ -147,6 +148,14 @@ fn reference_erf_matches_known_values() {
     }
 }
 
+/// How a matmul case is launched.
+#[derive(Debug, Clone, Copy)]
+enum Launch {
+    Default,
+    Variant(MatmulVariant),
+    Family(KernelFamily),
+}
+
 struct MatmulCase {
     m: usize,
     k: usize,
@@ -169,6 +178,18 @@ impl MatmulCase {
     /// Runs the case with `variant` (or the launcher's own choice) and checks
     /// C and the sentinels around it.
     fn check(&self, gpu: &Gpu, matmul: &Matmul, variant: Option<MatmulVariant>, rng: &mut StdRng) {
+        let launch = match variant {
+            Some(variant) => Launch::Variant(variant),
+            None => Launch::Default,
+        };
+        self.run(gpu, matmul, launch, rng);
+    }
+
+    fn check_family(&self, gpu: &Gpu, matmul: &Matmul, family: KernelFamily, rng: &mut StdRng) {
+        self.run(gpu, matmul, Launch::Family(family), rng);
+    }
+
+    fn run(&self, gpu: &Gpu, matmul: &Matmul, launch: Launch, rng: &mut StdRng) {
         let Self { m, k, n, .. } = *self;
         let lhs = random_vec(rng, self.a_offset + m * k);
         let weight_len = (self.b_offset + k * n).max(self.bias_offset + n);
@@ -200,16 +221,19 @@ impl MatmulCase {
             c_offset: self.c_offset as u32,
         };
         let mut plan = DispatchPlan::new(gpu);
-        match variant {
-            Some(variant) => {
+        match launch {
+            Launch::Variant(variant) => {
                 matmul.push_variant(variant, &mut plan, m, n, k, self.epilogue(), operands)
             }
-            None => matmul.push(&mut plan, m, n, k, self.epilogue(), operands),
+            Launch::Family(family) => {
+                matmul.push_family(family, &mut plan, m, n, k, self.epilogue(), operands)
+            }
+            Launch::Default => matmul.push(&mut plan, m, n, k, self.epilogue(), operands),
         }
         let out = run_and_read(gpu, plan, &out_buffer, out_len);
 
         let what = format!(
-            "matmul {variant:?} {} weights m={m} k={k} n={n} offsets a={} b={} bias={} c={} {:?}",
+            "matmul {launch:?} {} weights m={m} k={k} n={n} offsets a={} b={} bias={} c={} {:?}",
             matmul.dtype(),
             self.a_offset,
             self.b_offset,
@@ -286,6 +310,7 @@ fn tile_rows(variant: MatmulVariant) -> usize {
     match variant {
         MatmulVariant::General => 128,
         MatmulVariant::Subgroups { rows } => rows as usize,
+        MatmulVariant::Tiled => 64,
     }
 }
 
@@ -298,9 +323,16 @@ fn matmul_every_variant_matches_reference_for_aligned_shapes() {
 }
 
 fn matmul_variant_cases(gpu: &Gpu, matmul: &Matmul) {
-    if matmul.variants() == [MatmulVariant::General] {
+    if !matmul.variants().contains(&MatmulVariant::Tiled) {
+        eprintln!("note: this adapter has no workgroups of 256; the tiled matmul is not tested");
+    }
+    if !matmul
+        .variants()
+        .iter()
+        .any(|v| matches!(v, MatmulVariant::Subgroups { .. }))
+    {
         eprintln!(
-            "note: this adapter has no subgroups of 8 or more; only the general matmul is tested"
+            "note: this adapter has no subgroups of 8 or more; the subgroup matmul is not tested"
         );
     }
     let mut rng = StdRng::seed_from_u64(2);
@@ -386,6 +418,36 @@ fn matmul_push_cases(gpu: &Gpu, matmul: &Matmul) {
             activation: Some(Activation::GeluErf),
         };
         case.check(gpu, matmul, None, &mut rng);
+    }
+}
+
+/// Every family the adapter runs, through `push_family`: aligned shapes that
+/// leave partial tiles, and unaligned ones that the vec4 families hand to the
+/// portable kernel.
+#[test]
+fn matmul_every_family_matches_reference_aligned_or_not() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = StdRng::seed_from_u64(7);
+    for dtype in DTYPES {
+        let matmul = Matmul::new(&gpu, dtype);
+        for family in KernelFamily::supported(&gpu) {
+            for (m, k, n, a_offset, c_offset) in
+                [(65, 20, 132, 4, 8), (17, 388, 68, 0, 4), (40, 37, 45, 1, 3)]
+            {
+                let b_offset = 4;
+                let case = MatmulCase {
+                    m,
+                    k,
+                    n,
+                    a_offset,
+                    b_offset,
+                    bias_offset: b_offset + k * n,
+                    c_offset,
+                    activation: Some(Activation::GeluErf),
+                };
+                case.check_family(&gpu, &matmul, family, &mut rng);
+            }
+        }
     }
 }
 
@@ -510,10 +572,14 @@ fn layernorm_cases(gpu: &Gpu, dtype: WeightDtype) {
 
         let x_buffer = upload(&gpu, "x", &x);
         let residual_buffer = upload(&gpu, "residual", &residual);
-        for with_residual in [false, true] {
+        let launches = KernelFamily::supported(&gpu)
+            .into_iter()
+            .flat_map(|family| [(family, false), (family, true)]);
+        for (family, with_residual) in launches {
             let out_buffer = gpu.storage_buffer("out", (rows * cols * 4) as u64);
             let mut plan = DispatchPlan::new(&gpu);
-            layernorm.push(
+            layernorm.push_family(
+                family,
                 &gpu,
                 &mut plan,
                 rows,
@@ -537,7 +603,7 @@ fn layernorm_cases(gpu: &Gpu, dtype: WeightDtype) {
                 f64::from(eps),
             );
             assert_close(
-                &format!("layernorm {dtype} weights cols={cols} residual={with_residual}"),
+                &format!("layernorm {family} {dtype} weights cols={cols} residual={with_residual}"),
                 &out,
                 &expected,
             );
@@ -561,16 +627,21 @@ fn attention_matches_reference_on_real_query_rows() {
     let Some(gpu) = gpu_for_tests() else { return };
     let attention = Attention::new(&gpu);
     let mut rng = StdRng::seed_from_u64(6);
-    // seq is a multiple of neither the key blocks (8, 16) nor the query groups
-    // (8, 64). Heads of 32 and 64 run the subgroup kernels where the adapter
-    // has subgroups; 48 always runs `attention.wgsl`, here with a sequence of
-    // one real token.
+    // seq is a multiple of none of the key blocks (8, 16, 32) nor the query
+    // groups (8, 64). Heads of 32 and 64 have kernels of their own in the
+    // subgroup8 and tiled families; 48 always runs the portable kernel, here
+    // with a sequence of one real token.
     assert!(!attention.uses_subgroups(48));
-    for (heads, head_dim, seq, lengths) in [
+    let shapes = [
         (3, 32, 21, [21, 13]),
         (2, 64, 70, [70, 9]),
         (2, 48, 19, [19, 1]),
-    ] {
+        (1, 32, 75, [75, 40]),
+    ];
+    let launches = KernelFamily::supported(&gpu)
+        .into_iter()
+        .flat_map(|family| shapes.map(|shape| (family, shape)));
+    for (family, (heads, head_dim, seq, lengths)) in launches {
         let batch = lengths.len();
         let hidden = heads * head_dim;
         let rows = batch * seq;
@@ -593,7 +664,8 @@ fn attention_matches_reference_on_real_query_rows() {
         let mask_buffer = upload(&gpu, "mask", &mask);
         let out_buffer = gpu.storage_buffer("out", (rows * hidden * 4) as u64);
         let mut plan = DispatchPlan::new(&gpu);
-        attention.push(
+        attention.push_family(
+            family,
             &mut plan,
             batch,
             seq,
@@ -639,7 +711,7 @@ fn attention_matches_reference_on_real_query_rows() {
             }
         }
         assert_close(
-            &format!("attention heads={heads} head_dim={head_dim} seq={seq}"),
+            &format!("attention {family} heads={heads} head_dim={head_dim} seq={seq}"),
             &actual,
             &expected,
         );

@@ -41,6 +41,13 @@ pub const MATMUL_SUBGROUPS: [(u32, &str); 4] = [
     matmul_subgroups!(64),
     matmul_subgroups!(128),
 ];
+/// The same multiply shaped for GPUs: 256 invocations stage 64x64 tiles of
+/// A and B in workgroup memory, each computing a 4x4 register block; k, n and
+/// every offset must be multiples of 4.
+pub const MATMUL_TILED: &str = concat!(
+    include_str!("../activation.wgsl"),
+    include_str!("../matmul_tiled.wgsl")
+);
 /// Word + position + token-type embedding gather.
 pub const EMBED: &str = include_str!("../embed.wgsl");
 /// LayerNorm with a fused residual add.
@@ -66,6 +73,38 @@ pub const POOL: &str = include_str!("../pool.wgsl");
 pub const NORMALIZE: &str = include_str!("../normalize.wgsl");
 /// FMA chains that measure the adapter's arithmetic peak.
 pub const FMA_PEAK: &str = include_str!("../fma_peak.wgsl");
+
+/// `source` with the value of each `const NAME: u32 = ...;` line named in
+/// `values` replaced, so that one kernel text serves several workgroup and
+/// block sizes. Panics when a name has no such line, which is a bug in this
+/// crate's kernels or their launcher.
+pub fn specialize(source: &str, values: &[(&str, u32)]) -> String {
+    let mut out = String::with_capacity(source.len() + 64);
+    let mut replaced = vec![false; values.len()];
+    for line in source.lines() {
+        let constant = values.iter().position(|(name, _)| {
+            line.strip_prefix("const ")
+                .and_then(|rest| rest.strip_prefix(name))
+                .is_some_and(|rest| rest.starts_with(": u32 ="))
+        });
+        match constant {
+            Some(index) => {
+                let (name, value) = values[index];
+                out += &format!("const {name}: u32 = {value}u;");
+                replaced[index] = true;
+            }
+            None => out += line,
+        }
+        out.push('\n');
+    }
+    if let Some(missing) = replaced.iter().position(|done| !done) {
+        panic!(
+            "kernel source has no `const {}: u32` line",
+            values[missing].0
+        );
+    }
+    out
+}
 
 /// How weights are stored in their GPU buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,12 +176,31 @@ fn weights_declaration(binding: u32, access: &str, words: WeightWords) -> String
 #[cfg(test)]
 mod tests {
     use super::{
-        ATTENTION_SUBGROUPS, EMBED, LAYERNORM, MATMUL, MATMUL_SUBGROUPS, WeightWords, with_weights,
+        ATTENTION, ATTENTION_SUBGROUPS, EMBED, LAYERNORM, MATMUL, MATMUL_SUBGROUPS, MATMUL_TILED,
+        WeightWords, specialize, with_weights,
     };
 
     #[test]
+    fn specialize_replaces_only_the_named_constants() {
+        let source = specialize(ATTENTION, &[("QUERIES", 32), ("HEAD_DIM4", 8)]);
+        assert!(source.contains("const QUERIES: u32 = 32u;"));
+        assert!(source.contains("const HEAD_DIM4: u32 = 8u;"));
+        assert!(source.contains("const KEY_BLOCK: u32 = 16u;"));
+        assert!(!source.contains("const QUERIES: u32 = 64u;"));
+        assert_eq!(source.lines().count(), ATTENTION.lines().count());
+        let threads = specialize(LAYERNORM, &[("THREADS", 64)]);
+        assert!(threads.contains("const THREADS: u32 = 64u;"));
+    }
+
+    #[test]
+    #[should_panic(expected = "no `const WIDTH: u32` line")]
+    fn specialize_rejects_a_constant_the_kernel_lacks() {
+        specialize(LAYERNORM, &[("WIDTH", 64)]);
+    }
+
+    #[test]
     fn every_weight_reading_kernel_gets_one_declaration_per_format() {
-        let sources = [MATMUL, EMBED, LAYERNORM]
+        let sources = [MATMUL, MATMUL_TILED, EMBED, LAYERNORM]
             .into_iter()
             .chain(MATMUL_SUBGROUPS.iter().map(|(_, source)| *source));
         for source in sources {

@@ -1,11 +1,14 @@
 //! Launcher for multi-head self-attention over a padded batch.
 //!
-//! Two pipelines compute the same thing. The generated `attention_subgroups`
-//! kernels (heads of 32 and 64, subgroups of at least 8 invocations) share
-//! keys and probabilities across a subgroup and are several times faster on
-//! software rasterizers; `attention.wgsl` runs every other head size, and on
-//! adapters without subgroups.
+//! One kernel per family computes the same thing. The generated
+//! `attention_subgroups` kernels (subgroup8; heads of 32 and 64, subgroups of
+//! at least 8 invocations) share keys and probabilities across a subgroup and
+//! are several times faster on software rasterizers. `attention.wgsl` is the
+//! portable kernel for any head size, and, specialized to a fixed head size
+//! with a larger key block, the tiled family's. Head sizes a family has no
+//! kernel for run the portable one.
 
+use super::family::KernelFamily;
 use super::{Access, DispatchPlan, Kernel, subgroup_kernels};
 use crate::gpu::Gpu;
 
@@ -29,10 +32,22 @@ struct AttentionParams {
     _pad1: [u32; 3],
 }
 
+/// Head sizes with a kernel of the tiled family.
+const TILED_HEAD_DIMS: [usize; 2] = [32, 64];
+
+/// Keys per block of the tiled kernel: 4 KiB of keys and 4 KiB of values in
+/// workgroup memory whatever the head size, within the 16 KiB every adapter
+/// offers, and at most one key per query lane (the mask load needs it).
+fn tiled_key_block(head_dim: usize) -> u32 {
+    (1024 / head_dim as u32).min(QUERIES_PER_GROUP)
+}
+
 pub struct Attention {
     kernel: Kernel,
     /// `(head_dim, kernel)` of the subgroup kernels this adapter can run.
     subgroups: Vec<(usize, Kernel)>,
+    /// `(head_dim, kernel)` of the tiled family's kernels.
+    tiled: Vec<(usize, Kernel)>,
 }
 
 impl Attention {
@@ -47,9 +62,27 @@ impl Attention {
         .into_iter()
         .map(|(head_dim, kernel)| (head_dim as usize, kernel))
         .collect();
+        let tiled = TILED_HEAD_DIMS
+            .into_iter()
+            .filter(|_| KernelFamily::Tiled.unsupported_reason(gpu).is_none())
+            .map(|head_dim| {
+                let dim4 = head_dim as u32 / 4;
+                let source = surf_shaders::specialize(
+                    surf_shaders::ATTENTION,
+                    &[
+                        ("KEY_BLOCK", tiled_key_block(head_dim)),
+                        ("MAX_DIM4", dim4),
+                        ("HEAD_DIM4", dim4),
+                    ],
+                );
+                let kernel = Kernel::new(gpu, "attention_tiled", &source, &storage);
+                (head_dim, kernel)
+            })
+            .collect();
         Self {
             kernel: Kernel::new(gpu, "attention", surf_shaders::ATTENTION, &storage),
             subgroups,
+            tiled,
         }
     }
 
@@ -64,21 +97,69 @@ impl Attention {
             .find_map(|(dim, kernel)| (*dim == head_dim).then_some(kernel))
     }
 
-    /// The kernel that runs heads of `head_dim`, and its workgroups.
-    fn pick(&self, seq: usize, heads: usize, batch: usize, head_dim: usize) -> (&Kernel, [u32; 3]) {
-        let (kernel, queries) = match self.subgroup_kernel(head_dim) {
-            Some(kernel) => (kernel, SUBGROUP_QUERIES),
-            None => (&self.kernel, QUERIES_PER_GROUP),
+    /// `family`'s kernel for heads of `head_dim`, or the portable one, and
+    /// its workgroups.
+    fn pick(
+        &self,
+        family: KernelFamily,
+        seq: usize,
+        heads: usize,
+        batch: usize,
+        head_dim: usize,
+    ) -> (&Kernel, [u32; 3]) {
+        fn of_head(kernels: &[(usize, Kernel)], head_dim: usize) -> Option<&Kernel> {
+            kernels
+                .iter()
+                .find_map(|(dim, kernel)| (*dim == head_dim).then_some(kernel))
+        }
+        let (kernel, queries) = match family {
+            KernelFamily::Subgroup8 => match self.subgroup_kernel(head_dim) {
+                Some(kernel) => (kernel, SUBGROUP_QUERIES),
+                None => (&self.kernel, QUERIES_PER_GROUP),
+            },
+            KernelFamily::Tiled => (
+                of_head(&self.tiled, head_dim).unwrap_or(&self.kernel),
+                QUERIES_PER_GROUP,
+            ),
+            KernelFamily::Portable => (&self.kernel, QUERIES_PER_GROUP),
         };
         let groups = [(seq as u32).div_ceil(queries), heads as u32, batch as u32];
         (kernel, groups)
     }
 
     /// `qkv` is [batch * seq, 3 * hidden]; `mask` is [batch * seq]; `out` is
-    /// [batch * seq, hidden].
+    /// [batch * seq, hidden]. Runs the subgroup kernel where there is one,
+    /// as every batch did before families were measured.
     #[allow(clippy::too_many_arguments)]
     pub fn push(
         &self,
+        plan: &mut DispatchPlan,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv: &wgpu::Buffer,
+        mask: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        self.push_family(
+            KernelFamily::Subgroup8,
+            plan,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            qkv,
+            mask,
+            out,
+        );
+    }
+
+    /// Like `push`, with `family`'s kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_family(
+        &self,
+        family: KernelFamily,
         plan: &mut DispatchPlan,
         batch: usize,
         seq: usize,
@@ -96,7 +177,7 @@ impl Attention {
             scale: 1.0 / (head_dim as f32).sqrt(),
             _pad1: [0; 3],
         };
-        let (kernel, groups) = self.pick(seq, heads, batch, head_dim);
+        let (kernel, groups) = self.pick(family, seq, heads, batch, head_dim);
         plan.push(kernel, &params, &[qkv, mask, out], groups);
     }
 }

@@ -1,5 +1,6 @@
 //! Launcher for `layernorm.wgsl`: LayerNorm with a fused residual add.
 
+use super::family::{KernelFamily, TILED_LAYERNORM_THREADS};
 use super::{Access, DispatchPlan, Kernel, grid_2d};
 use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
@@ -28,24 +29,49 @@ pub struct LayerNormOperands<'a> {
     pub out: &'a wgpu::Buffer,
 }
 
+/// One kernel of 8 lanes (the portable and subgroup8 families) and one of
+/// `TILED_LAYERNORM_THREADS` (the tiled family).
 pub struct LayerNorm {
     kernel: Kernel,
+    tiled: Option<Kernel>,
 }
 
 impl LayerNorm {
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
+        let storage = [Access::Read, Access::Read, Access::Read, Access::ReadWrite];
+        let source = surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words());
+        let tiled = KernelFamily::Tiled
+            .unsupported_reason(gpu)
+            .is_none()
+            .then(|| {
+                let wide =
+                    surf_shaders::specialize(&source, &[("THREADS", TILED_LAYERNORM_THREADS)]);
+                Kernel::new(gpu, "layernorm_tiled", &wide, &storage)
+            });
         Self {
-            kernel: Kernel::new(
-                gpu,
-                "layernorm",
-                &surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words()),
-                &[Access::Read, Access::Read, Access::Read, Access::ReadWrite],
-            ),
+            kernel: Kernel::new(gpu, "layernorm", &source, &storage),
+            tiled,
         }
     }
 
+    /// Records the LayerNorm with the 8-lane kernel.
     pub fn push(
         &self,
+        gpu: &Gpu,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        operands: LayerNormOperands<'_>,
+    ) {
+        self.push_family(KernelFamily::Portable, gpu, plan, rows, cols, eps, operands);
+    }
+
+    /// Records the LayerNorm with `family`'s kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_family(
+        &self,
+        family: KernelFamily,
         gpu: &Gpu,
         plan: &mut DispatchPlan,
         rows: usize,
@@ -74,8 +100,12 @@ impl LayerNorm {
         };
         // Without a residual the kernel never reads binding 2; any buffer will do.
         let residual = operands.residual.unwrap_or(operands.x);
+        let kernel = match (family, &self.tiled) {
+            (KernelFamily::Tiled, Some(tiled)) => tiled,
+            _ => &self.kernel,
+        };
         plan.push(
-            &self.kernel,
+            kernel,
             &params,
             &[operands.x, residual, operands.weights, operands.out],
             grid,

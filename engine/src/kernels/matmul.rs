@@ -1,11 +1,14 @@
 //! Launcher for the matmul kernels: C = act(A B + bias).
 //!
-//! Two pipelines compute the same thing. `matmul_subgroups.wgsl` is the fast
-//! one: it needs subgroups of at least 8 invocations and vec4-aligned operands
-//! (k, n and every offset multiples of 4), which every BERT layer satisfies.
-//! `matmul.wgsl` takes any shape and offset and needs no optional feature.
+//! Three kinds of pipeline compute the same thing, one per kernel family.
+//! `matmul.wgsl` (portable) takes any shape and offset and needs no optional
+//! feature. `matmul_subgroups.wgsl` (subgroup8) needs subgroups of at least 8
+//! invocations, and `matmul_tiled.wgsl` (tiled) workgroups of 256; both need
+//! vec4-aligned operands (k, n and every offset multiples of 4), which every
+//! BERT layer satisfies, and fall back to the portable kernel otherwise.
 
-use super::{Access, DispatchPlan, Kernel, SUBGROUP_LANES, subgroup_kernels};
+use super::family::{KernelFamily, SUBGROUP_LANES};
+use super::{Access, DispatchPlan, Kernel, subgroup_kernels};
 use crate::config::Activation;
 use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
@@ -62,6 +65,8 @@ pub enum MatmulVariant {
     /// vec4 loads and subgroup broadcasts, `rows` rows of C per workgroup:
     /// `matmul_subgroups.wgsl` expanded for that tile height.
     Subgroups { rows: u32 },
+    /// 64x64 tiles in workgroup memory, 256 invocations: `matmul_tiled.wgsl`.
+    Tiled,
 }
 
 impl MatmulVariant {
@@ -70,6 +75,7 @@ impl MatmulVariant {
         match self {
             MatmulVariant::General => (128, 64),
             MatmulVariant::Subgroups { rows } => (rows, 64),
+            MatmulVariant::Tiled => (64, 64),
         }
     }
 }
@@ -154,6 +160,8 @@ pub struct Matmul {
     general: Kernel,
     /// (rows, pipeline) per subgroup tile height, shortest first.
     subgroups: Vec<(u32, Kernel)>,
+    /// None where the adapter cannot run workgroups of 256.
+    tiled: Option<Kernel>,
 }
 
 impl Matmul {
@@ -171,10 +179,18 @@ impl Matmul {
             .collect();
         let subgroups = subgroup_kernels(gpu, "matmul_subgroups", &sources, &storage);
         let general = surf_shaders::with_weights(surf_shaders::MATMUL, words);
+        let tiled = KernelFamily::Tiled
+            .unsupported_reason(gpu)
+            .is_none()
+            .then(|| {
+                let source = surf_shaders::with_weights(surf_shaders::MATMUL_TILED, words);
+                Kernel::new(gpu, "matmul_tiled", &source, &storage)
+            });
         Self {
             dtype,
             general: Kernel::new(gpu, "matmul", &general, &storage),
             subgroups,
+            tiled,
         }
     }
 
@@ -191,7 +207,23 @@ impl Matmul {
                 .iter()
                 .map(|&(rows, _)| MatmulVariant::Subgroups { rows }),
         );
+        if self.tiled.is_some() {
+            variants.push(MatmulVariant::Tiled);
+        }
         variants
+    }
+
+    /// Whether the vec4 kernels can read these operands.
+    fn aligned(n: usize, k: usize, operands: &MatmulOperands<'_>) -> bool {
+        let offsets = [
+            operands.a_offset,
+            operands.b_offset,
+            operands.bias_offset,
+            operands.c_offset,
+        ];
+        n.is_multiple_of(4)
+            && k.is_multiple_of(4)
+            && offsets.iter().all(|offset| offset.is_multiple_of(4))
     }
 
     /// Heights of the subgroup tiles this adapter runs, shortest first.
@@ -207,16 +239,7 @@ impl Matmul {
         k: usize,
         operands: &MatmulOperands<'_>,
     ) -> MatmulVariant {
-        let offsets = [
-            operands.a_offset,
-            operands.b_offset,
-            operands.bias_offset,
-            operands.c_offset,
-        ];
-        let aligned = n.is_multiple_of(4)
-            && k.is_multiple_of(4)
-            && offsets.iter().all(|offset| offset.is_multiple_of(4));
-        if aligned && !self.subgroups.is_empty() {
+        if Self::aligned(n, k, operands) && !self.subgroups.is_empty() {
             MatmulVariant::Subgroups {
                 rows: subgroup_rows(m, &self.tile_heights()),
             }
@@ -225,7 +248,8 @@ impl Matmul {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records the multiply with the kernel that ran every shape before
+    /// families were measured: the subgroup tiles where they run.
     pub fn push(
         &self,
         plan: &mut DispatchPlan,
@@ -236,7 +260,49 @@ impl Matmul {
         operands: MatmulOperands<'_>,
     ) {
         let variant = self.choose(m, n, k, &operands);
-        if variant == MatmulVariant::General {
+        self.push_chosen(variant, plan, m, n, k, epilogue, operands);
+    }
+
+    /// Records the multiply with `family`'s kernel, or the portable one where
+    /// the family cannot run these operands (unaligned ones) or this adapter
+    /// lacks it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_family(
+        &self,
+        family: KernelFamily,
+        plan: &mut DispatchPlan,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: Epilogue,
+        operands: MatmulOperands<'_>,
+    ) {
+        let aligned = Self::aligned(n, k, &operands);
+        let variant = match family {
+            KernelFamily::Subgroup8 if aligned && !self.subgroups.is_empty() => {
+                MatmulVariant::Subgroups {
+                    rows: subgroup_rows(m, &self.tile_heights()),
+                }
+            }
+            KernelFamily::Tiled if aligned && self.tiled.is_some() => MatmulVariant::Tiled,
+            _ => MatmulVariant::General,
+        };
+        self.push_chosen(variant, plan, m, n, k, epilogue, operands);
+    }
+
+    /// Records `variant`, split into several tile heights for subgroup tiles.
+    #[allow(clippy::too_many_arguments)]
+    fn push_chosen(
+        &self,
+        variant: MatmulVariant,
+        plan: &mut DispatchPlan,
+        m: usize,
+        n: usize,
+        k: usize,
+        epilogue: Epilogue,
+        operands: MatmulOperands<'_>,
+    ) {
+        if !matches!(variant, MatmulVariant::Subgroups { .. }) {
             self.push_variant(variant, plan, m, n, k, epilogue, operands);
             return;
         }
@@ -290,6 +356,15 @@ impl Matmul {
                     .iter()
                     .find_map(|(tile, kernel)| (*tile == rows).then_some(kernel))
                     .unwrap_or_else(|| panic!("no {rows}-row subgroup matmul"))
+            }
+            MatmulVariant::Tiled => {
+                assert!(
+                    Self::aligned(n, k, &operands),
+                    "the tiled matmul needs vec4-aligned operands"
+                );
+                self.tiled
+                    .as_ref()
+                    .expect("the adapter runs workgroups of 256 for the tiled matmul")
             }
         };
         let params = MatmulParams {

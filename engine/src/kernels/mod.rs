@@ -2,30 +2,30 @@
 //! built once; `DispatchPlan` records many launches into one compute pass.
 
 pub mod attention;
+pub mod autotune;
+pub mod choice;
 pub mod embed;
+pub mod family;
 pub mod fma_peak;
 pub mod layernorm;
 pub mod matmul;
 pub mod normalize;
 pub mod pool;
+pub mod selection;
+pub mod tuning_cache;
 
 use crate::gpu::Gpu;
+use family::KernelFamily;
 
-/// Invocations in a workgroup of the subgroup kernels (`matmul_subgroups`,
-/// `attention_subgroups`): one SIMD vector of a software rasterizer.
-pub const SUBGROUP_LANES: u32 = 8;
-
-/// One pipeline per `(variant, source)` of a family of subgroup kernels, or
-/// none on adapters without subgroups of at least `SUBGROUP_LANES`
-/// invocations: a workgroup must sit in one subgroup for the broadcasts and
-/// reductions to see every lane.
+/// One pipeline per `(variant, source)` of the subgroup kernels, or none on
+/// adapters that cannot run the `subgroup8` family.
 pub fn subgroup_kernels(
     gpu: &Gpu,
     label: &'static str,
     sources: &[(u32, &str)],
     storage: &[Access],
 ) -> Vec<(u32, Kernel)> {
-    if !gpu.subgroups || gpu.info.subgroup_min_size < SUBGROUP_LANES {
+    if KernelFamily::Subgroup8.unsupported_reason(gpu).is_some() {
         return Vec::new();
     }
     sources
@@ -100,7 +100,7 @@ impl Kernel {
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
-            cache: None,
+            cache: gpu.pipeline_cache(),
         });
         Self {
             label,

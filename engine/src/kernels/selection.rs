@@ -1,0 +1,241 @@
+//! Which kernel family runs each shape: the shapes a model runs, and the
+//! lookup from a launch to a measured choice. Plain data, no GPU: `autotune`
+//! fills it in by measuring, `tuning_cache` keeps it on disk.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::family::KernelFamily;
+
+/// Row counts the families are measured at. A launch takes the choice of the
+/// nearest one on a log scale: one sentence, a batch of short ones, a batch
+/// of long ones.
+pub const ROW_BUCKETS: [usize; 3] = [16, 128, 512];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunedOp {
+    /// `k` and `n` are the multiply's inner and output sizes.
+    Matmul,
+    /// `k` is the head size, `n` the number of heads.
+    Attention,
+    /// `k` is the row length; `n` is unused (0).
+    LayerNorm,
+}
+
+/// One measured shape of one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Shape {
+    pub op: TunedOp,
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// What the measurement of one shape found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunedShape {
+    #[serde(flatten)]
+    pub shape: Shape,
+    pub family: KernelFamily,
+    /// Best time per family, in microseconds per launch. A family dropped
+    /// after one clearly slower run keeps that run's time.
+    pub timings_us: BTreeMap<KernelFamily, f64>,
+}
+
+impl TunedShape {
+    /// The fastest family of `timings_us`; ties go to the earlier family.
+    pub fn from_timings(shape: Shape, timings_us: BTreeMap<KernelFamily, f64>) -> Option<Self> {
+        let family = timings_us
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
+            .map(|(family, _)| *family)?;
+        Some(TunedShape {
+            shape,
+            family,
+            timings_us,
+        })
+    }
+}
+
+/// The model dimensions that decide which shapes it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShapes {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl ModelShapes {
+    /// Every shape a forward pass launches, at every row bucket: the four
+    /// matmuls of a layer, its attention and its LayerNorm.
+    pub fn shapes(&self) -> Vec<Shape> {
+        let h = self.hidden;
+        let inter = self.intermediate;
+        let mut shapes = Vec::new();
+        for rows in ROW_BUCKETS {
+            for (k, n) in [(h, 3 * h), (h, h), (h, inter), (inter, h)] {
+                let shape = Shape {
+                    op: TunedOp::Matmul,
+                    rows,
+                    k,
+                    n,
+                };
+                if !shapes.contains(&shape) {
+                    shapes.push(shape);
+                }
+            }
+            shapes.push(Shape {
+                op: TunedOp::Attention,
+                rows,
+                k: self.head_dim,
+                n: self.heads,
+            });
+            shapes.push(Shape {
+                op: TunedOp::LayerNorm,
+                rows,
+                k: h,
+                n: 0,
+            });
+        }
+        shapes
+    }
+}
+
+/// The family per launch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selection {
+    /// One family everywhere (`SURF_KERNELS=<family>`).
+    Forced(KernelFamily),
+    /// The measured choice of the nearest row bucket of the same op, k and
+    /// n; `fallback` for shapes that were not measured.
+    Tuned {
+        shapes: Vec<TunedShape>,
+        fallback: KernelFamily,
+    },
+}
+
+impl Selection {
+    pub fn family(&self, op: TunedOp, rows: usize, k: usize, n: usize) -> KernelFamily {
+        match self {
+            Selection::Forced(family) => *family,
+            Selection::Tuned { shapes, fallback } => {
+                let distance = |bucket: usize| {
+                    let ratio = rows.max(1) as f64 / bucket.max(1) as f64;
+                    ratio.ln().abs()
+                };
+                shapes
+                    .iter()
+                    .filter(|t| t.shape.op == op && t.shape.k == k && t.shape.n == n)
+                    .min_by(|a, b| distance(a.shape.rows).total_cmp(&distance(b.shape.rows)))
+                    .map_or(*fallback, |t| t.family)
+            }
+        }
+    }
+
+    /// The measured shapes, empty when a family is forced.
+    pub fn tuned(&self) -> &[TunedShape] {
+        match self {
+            Selection::Forced(_) => &[],
+            Selection::Tuned { shapes, .. } => shapes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuned(op: TunedOp, rows: usize, k: usize, n: usize, family: KernelFamily) -> TunedShape {
+        TunedShape {
+            shape: Shape { op, rows, k, n },
+            family,
+            timings_us: BTreeMap::from([(family, 1.0)]),
+        }
+    }
+
+    #[test]
+    fn a_launch_takes_the_choice_of_the_nearest_bucket_of_its_own_shape() {
+        let selection = Selection::Tuned {
+            shapes: vec![
+                tuned(TunedOp::Matmul, 16, 384, 1536, KernelFamily::Subgroup8),
+                tuned(TunedOp::Matmul, 128, 384, 1536, KernelFamily::Tiled),
+                tuned(TunedOp::Matmul, 512, 384, 1536, KernelFamily::Portable),
+                tuned(TunedOp::LayerNorm, 16, 384, 0, KernelFamily::Tiled),
+            ],
+            fallback: KernelFamily::Subgroup8,
+        };
+        let matmul = |rows| selection.family(TunedOp::Matmul, rows, 384, 1536);
+        assert_eq!(matmul(1), KernelFamily::Subgroup8);
+        assert_eq!(matmul(40), KernelFamily::Subgroup8);
+        assert_eq!(matmul(50), KernelFamily::Tiled);
+        assert_eq!(matmul(255), KernelFamily::Tiled);
+        assert_eq!(matmul(300), KernelFamily::Portable);
+        assert_eq!(matmul(100_000), KernelFamily::Portable);
+        // Another (k, n), or another op, is not measured: the fallback.
+        assert_eq!(
+            selection.family(TunedOp::Matmul, 16, 1536, 384),
+            KernelFamily::Subgroup8
+        );
+        assert_eq!(
+            selection.family(TunedOp::LayerNorm, 600, 384, 0),
+            KernelFamily::Tiled
+        );
+        assert_eq!(
+            selection.family(TunedOp::Attention, 16, 32, 12),
+            KernelFamily::Subgroup8
+        );
+    }
+
+    #[test]
+    fn a_forced_family_runs_everywhere() {
+        let selection = Selection::Forced(KernelFamily::Tiled);
+        assert_eq!(
+            selection.family(TunedOp::Attention, 7, 64, 16),
+            KernelFamily::Tiled
+        );
+        assert!(selection.tuned().is_empty());
+    }
+
+    #[test]
+    fn the_fastest_family_wins_and_ties_go_to_the_earlier_one() {
+        let shape = Shape {
+            op: TunedOp::Matmul,
+            rows: 16,
+            k: 4,
+            n: 4,
+        };
+        let timings = BTreeMap::from([
+            (KernelFamily::Portable, 30.0),
+            (KernelFamily::Subgroup8, 10.0),
+            (KernelFamily::Tiled, 10.0),
+        ]);
+        let best = TunedShape::from_timings(shape, timings).expect("timings");
+        assert_eq!(best.family, KernelFamily::Subgroup8);
+        assert!(TunedShape::from_timings(shape, BTreeMap::new()).is_none());
+    }
+
+    #[test]
+    fn a_model_runs_each_matmul_attention_and_layernorm_at_every_bucket() {
+        let minilm = ModelShapes {
+            hidden: 384,
+            intermediate: 1536,
+            heads: 12,
+            head_dim: 32,
+        };
+        let shapes = minilm.shapes();
+        assert_eq!(shapes.len(), ROW_BUCKETS.len() * 6);
+        for rows in ROW_BUCKETS {
+            for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
+                assert!(shapes.contains(&Shape {
+                    op: TunedOp::Matmul,
+                    rows,
+                    k,
+                    n
+                }));
+            }
+        }
+    }
+}
