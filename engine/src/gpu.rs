@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+pub use wgpu::Features;
+
 /// Environment variable naming a substring of the adapter to use.
 pub const ADAPTER_ENV: &str = "SURF_ADAPTER";
 
@@ -14,6 +16,8 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub info: Arc<wgpu::AdapterInfo>,
     pub limits: wgpu::Limits,
+    /// What the adapter offers, whether or not the device asked for it.
+    pub adapter_features: wgpu::Features,
     pub subgroups: bool,
     /// Validation and out-of-memory errors the device raised since the last
     /// `check_errors`; wgpu would otherwise panic on them.
@@ -155,6 +159,7 @@ impl Gpu {
             queue,
             info: Arc::new(info),
             limits,
+            adapter_features: adapter.features(),
             subgroups,
             errors,
             pipeline_cache,

@@ -18,6 +18,9 @@ enum Command {
     Embed(cli::embed::EmbedArgs),
     /// Serve embeddings over HTTP (TEI- and OpenAI-compatible routes).
     Http(cli::http::HttpArgs),
+    /// Show the GPU adapter, the kernel families it runs, and the kernel
+    /// measured fastest for each of the model's shapes.
+    Info(cli::info::InfoArgs),
     /// Serve a model's weights over QUIC.
     Serve(cli::serve::ServeArgs),
     /// Write a BERT model folder with random weights, for benchmarks at scale.
@@ -40,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Embed(args) => cli::embed::run(args),
         Command::Http(args) => cli::http::run(args),
+        Command::Info(args) => cli::info::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Synth(args) => cli::synth::run(args),
     };

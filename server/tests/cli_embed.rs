@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use surf_engine::kernels::family::KernelFamily;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -147,22 +149,30 @@ fn embed_writes_one_json_line_per_input_in_order() {
     }
 }
 
-#[test]
-fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
-    if !has_gpu() {
-        return;
-    }
+/// `surf embed` of the golden file, with `SURF_KERNELS` set to `kernels`
+/// (or unset), reproduces the reference vectors.
+fn check_golden_embed(kernels: Option<&str>) {
     let golden_dir = root().join("../shared/golden");
     let input = golden_dir.join("dev-sentences.txt");
     let model = model_dir();
-    let output = surf(&[
+    let mut command = Command::new(env!("CARGO_BIN_EXE_surf"));
+    command.args([
         "embed",
         "--model",
         model.to_str().expect("utf-8 path"),
         "--input",
         input.to_str().expect("utf-8 path"),
     ]);
-    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    match kernels {
+        Some(kernels) => command.env("SURF_KERNELS", kernels),
+        None => command.env_remove("SURF_KERNELS"),
+    };
+    let output = command.output().expect("surf runs");
+    assert!(
+        output.status.success(),
+        "SURF_KERNELS={kernels:?} stderr: {}",
+        stderr(&output)
+    );
     let golden: serde_json::Value = serde_json::from_slice(
         &std::fs::read(golden_dir.join("minilm-dev.candle.json")).expect("golden file"),
     )
@@ -191,7 +201,11 @@ fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
         let norms = ours.iter().map(|a| a * a).sum::<f64>().sqrt()
             * theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
         let cosine = dot / norms;
-        assert!(cosine >= 0.9999, "line {}: cosine {cosine}", i + 1);
+        assert!(
+            cosine >= 0.9999,
+            "SURF_KERNELS={kernels:?} line {}: cosine {cosine}",
+            i + 1
+        );
         assert_eq!(
             line["tokens"],
             item["n_tokens"],
@@ -199,6 +213,75 @@ fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
             i + 1
         );
     }
+}
+
+#[test]
+fn embed_of_the_golden_file_reproduces_the_reference_vectors() {
+    if !has_gpu() {
+        return;
+    }
+    check_golden_embed(None);
+}
+
+#[test]
+fn every_kernel_family_forced_reproduces_the_reference_vectors() {
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
+    for family in KernelFamily::supported(&gpu) {
+        check_golden_embed(Some(family.name()));
+    }
+}
+
+#[test]
+fn an_unknown_kernel_family_exits_with_2_and_lists_the_accepted_ones() {
+    let model = model_dir();
+    let output = Command::new(env!("CARGO_BIN_EXE_surf"))
+        .args([
+            "embed",
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "hi",
+        ])
+        .env("SURF_KERNELS", "cuda")
+        .output()
+        .expect("surf runs");
+    assert_eq!(output.status.code(), Some(2), "stderr: {}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("`cuda`"), "{err}");
+    assert!(err.contains("auto, portable, subgroup8, tiled"), "{err}");
+}
+
+#[test]
+fn a_second_start_reuses_the_measured_kernel_choices() {
+    if !has_gpu() {
+        return;
+    }
+    let cache = tempfile::tempdir().expect("temp dir");
+    let model = model_dir();
+    let start = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_surf"))
+            .args([
+                "embed",
+                "--model",
+                model.to_str().expect("utf-8 path"),
+                "hi",
+            ])
+            .env("SURF_CACHE_DIR", cache.path())
+            .env("SURF_LOG", "info")
+            .env_remove("SURF_KERNELS")
+            .output()
+            .expect("surf runs");
+        assert_eq!(output.status.code(), Some(0), "stderr: {}", stderr(&output));
+        stderr(&output)
+    };
+    let first = start();
+    assert!(first.contains("measured the kernel families"), "{first}");
+    assert!(!first.contains("reusing cached kernel choices"), "{first}");
+    assert!(cache.path().join("kernel-choices.json").is_file());
+    let second = start();
+    assert!(second.contains("reusing cached kernel choices"), "{second}");
+    assert!(!second.contains("measured the kernel families"), "{second}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The engine against the reference embeddings of `shared/golden`.
 
 use surf_engine::Engine;
+use surf_engine::kernels::family::{KernelFamily, KernelMode};
 use surf_tests::{assert_matches_golden, dev_sentences, load_golden, minilm_dir};
 
 fn engine(batch_size: usize) -> Option<Engine> {
@@ -74,4 +75,32 @@ fn results_come_back_in_input_order_whatever_the_batching() {
 fn an_empty_list_gives_an_empty_result() {
     let Some(engine) = engine(8) else { return };
     assert!(engine.infer(&[]).expect("empty input is fine").is_empty());
+}
+
+#[test]
+fn every_kernel_family_gives_golden_vectors() {
+    let Some(gpu) = surf_engine::gpu::gpu_for_tests() else {
+        return;
+    };
+    let candle = load_golden("minilm-dev.candle.json");
+    let numpy = load_golden("minilm-dev.numpy.json");
+    let sentences = dev_sentences();
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let families = KernelFamily::supported(&gpu);
+    assert!(families.contains(&KernelFamily::Portable));
+    for family in families {
+        let engine = Engine::builder()
+            .model_dir(minilm_dir())
+            .batch_size(64)
+            .gpu(gpu.clone())
+            .kernels(KernelMode::Forced(family))
+            .build()
+            .expect("the default model loads");
+        let out = engine.embed(&texts).expect("inference succeeds");
+        let ids: Vec<Vec<u32>> = out.iter().map(|e| e.token_ids.clone()).collect();
+        let vectors: Vec<Vec<f32>> = out.into_iter().map(|e| e.vector).collect();
+        let worst = assert_matches_golden(&candle, &ids, &vectors);
+        let worst_numpy = assert_matches_golden(&numpy, &ids, &vectors);
+        eprintln!("{family}: lowest cosine {worst:.9} (candle), {worst_numpy:.9} (numpy)");
+    }
 }

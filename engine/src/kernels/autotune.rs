@@ -2,12 +2,15 @@
 //! per shape. The decisions (which shapes, which bucket a launch takes) are
 //! in `selection`; this module only runs and times launches.
 //!
-//! Each family runs a shape once untimed (software adapters compile a
-//! pipeline on its first dispatch), then once timed; a family more than
-//! `DROP_FACTOR` times slower than the best is dropped, and the rest run
-//! `ROUNDS - 1` more times, keeping their best. Launches are repeated inside
-//! one submission until they add up to `TARGET_FLOPS`, so that a small shape
-//! is not timed as the cost of one submission.
+//! Launches are repeated until they add up to `TARGET_FLOPS`, so that a small
+//! shape is not timed as the cost of one submission. Each family first runs
+//! once untimed at each row bucket of each op (software adapters compile a
+//! pipeline on its first dispatch, and tile heights change with the rows).
+//! The family that ran before measuring goes first; any other family whose
+//! first launch alone takes longer than `DROP_FACTOR` times the best family's
+//! whole run is dropped there, since it cannot win, which keeps a slow family
+//! from costing seconds on a software adapter. The rest are timed `ROUNDS`
+//! times, keeping their best.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -151,7 +154,28 @@ fn push(
     }
 }
 
-/// Microseconds per launch of `repeats` launches in one submission.
+/// Seconds to run `count` launches in one submission.
+fn run_launches(
+    gpu: &Gpu,
+    launchers: &Launchers<'_>,
+    family: KernelFamily,
+    shape: &Shape,
+    b: &ShapeBuffers,
+    count: usize,
+) -> Result<f64> {
+    let mut plan = DispatchPlan::new(gpu);
+    for _ in 0..count {
+        push(gpu, launchers, &mut plan, family, shape, b);
+    }
+    let start = Instant::now();
+    plan.submit(gpu);
+    gpu.wait_idle()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Microseconds per launch over `repeats` launches, or `Err(first)` with the
+/// first launch's microseconds when that launch alone took longer than
+/// `give_up_after` seconds.
 fn time_family(
     gpu: &Gpu,
     launchers: &Launchers<'_>,
@@ -159,46 +183,57 @@ fn time_family(
     shape: &Shape,
     b: &ShapeBuffers,
     repeats: usize,
-) -> Result<f64> {
-    let mut plan = DispatchPlan::new(gpu);
-    for _ in 0..repeats {
-        push(gpu, launchers, &mut plan, family, shape, b);
+    give_up_after: f64,
+) -> Result<Result<f64, f64>> {
+    let first = run_launches(gpu, launchers, family, shape, b, 1)?;
+    if first > give_up_after {
+        return Ok(Err(first * 1e6));
     }
-    let start = Instant::now();
-    plan.submit(gpu);
-    gpu.wait_idle()?;
-    Ok(start.elapsed().as_secs_f64() * 1e6 / repeats as f64)
+    let rest = if repeats > 1 {
+        run_launches(gpu, launchers, family, shape, b, repeats - 1)?
+    } else {
+        0.0
+    };
+    Ok(Ok((first + rest) * 1e6 / repeats as f64))
 }
 
-/// Times `families` on one shape and returns what it found.
+/// Times `families` on one shape, after an untimed run of each unless
+/// `warm`, and returns what it found. `families` starts with the one to
+/// beat.
 pub fn measure_shape(
     gpu: &Gpu,
     launchers: &Launchers<'_>,
     shape: &Shape,
     families: &[KernelFamily],
+    warm: bool,
 ) -> Result<Option<TunedShape>> {
     let b = buffers(gpu, launchers, shape);
     let repeats = ((TARGET_FLOPS / flops(shape).max(1.0)).ceil() as usize).clamp(1, MAX_REPEATS);
-    for &family in families {
-        time_family(gpu, launchers, family, shape, &b, 1)?;
+    if !warm {
+        for &family in families {
+            run_launches(gpu, launchers, family, shape, &b, 1)?;
+        }
     }
     let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
+    let mut staying = Vec::new();
     for &family in families {
-        best.insert(
-            family,
-            time_family(gpu, launchers, family, shape, &b, repeats)?,
-        );
+        let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
+        let give_up_after = fastest_run * DROP_FACTOR / 1e6;
+        match time_family(gpu, launchers, family, shape, &b, repeats, give_up_after)? {
+            Ok(time) => {
+                best.insert(family, time);
+                staying.push(family);
+            }
+            Err(first) => {
+                best.insert(family, first);
+            }
+        }
     }
-    let fastest = best.values().copied().fold(f64::INFINITY, f64::min);
-    let staying: Vec<KernelFamily> = best
-        .iter()
-        .filter(|&(_, &time)| time <= fastest * DROP_FACTOR)
-        .map(|(family, _)| *family)
-        .collect();
-    if staying.len() > 1 {
-        for _ in 1..ROUNDS {
-            for &family in &staying {
-                let time = time_family(gpu, launchers, family, shape, &b, repeats)?;
+    for _ in 1..ROUNDS {
+        for &family in &staying {
+            if let Ok(time) =
+                time_family(gpu, launchers, family, shape, &b, repeats, f64::INFINITY)?
+            {
                 let entry = best.entry(family).or_insert(time);
                 *entry = entry.min(time);
             }
@@ -208,7 +243,7 @@ pub fn measure_shape(
     Ok(TunedShape::from_timings(*shape, best))
 }
 
-/// Times `families` on every shape.
+/// Times `families` on every shape; `families` starts with the one to beat.
 pub fn measure(
     gpu: &Gpu,
     launchers: &Launchers<'_>,
@@ -216,9 +251,14 @@ pub fn measure(
     families: &[KernelFamily],
 ) -> Result<Vec<TunedShape>> {
     let mut tuned = Vec::with_capacity(shapes.len());
+    let mut warmed: Vec<(TunedOp, usize)> = Vec::new();
     for shape in shapes {
-        if let Some(found) = measure_shape(gpu, launchers, shape, families)? {
+        let warm = warmed.contains(&(shape.op, shape.rows));
+        if let Some(found) = measure_shape(gpu, launchers, shape, families, warm)? {
             tuned.push(found);
+        }
+        if !warm {
+            warmed.push((shape.op, shape.rows));
         }
     }
     Ok(tuned)

@@ -3,6 +3,7 @@
 pub mod embed;
 pub mod engine_args;
 pub mod http;
+pub mod info;
 pub mod serve;
 pub mod synth;
 
