@@ -17,11 +17,15 @@ use surf_engine::WeightDtype;
 use surf_engine::gpu::Gpu;
 use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::Attention;
+use surf_engine::kernels::autotune::Launchers;
+use surf_engine::kernels::choice;
+use surf_engine::kernels::family::{KernelFamily, KernelMode};
 use surf_engine::kernels::fma_peak::FmaPeak;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };
+use surf_engine::kernels::selection::{ModelShapes, Selection, Shape, TunedOp};
 
 /// (m, k, n) of the layer's matmuls at 256 tokens: FFN up, FFN down, and the
 /// attention output projection at 2048 tokens.
@@ -32,6 +36,14 @@ const SHAPES: [(usize, usize, usize); 3] = [(256, 384, 1536), (256, 1536, 384), 
 const VARIANT_ROWS: [usize; 4] = [16, 32, 128, 256];
 /// (k, n) of the per-variant comparison: the FFN up-projection of MiniLM.
 const VARIANT_KN: (usize, usize) = (384, 1536);
+
+/// MiniLM's dimensions: the shapes every family is compared at.
+const MODEL: ModelShapes = ModelShapes {
+    hidden: 384,
+    intermediate: 1536,
+    heads: 12,
+    head_dim: 32,
+};
 
 /// FMA-chain launch size: enough invocations to fill every core.
 const PEAK_INVOCATIONS: u32 = 64 * 256;
@@ -255,7 +267,7 @@ fn aligned_choice(matmul: &Matmul, m: usize, n: usize, k: usize) -> MatmulVarian
         .into_iter()
         .filter_map(|variant| match variant {
             MatmulVariant::Subgroups { rows } => Some(rows),
-            MatmulVariant::General => None,
+            MatmulVariant::General | MatmulVariant::Tiled => None,
         })
         .collect();
     if tiles.is_empty() || !n.is_multiple_of(4) || !k.is_multiple_of(4) {
@@ -270,7 +282,162 @@ fn variant_name(variant: MatmulVariant) -> String {
     match variant {
         MatmulVariant::General => "general".to_string(),
         MatmulVariant::Subgroups { rows } => format!("subgroups{rows}"),
+        MatmulVariant::Tiled => "tiled".to_string(),
     }
+}
+
+/// One model shape with every family's rate (GFLOP/s, or GB/s for
+/// LayerNorm), the family that ran before measuring and the measured choice.
+struct FamilyRow {
+    shape: Shape,
+    rates: Vec<(KernelFamily, f64)>,
+    fixed: KernelFamily,
+    autotuned: KernelFamily,
+}
+
+impl FamilyRow {
+    fn rate(&self, family: KernelFamily) -> f64 {
+        self.rates
+            .iter()
+            .find_map(|&(f, rate)| (f == family).then_some(rate))
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// Every family the adapter runs at every shape of `MODEL`'s layer, timed
+/// through the launchers' `push_family`, next to the choice the engine's
+/// measuring makes (from the kernel cache when an earlier run filled it).
+fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<FamilyRow> {
+    let attention = Attention::new(gpu);
+    let layernorm = LayerNorm::new(gpu, WeightDtype::F32);
+    let launchers = Launchers {
+        matmul,
+        attention: &attention,
+        layernorm: &layernorm,
+    };
+    let (selection, _) = choice::select(gpu, &launchers, KernelMode::Auto, &MODEL, "f32")
+        .expect("measuring the kernel families");
+    let fixed = KernelFamily::fixed_default(gpu);
+    let supported = KernelFamily::supported(gpu);
+    let mut group = criterion.benchmark_group("families");
+    group.sampling_mode(SamplingMode::Flat);
+    let mut rows = Vec::new();
+    for shape in MODEL.shapes() {
+        let Shape { op, rows: m, k, n } = shape;
+        let rates = supported
+            .iter()
+            .map(|&family| {
+                let name = format!("{:?}/{family}/m{m}k{k}n{n}", op).to_lowercase();
+                let rate = match op {
+                    TunedOp::Matmul => {
+                        time_family_matmul(&mut group, gpu, matmul, name, shape, family)
+                    }
+                    TunedOp::Attention => {
+                        time_family_attention(&mut group, gpu, &attention, name, shape, family)
+                    }
+                    TunedOp::LayerNorm => {
+                        time_family_layernorm(&mut group, gpu, &layernorm, name, shape, family)
+                    }
+                };
+                (family, rate)
+            })
+            .collect();
+        rows.push(FamilyRow {
+            shape,
+            rates,
+            fixed,
+            autotuned: selection.family(op, m, k, n),
+        });
+    }
+    group.finish();
+    gpu.check_errors().expect("the GPU reported an error");
+    if let Selection::Forced(family) = selection {
+        println!("note: SURF_KERNELS forces {family}; the autotuned column shows it");
+    }
+    rows
+}
+
+fn time_family_matmul(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    gpu: &Gpu,
+    matmul: &Matmul,
+    name: String,
+    Shape { rows: m, k, n, .. }: Shape,
+    family: KernelFamily,
+) -> f64 {
+    let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
+    let weights = gpu.storage_buffer("weights", ((k * n + n) * 4) as u64);
+    let out = gpu.storage_buffer("out", (m * n * 4) as u64);
+    let push = |plan: &mut DispatchPlan| {
+        let operands = MatmulOperands {
+            lhs: &lhs,
+            a_offset: 0,
+            weights: &weights,
+            b_offset: 0,
+            bias_offset: (k * n) as u32,
+            out: &out,
+            c_offset: 0,
+        };
+        matmul.push_family(family, plan, m, n, k, Epilogue::Bias, operands);
+    };
+    let flops = 2 * (m * k * n) as u64;
+    time_kernel(group, gpu, name, (Throughput::Elements, flops), push) / 1e9
+}
+
+/// The attention of `shape.rows` tokens as sequences of at most 128.
+fn time_family_attention(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    gpu: &Gpu,
+    attention: &Attention,
+    name: String,
+    Shape {
+        rows,
+        k: head_dim,
+        n: heads,
+        ..
+    }: Shape,
+    family: KernelFamily,
+) -> f64 {
+    let seq = rows.min(128);
+    let sequences = rows.div_ceil(seq);
+    let hidden = heads * head_dim;
+    let qkv = gpu.storage_buffer("qkv", (sequences * seq * 3 * hidden * 4) as u64);
+    let mask = gpu.storage_buffer("mask", (sequences * seq * 4) as u64);
+    let out = gpu.storage_buffer("context", (sequences * seq * hidden * 4) as u64);
+    let push = |plan: &mut DispatchPlan| {
+        attention.push_family(
+            family, plan, sequences, seq, heads, head_dim, &qkv, &mask, &out,
+        );
+    };
+    let flops = (4 * sequences * heads * seq * seq * head_dim) as u64;
+    time_kernel(group, gpu, name, (Throughput::Elements, flops), push) / 1e9
+}
+
+fn time_family_layernorm(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    gpu: &Gpu,
+    layernorm: &LayerNorm,
+    name: String,
+    Shape { rows, k: cols, .. }: Shape,
+    family: KernelFamily,
+) -> f64 {
+    let x = gpu.storage_buffer("x", (rows * cols * 4) as u64);
+    let residual = gpu.storage_buffer("residual", (rows * cols * 4) as u64);
+    let weights = gpu.storage_buffer("gamma_beta", (2 * cols * 4) as u64);
+    let out = gpu.storage_buffer("out", (rows * cols * 4) as u64);
+    let push = |plan: &mut DispatchPlan| {
+        let operands = LayerNormOperands {
+            x: &x,
+            residual: Some(&residual),
+            weights: &weights,
+            gamma_offset: 0,
+            beta_offset: cols as u32,
+            out: &out,
+        };
+        layernorm.push_family(family, gpu, plan, rows, cols, 1e-12, operands);
+    };
+    let bytes = (3 * rows * cols * 4) as u64;
+    time_kernel(group, gpu, name, (Throughput::Bytes, bytes), push) / 1e9
 }
 
 /// Embeddings per second for a batch of 32 short sentences, or `None` when
@@ -316,6 +483,36 @@ fn embeddings(criterion: &mut Criterion, gpu: &Gpu, quick: bool) -> Option<f64> 
     Some(tally.rate(texts.len() as f64))
 }
 
+/// The per-family table: every family's rate per shape, the fixed and the
+/// autotuned choice, and the autotuned choice's rate over the fixed one's.
+fn print_families(rows: &[FamilyRow]) {
+    let Some(first) = rows.first() else {
+        return;
+    };
+    println!("kernel families at MiniLM's shapes (GFLOP/s; LayerNorm in GB/s):");
+    print!("  {:<10} {:>5} {:>5} {:>5}", "op", "rows", "k", "n");
+    for (family, _) in &first.rates {
+        print!(" {:>10}", family.name());
+    }
+    println!(" {:>10} {:>10} {:>8}", "fixed", "autotuned", "ratio");
+    for row in rows {
+        let Shape { op, rows: m, k, n } = row.shape;
+        print!(
+            "  {:<10} {m:>5} {k:>5} {n:>5}",
+            format!("{op:?}").to_lowercase()
+        );
+        for (_, rate) in &row.rates {
+            print!(" {rate:>10.2}");
+        }
+        println!(
+            " {:>10} {:>10} {:>8.3}",
+            row.fixed.name(),
+            row.autotuned.name(),
+            row.rate(row.autotuned) / row.rate(row.fixed)
+        );
+    }
+}
+
 fn main() {
     let Some(gpu) = surf_benches::device("kernels") else {
         return;
@@ -332,6 +529,7 @@ fn main() {
     let rates = matmuls(&mut criterion, &gpu, &matmul);
     let rates_f16 = matmuls(&mut criterion, &gpu, &matmul_f16);
     let variant_rates = matmul_variants(&mut criterion, &gpu, &matmul);
+    let family_rows = families(&mut criterion, &gpu, &matmul);
     let attention_rates = attention(&mut criterion, &gpu);
     let layernorm_rows = 1024;
     let layernorm_rate = layernorm(&mut criterion, &gpu, layernorm_rows);
@@ -376,6 +574,7 @@ fn main() {
         }
         println!();
     }
+    print_families(&family_rows);
     for ((sequences, seq), gflops) in ATTENTION_SHAPES.iter().zip(&attention_rates) {
         println!(
             "attention {sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}: {gflops:8.2} GFLOP/s  {:5.1}% of peak",
@@ -429,6 +628,17 @@ fn main() {
             "layernorm_shape": format!("{layernorm_rows} x {}", HEADS * HEAD_DIM),
             "engine_per_s_32_short": per_second,
             "kernels": kernels,
+            "families": family_rows.iter().map(|row| serde_json::json!({
+                "op": format!("{:?}", row.shape.op).to_lowercase(),
+                "rows": row.shape.rows,
+                "k": row.shape.k,
+                "n": row.shape.n,
+                "unit": if row.shape.op == TunedOp::LayerNorm { "GB/s" } else { "GFLOP/s" },
+                "rates": row.rates.iter().map(|(f, r)| (f.name().to_string(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(),
+                "fixed": row.fixed.name(),
+                "autotuned": row.autotuned.name(),
+                "autotuned_over_fixed": row.rate(row.autotuned) / row.rate(row.fixed),
+            })).collect::<Vec<_>>(),
         }),
     );
 }
