@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::DispatchPlan;
 use crate::kernels::attention::MASKED;
+use crate::kernels::bindings::BindingCache;
 use crate::kernels::family::{KERNELS_ENV, KernelMode};
 use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
 use crate::paging::{Pager, PagerConfig, VramBudget};
@@ -167,6 +168,9 @@ pub fn kernel_mode_from_env() -> Result<KernelMode> {
 struct RunState {
     workspace: Option<BatchBuffers>,
     pager: Pager,
+    /// Bind groups and parameter buffers of the batches run so far; they name
+    /// the activation buffers and slots, so they go when those do.
+    bindings: BindingCache,
 }
 
 /// What `inference_stats` reads: kept apart from [`RunState`] so that
@@ -279,6 +283,7 @@ impl Engine {
             state: Mutex::new(RunState {
                 workspace: None,
                 pager,
+                bindings: BindingCache::default(),
             }),
             stats: Mutex::new(StatsState::default()),
         };
@@ -322,7 +327,14 @@ impl Engine {
     /// activation buffers and every layer slot.
     fn discard_gpu_state(state: &mut RunState) {
         state.workspace = None;
+        state.bindings.clear();
         state.pager.reset_after_failure();
+    }
+
+    /// Bind groups made for batches since the engine started: batches of a
+    /// shape already run reuse theirs, so this stops growing in a steady state.
+    pub fn bind_groups_created(&self) -> Result<u64> {
+        Ok(self.state()?.bindings.created())
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -641,6 +653,7 @@ impl Engine {
             let capacity_rows = rows.max(workspace.as_ref().map_or(0, |w| w.capacity_rows));
             let capacity_sequences =
                 sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
+            state.bindings.clear();
             *workspace = Some(BatchBuffers::new(
                 &self.gpu,
                 config,
@@ -731,6 +744,8 @@ impl Engine {
         };
 
         let pager = &mut state.pager;
+        let bindings = &mut state.bindings;
+        bindings.begin_batch();
         // With every layer resident the whole batch is one submission; when
         // layers are paged, each layer is submitted on its own so that the GPU
         // computes it while the next one is fetched and uploaded.
@@ -746,7 +761,8 @@ impl Engine {
         for layer in 0..pager.layers() {
             pager.prefetch_from(layer);
             if !pager.is_resident(layer) && !plan.is_empty() {
-                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
+                    .submit_cached(&self.gpu, bindings);
                 recorded.clear();
             }
             let weights = pager.acquire(layer, &recorded)?;
@@ -756,14 +772,15 @@ impl Engine {
             // same submission: a submission per layer only pays where an
             // upload can run beside the compute.
             if paging && pager.window_needs_upload(layer) {
-                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu)).submit(&self.gpu);
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
+                    .submit_cached(&self.gpu, bindings);
                 recorded.clear();
                 pager.upload_ready(layer)?;
             }
         }
         pager.end_pass();
         self.record_head(&mut plan, batch);
-        plan.submit(&self.gpu);
+        plan.submit_cached(&self.gpu, bindings);
 
         let hidden = config.hidden_size;
         let bytes = self

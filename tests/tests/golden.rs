@@ -104,3 +104,32 @@ fn every_kernel_family_gives_golden_vectors() {
         eprintln!("{family}: lowest cosine {worst:.9} (candle), {worst_numpy:.9} (numpy)");
     }
 }
+
+#[test]
+fn a_repeated_batch_reuses_its_bind_groups_and_its_vectors_stay_golden() {
+    let Some(engine) = engine(64) else { return };
+    let golden = load_golden("minilm-dev.candle.json");
+    let sentences = dev_sentences();
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    // The texts run as several batches of different lengths; the activation
+    // buffers grow during the first call, which drops the groups made before.
+    let first = engine.embed(&texts).expect("inference succeeds");
+    engine.embed(&texts).expect("inference succeeds");
+    let made = engine.bind_groups_created().expect("engine state");
+    assert!(made > 0, "the first batches make their bind groups");
+    let second = engine.embed(&texts).expect("inference succeeds");
+    assert_eq!(
+        engine.bind_groups_created().expect("engine state"),
+        made,
+        "the same batch again makes no new bind group"
+    );
+    // The reused parameter buffers were rewritten: a shorter batch in
+    // between must not leave its row counts behind.
+    engine.embed(&texts[..3]).expect("inference succeeds");
+    let third = engine.embed(&texts).expect("inference succeeds");
+    for out in [first, second, third] {
+        let ids: Vec<Vec<u32>> = out.iter().map(|e| e.token_ids.clone()).collect();
+        let vectors: Vec<Vec<f32>> = out.into_iter().map(|e| e.vector).collect();
+        assert_matches_golden(&golden, &ids, &vectors);
+    }
+}

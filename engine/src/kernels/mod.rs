@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod autotune;
+pub mod bindings;
 pub mod choice;
 pub mod embed;
 pub mod family;
@@ -15,6 +16,7 @@ pub mod selection;
 pub mod tuning_cache;
 
 use crate::gpu::Gpu;
+use bindings::{BindingCache, BindingKey};
 use family::KernelFamily;
 
 /// One pipeline per `(variant, source)` of the subgroup kernels, or none on
@@ -168,35 +170,69 @@ impl DispatchPlan {
 
     /// Records every launch, in order, into one compute pass of `encoder`.
     pub fn record(self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder) {
+        self.record_with(gpu, encoder, None);
+    }
+
+    /// Like `record`, taking the uniform buffer and bind groups from `cache`
+    /// where an earlier batch made them.
+    pub fn record_cached(
+        self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut BindingCache,
+    ) {
+        self.record_with(gpu, encoder, Some(cache));
+    }
+
+    fn record_with(
+        self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        mut cache: Option<&mut BindingCache>,
+    ) {
         if self.dispatches.is_empty() {
             return;
         }
-        let uniforms = gpu.uniform_buffer("params", &self.uniforms);
-        let bind_groups: Vec<wgpu::BindGroup> = self
-            .dispatches
-            .iter()
-            .map(|d| {
-                let mut entries = vec![wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &uniforms,
-                        offset: d.uniform_offset,
-                        size: wgpu::BufferSize::new(d.uniform_size),
-                    }),
-                }];
-                for (i, buffer) in d.storage.iter().enumerate() {
-                    entries.push(wgpu::BindGroupEntry {
-                        binding: i as u32 + 1,
-                        resource: buffer.as_entire_binding(),
-                    });
-                }
-                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(d.kernel.label),
-                    layout: &d.kernel.layout,
-                    entries: &entries,
-                })
+        let uniforms = match cache.as_deref_mut() {
+            Some(cache) => cache.uniform_buffer(gpu, &self.uniforms),
+            None => gpu.uniform_buffer("params", &self.uniforms),
+        };
+        let make = |key: &BindingKey, label: &str, layout: &wgpu::BindGroupLayout| {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &key.uniform,
+                    offset: key.offset,
+                    size: wgpu::BufferSize::new(key.size),
+                }),
+            }];
+            for (i, buffer) in key.storage.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: buffer.as_entire_binding(),
+                });
+            }
+            gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout,
+                entries: &entries,
             })
-            .collect();
+        };
+        let mut bind_groups = Vec::with_capacity(self.dispatches.len());
+        for d in &self.dispatches {
+            let key = BindingKey {
+                pipeline: d.kernel.pipeline.clone(),
+                uniform: uniforms.clone(),
+                offset: d.uniform_offset,
+                size: d.uniform_size,
+                storage: d.storage.clone(),
+            };
+            let group = match cache.as_deref_mut() {
+                Some(cache) => cache.group(key, |key| make(key, d.kernel.label, &d.kernel.layout)),
+                None => make(&key, d.kernel.label, &d.kernel.layout),
+            };
+            bind_groups.push(group);
+        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("surf"),
             timestamp_writes: None,
@@ -207,6 +243,18 @@ impl DispatchPlan {
             let [x, y, z] = d.workgroups;
             pass.dispatch_workgroups(x, y, z);
         }
+    }
+
+    /// Records and submits in a fresh encoder, with `cache`'s buffers and
+    /// bind groups.
+    pub fn submit_cached(self, gpu: &Gpu, cache: &mut BindingCache) -> wgpu::SubmissionIndex {
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("surf"),
+            });
+        self.record_cached(gpu, &mut encoder, cache);
+        gpu.queue.submit([encoder.finish()])
     }
 
     /// Records and submits in a fresh encoder.
