@@ -11,7 +11,7 @@
 //! the median of three batches. `SURF_BENCH_QUICK=1` times one batch of each
 //! at batch sizes 1 and 8 with shorter long inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -249,12 +249,6 @@ fn rate(
     tally.rate(batch as f64)
 }
 
-/// `bench-out/` at the workspace root, where the report script reads results.
-fn bench_out() -> PathBuf {
-    let benches = Path::new(env!("CARGO_MANIFEST_DIR"));
-    benches.parent().unwrap_or(benches).join("bench-out")
-}
-
 fn write_json(adapter: &str, quick: bool, rows: &[Row]) {
     let json = serde_json::json!({
         "adapter": adapter,
@@ -269,7 +263,7 @@ fn write_json(adapter: &str, quick: bool, rows: &[Row]) {
             "ratio": r.ours / r.candle,
         })).collect::<Vec<_>>(),
     });
-    let dir = bench_out();
+    let dir = surf_benches::out_dir();
     let path = dir.join("embed.json");
     let written = std::fs::create_dir_all(&dir).and_then(|()| {
         std::fs::write(

@@ -17,8 +17,7 @@ use surf_engine::WeightDtype;
 use surf_engine::gpu::Gpu;
 use surf_engine::kernels::DispatchPlan;
 use surf_engine::kernels::attention::Attention;
-use surf_engine::kernels::autotune::Launchers;
-use surf_engine::kernels::choice;
+use surf_engine::kernels::autotune::{self, Launchers};
 use surf_engine::kernels::family::{KernelFamily, KernelMode};
 use surf_engine::kernels::fma_peak::FmaPeak;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
@@ -306,7 +305,8 @@ impl FamilyRow {
 
 /// Every family the adapter runs at every shape of `MODEL`'s layer, timed
 /// through the launchers' `push_family`, next to the choice the engine's
-/// measuring makes (from the kernel cache when an earlier run filled it).
+/// measuring makes, measured afresh in this run rather than read from the
+/// cache (an earlier measurement may have run on a busier machine).
 fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<FamilyRow> {
     let attention = Attention::new(gpu);
     let layernorm = LayerNorm::new(gpu, WeightDtype::F32);
@@ -315,10 +315,22 @@ fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<Family
         attention: &attention,
         layernorm: &layernorm,
     };
-    let (selection, _) = choice::select(gpu, &launchers, KernelMode::Auto, &MODEL, "f32")
-        .expect("measuring the kernel families");
     let fixed = KernelFamily::fixed_default(gpu);
     let supported = KernelFamily::supported(gpu);
+    let selection = match surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS") {
+        KernelMode::Forced(family) => Selection::Forced(family),
+        KernelMode::Auto => {
+            let incumbent_first: Vec<KernelFamily> = std::iter::once(fixed)
+                .chain(supported.iter().copied().filter(|f| *f != fixed))
+                .collect();
+            let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &incumbent_first)
+                .expect("measuring the kernel families");
+            Selection::Tuned {
+                shapes,
+                fallback: fixed,
+            }
+        }
+    };
     let mut group = criterion.benchmark_group("families");
     group.sampling_mode(SamplingMode::Flat);
     let mut rows = Vec::new();

@@ -35,12 +35,21 @@ pub fn device(bench: &str) -> Option<Gpu> {
 
 /// Where `assets/fetch-model.sh` puts all-MiniLM-L6-v2.
 pub fn minilm_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/models/all-MiniLM-L6-v2")
+    repo_root().join("assets/models/all-MiniLM-L6-v2")
+}
+
+/// The workspace root: where the bench was built, unless `SURF_REPO_ROOT`
+/// names another copy (bench executables carried to another machine).
+pub fn repo_root() -> PathBuf {
+    match std::env::var_os("SURF_REPO_ROOT") {
+        Some(root) if !root.is_empty() => PathBuf::from(root),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."),
+    }
 }
 
 /// Where benches leave their figures as JSON for `bench-report`.
 pub fn out_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench-out")
+    repo_root().join("bench-out")
 }
 
 /// Writes `value` to `bench-out/<name>.json`. A bench that cannot write its

@@ -120,9 +120,11 @@ impl RemoteSource {
             .build()
             .map_err(|e| Error::WeightSource(format!("cannot start the network runtime: {e}")))?;
         let servers = config.servers.clone();
-        let client = runtime
-            .block_on(surf_transport::WeightClient::connect(config))
-            .map_err(|e| Error::WeightSource(format!("connecting to {servers:?}: {e}")))?;
+        let client = drive(
+            runtime.handle(),
+            surf_transport::WeightClient::connect(config),
+        )?
+        .map_err(|e| Error::WeightSource(format!("connecting to {servers:?}: {e}")))?;
         Ok(Self {
             client,
             runtime: runtime.handle().clone(),
@@ -143,6 +145,54 @@ impl RemoteSource {
 }
 
 /// The bytes of one received component and its tensor table.
+impl Drop for RemoteSource {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its threads, which tokio forbids
+        // inside another runtime; a source may well be dropped there.
+        if let Some(runtime) = self._owned_runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs `future` on `runtime` and waits for it from synchronous code, which
+/// may itself be running inside a tokio runtime (a service's handler):
+/// - outside any runtime, it blocks on `runtime` directly;
+/// - on a multi-thread runtime, it tells tokio that this thread blocks, so
+///   the runtime's other work moves to other threads;
+/// - on a current-thread runtime, it hands the future to `runtime`'s own
+///   threads and waits, which cannot work when `runtime` is a current-thread
+///   runtime too: nothing would drive it while this thread waits, so that is
+///   an error instead of a hang.
+fn drive<F>(runtime: &tokio::runtime::Handle, future: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    use tokio::runtime::RuntimeFlavor;
+    let Ok(current) = tokio::runtime::Handle::try_current() else {
+        return Ok(runtime.block_on(future));
+    };
+    if current.runtime_flavor() == RuntimeFlavor::MultiThread {
+        return Ok(tokio::task::block_in_place(|| runtime.block_on(future)));
+    }
+    if runtime.runtime_flavor() == RuntimeFlavor::CurrentThread {
+        return Err(Error::WeightSource(
+            "the weight source's runtime is a current-thread runtime, and it is called from \
+             inside a current-thread runtime that it would block; give the source a \
+             multi-thread runtime or call the engine from a thread of its own"
+                .into(),
+        ));
+    }
+    let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = sender.send(future.await);
+    });
+    receiver
+        .recv()
+        .map_err(|_| Error::WeightSource("the weight source's runtime shut down".into()))
+}
+
 struct ComponentTensors {
     origin: PathBuf,
     bytes: bytes::Bytes,
@@ -235,10 +285,13 @@ impl WeightSource for RemoteSource {
             .ok_or_else(|| Error::WeightSource(format!("the server has no component {component}")))?
             .tensors
             .clone();
-        let bytes = self
-            .runtime
-            .block_on(self.client.fetch_component(component))
-            .map_err(|e| Error::WeightSource(format!("fetching {component}: {e}")))?;
+        let client = self.client.clone();
+        let name = component.to_string();
+        let bytes = drive(
+            &self.runtime,
+            async move { client.fetch_component(&name).await },
+        )?
+        .map_err(|e| Error::WeightSource(format!("fetching {component}: {e}")))?;
         let len = bytes.len() as u64;
         Ok(FetchedComponent {
             tensors: Box::new(ComponentTensors {

@@ -7,7 +7,12 @@ use serde::Deserialize;
 pub mod redis_server;
 
 /// The workspace root.
+/// The workspace root: where the tests were built, unless `SURF_REPO_ROOT`
+/// names another copy (test executables carried to another machine).
 pub fn root() -> PathBuf {
+    if let Some(root) = std::env::var_os("SURF_REPO_ROOT").filter(|r| !r.is_empty()) {
+        return PathBuf::from(root);
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate sits inside the workspace")
@@ -27,7 +32,9 @@ pub fn minilm_dir() -> PathBuf {
 
 /// `shared/golden/`, beside the checkout.
 pub fn golden_dir() -> PathBuf {
-    let dir = root().join("../shared/golden");
+    let dir = std::env::var_os("SURF_GOLDEN_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| root().join("../shared/golden"), PathBuf::from);
     assert!(
         dir.join("dev-sentences.txt").is_file(),
         "{} is missing: the reference embeddings live in shared/golden beside the checkout",

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The check to run on a machine with a real GPU: the kernel tests and the
+# golden tests on its adapter, then the kernels, embed and streaming benches
+# in quick form, ending with one short table. Aimed at under 8 minutes.
+#
+# Such machines (the `device` tool's) have no Rust toolchain and take at most
+# 64 MiB of files a call, so the work is split in two:
+#
+#   bash benches/gpu-check.sh prepare   here: release executables, the model
+#                                       in two halves and the golden files,
+#                                       packed under .gpu-check/ (ignored)
+#   bash benches/gpu-check.sh run       there (or here, on any adapter): unpack
+#                                       them, run everything, print the table
+#
+# With the device tool, after `prepare`, three calls on one warm machine:
+#   1. carry [".gpu-check/model-1"], command "true"
+#   2. carry [".gpu-check/model-2"], command "true"
+#   3. carry [".gpu-check/bin", ".gl"], command
+#        "for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; bash benches/gpu-check.sh run"
+#      (`.gl` holds the Vulkan loader packages, as the tool's README shows).
+# Paths carried by an earlier call stay on a warm machine, so the third call
+# finds both halves of the model. `run` copies bench-out/ and the table to
+# $OUT when that is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+pack=.gpu-check
+model=assets/models/all-MiniLM-L6-v2
+
+prepare() {
+    bash assets/fetch-model.sh
+    grep -qx "/$pack/" .git/info/exclude 2>/dev/null || echo "/$pack/" >>.git/info/exclude
+    rm -rf "$pack"
+    mkdir -p "$pack/bin" "$pack/model-1" "$pack/model-2"
+    # The executables, as cargo builds them for `cargo test` and `cargo bench`
+    # in release; their paths come from cargo's JSON messages.
+    local messages
+    messages=$(mktemp)
+    cargo test --release --locked --no-run --message-format=json \
+        -p surf-engine --test kernels -p surf-tests --test golden --test f16 >"$messages"
+    cargo bench --locked --no-run --message-format=json \
+        -p surf-benches --bench kernels --bench embed --bench streaming >>"$messages"
+    python3 - "$messages" "$pack/bin" <<'PY'
+import json, shutil, sys
+messages, dest = sys.argv[1], sys.argv[2]
+for line in open(messages):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kind = "bench" if "bench" in m["target"]["kind"] else "test"
+        name = f'{kind}-{m["target"]["name"]}'
+        shutil.copy(m["executable"], f"{dest}/{name}")
+        print("packed", name)
+PY
+    rm -f "$messages"
+    strip "$pack"/bin/* 2>/dev/null || true
+    xz -T0 -6 "$pack"/bin/*
+    # The weights split in two, each half under the tool's 64 MiB a call.
+    split -n 2 -d "$model/model.safetensors" "$pack/model-1/weights."
+    mv "$pack/model-1/weights.01" "$pack/model-2/"
+    (cd "$model" && find . -type f ! -name model.safetensors ! -name README.md -print0 |
+        tar --null -cf - -T -) | xz >"$pack/bin/model-files.tar.xz"
+    mkdir -p "$pack/bin/golden"
+    cp ../shared/golden/dev-sentences.txt ../shared/golden/minilm-dev.*.json "$pack/bin/golden/"
+    du -sh "$pack"/*
+}
+
+run() {
+    local out=${OUT:-$root/bench-out}
+    mkdir -p "$out" bench-out
+    # Reassemble what `prepare` packed, unless this is the machine it was
+    # packed on.
+    if [[ ! -f "$model/model.safetensors" ]]; then
+        mkdir -p "$model"
+        cat "$pack"/model-1/weights.* "$pack"/model-2/weights.* >"$model/model.safetensors"
+        xz -dc "$pack/bin/model-files.tar.xz" | tar -xf - -C "$model"
+    fi
+    local bin=$pack/run
+    rm -rf "$bin" && mkdir -p "$bin"
+    for f in "$pack"/bin/*.xz; do
+        [[ "$f" == *model-files* ]] && continue
+        xz -dc "$f" >"$bin/$(basename "${f%.xz}")"
+    done
+    chmod +x "$bin"/*
+    if ! ldconfig -p 2>/dev/null | grep -q libvulkan && [[ -d .gl ]]; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+    fi
+    if [[ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json && -z "${VK_DRIVER_FILES:-}" ]]; then
+        export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    fi
+    export SURF_REPO_ROOT=$root SURF_GOLDEN_DIR=$root/$pack/bin/golden SURF_BENCH_QUICK=1
+    # Measure the families afresh on this adapter.
+    export SURF_CACHE_DIR=$root/$pack/cache
+    rm -rf "$SURF_CACHE_DIR"
+    # A missing adapter must fail the check, not skip it.
+    export CI=true
+    local log=$out/gpu-check.log
+    : >"$log"
+    local status=0
+    step() {
+        echo "== $*" | tee -a "$log"
+        local start=$SECONDS
+        if "$@" >>"$log" 2>&1; then
+            echo "   ok in $((SECONDS - start)) s" | tee -a "$log"
+        else
+            echo "   FAILED in $((SECONDS - start)) s (see $log)" | tee -a "$log"
+            status=1
+        fi
+    }
+    step "$bin/test-kernels" --test-threads 1
+    step "$bin/test-golden" --test-threads 1 --nocapture
+    step "$bin/test-f16" --test-threads 1
+    step "$bin/bench-kernels" --bench
+    step "$bin/bench-embed" --bench
+    step "$bin/bench-streaming" --bench
+    cp bench-out/*.json "$out/" 2>/dev/null || true
+    python3 - "$root/bench-out" <<'PY' | tee "$out/gpu-check-table.txt"
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    try:
+        return json.load(open(os.path.join(out, name + ".json")))
+    except (OSError, ValueError):
+        return None
+k, e, s = load("kernels"), load("embed"), load("streaming")
+print("| what | figure |")
+print("| --- | --- |")
+if k:
+    print(f'| adapter | {k["adapter"]} |')
+    print(f'| FMA peak | {k["fma_peak_gflop_s"]:.0f} GFLOP/s |')
+    for row in k.get("families", []):
+        rates = ", ".join(f"{f} {r:.1f}" for f, r in row["rates"].items())
+        print(f'| {row["op"]} rows {row["rows"]} k {row["k"]} n {row["n"]} ({row["unit"]}) | {rates}; '
+              f'autotuned {row["autotuned"]}, {row["autotuned_over_fixed"]:.2f} x {row["fixed"]} |')
+    if k.get("engine_per_s_32_short"):
+        print(f'| engine, batches of 32 short sentences | {k["engine_per_s_32_short"]:.0f} embeddings/s |')
+if e:
+    for row in e.get("rows", []):
+        print(f'| embed {row["input"]} batch {row.get("batch")} | {row["ours_per_s"]:.0f}/s, '
+              f'candle (CPU) {row["candle_per_s"]:.0f}/s, ratio {row["ratio"]:.2f} |')
+if s:
+    print(f'| streaming overlap ratio (target <= 1.10 on a GPU) | {s.get("overlap_ratio", float("nan")):.3f} |')
+PY
+    cp "$log" "$out/" 2>/dev/null || true
+    return $status
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    run) run ;;
+    *)
+        echo "usage: bash benches/gpu-check.sh prepare|run" >&2
+        exit 2
+        ;;
+esac
