@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::Mutex;
 
 use crate::error::{Recovery, ServerFailure};
-use crate::manifest::{Digest, Dtype, Manifest};
+use crate::manifest::{Digest, Dtype, MAX_COMPONENT_BYTES, Manifest};
 use crate::rotation::Rotation;
 use crate::wire::{
     self, FetchReply, FetchRequest, Hello, HelloReply, ObjectRef, PROTOCOL_VERSION, Refusal,
@@ -228,18 +228,8 @@ impl WeightClient {
                 .ok_or_else(|| Error::UnknownComponent {
                     name: name.to_owned(),
                 })?;
-        let chunk_size = self.inner.manifest.chunk_size;
-        let segments = component
-            .chunk_hashes
-            .iter()
-            .enumerate()
-            .map(|(index, digest)| {
-                let end = ((index as u64 + 1) * chunk_size).min(component.byte_len);
-                (end, *digest)
-            })
-            .collect();
         let verification = Verification {
-            segments,
+            segments: self.inner.manifest.chunk_ends(component),
             whole: Some(component.hash),
         };
         self.fetch_verified(
@@ -279,7 +269,7 @@ impl WeightClient {
         range: Range<u64>,
     ) -> Result<Bytes, Error> {
         let link = self.link().await?;
-        let mut assembly = Assembly::new(object.to_string(), range.start, range.end, None);
+        let mut assembly = Assembly::new(object.to_string(), range.start, range.end, None)?;
         self.fetch_once(&link, &object, &mut assembly).await?;
         Ok(Bytes::from(assembly.data))
     }
@@ -301,7 +291,7 @@ impl WeightClient {
         verification: &Verification,
     ) -> Result<Bytes, Error> {
         let retry = self.inner.config.retry;
-        let mut assembly = Assembly::new(object.to_string(), 0, byte_len, Some(verification));
+        let mut assembly = Assembly::new(object.to_string(), 0, byte_len, Some(verification))?;
         let mut failures_in_a_row = 0u32;
         loop {
             let verified_before = assembly.verified;
@@ -637,18 +627,42 @@ struct Assembly<'v> {
 }
 
 impl<'v> Assembly<'v> {
-    fn new(object: String, start: u64, end: u64, verification: Option<&'v Verification>) -> Self {
-        let capacity = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
-        Assembly {
+    /// Reserves room for `start..end` up front, once its length is known to
+    /// be within [`MAX_COMPONENT_BYTES`], and as an error rather than an
+    /// abort when the memory is not there.
+    fn new(
+        object: String,
+        start: u64,
+        end: u64,
+        verification: Option<&'v Verification>,
+    ) -> Result<Self, Error> {
+        let Some(len) = end.checked_sub(start) else {
+            return Err(Error::InvertedRange { object, start, end });
+        };
+        if len > MAX_COMPONENT_BYTES {
+            return Err(Error::ObjectTooLarge {
+                object,
+                len,
+                max: MAX_COMPONENT_BYTES,
+            });
+        }
+        let mut data = Vec::new();
+        let reserved = usize::try_from(len)
+            .ok()
+            .and_then(|len| data.try_reserve_exact(len).ok());
+        if reserved.is_none() {
+            return Err(Error::OutOfMemory { object, len });
+        }
+        Ok(Assembly {
             object,
             start,
             end,
-            data: Vec::with_capacity(capacity),
+            data,
             verification,
             next_segment: 0,
             verified: start,
             whole: blake3::Hasher::new(),
-        }
+        })
     }
 
     fn next_offset(&self) -> u64 {
@@ -754,7 +768,8 @@ mod tests {
     fn damaged_chunk_is_dropped_back_to_the_last_good_offset() {
         let bytes: Vec<u8> = (0..100u8).collect();
         let verification = verification_of(&bytes, 32);
-        let mut assembly = Assembly::new("x".into(), 0, 100, Some(&verification));
+        let mut assembly =
+            Assembly::new("x".into(), 0, 100, Some(&verification)).expect("a small object");
         assembly.push(&bytes[..40]).expect("first chunk is intact");
         let mut damaged = bytes[40..70].to_vec();
         damaged[5] ^= 0x01;
@@ -777,10 +792,30 @@ mod tests {
 
     #[test]
     fn more_bytes_than_asked_for_are_refused() {
-        let mut assembly = Assembly::new("x".into(), 10, 20, None);
+        let mut assembly = Assembly::new("x".into(), 10, 20, None).expect("a small range");
         assert!(matches!(
             assembly.push(&[0u8; 11]),
             Err(Error::LengthMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn ranges_that_are_inverted_or_too_large_are_refused_before_allocating() {
+        assert!(matches!(
+            Assembly::new("x".into(), 20, 10, None),
+            Err(Error::InvertedRange {
+                start: 20,
+                end: 10,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Assembly::new("x".into(), 0, u64::MAX, None),
+            Err(Error::ObjectTooLarge { len: u64::MAX, .. })
+        ));
+        assert!(matches!(
+            Assembly::new("x".into(), 1, MAX_COMPONENT_BYTES + 2, None),
+            Err(Error::ObjectTooLarge { .. })
         ));
     }
 

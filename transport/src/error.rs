@@ -127,6 +127,34 @@ pub enum Error {
     },
     #[error("the manifest is inconsistent: {detail}")]
     InvalidManifest { detail: String },
+    #[error("the manifest's chunk size of {chunk_size} bytes is outside 1..={max}")]
+    ChunkSizeOutOfRange { chunk_size: u64, max: u64 },
+    #[error(
+        "the manifest's component {component} declares {byte_len} bytes, over the {max}-byte limit"
+    )]
+    ComponentTooLarge {
+        component: String,
+        byte_len: u64,
+        max: u64,
+    },
+    #[error(
+        "the manifest's component {component} declares {byte_len} bytes but its tensors end at {tensors_end}"
+    )]
+    ComponentSpanMismatch {
+        component: String,
+        byte_len: u64,
+        tensors_end: u64,
+    },
+    #[error("{object}: {len} bytes asked for, over the {max}-byte limit of one object")]
+    ObjectTooLarge { object: String, len: u64, max: u64 },
+    #[error("{object}: the range {start}..{end} ends before it starts")]
+    InvertedRange {
+        object: String,
+        start: u64,
+        end: u64,
+    },
+    #[error("{object}: cannot reserve {len} bytes for it")]
+    OutOfMemory { object: String, len: u64 },
     #[error(
         "server {addr} serves revision {found}, but this client started on revision {expected}"
     )]
