@@ -19,12 +19,32 @@ use crate::Error;
 
 /// The weights file inside a model folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// Extensions of the small files that travel in the manifest: configs,
-/// tokenizers, vocabularies, sentencepiece models.
-const SMALL_FILE_EXTENSIONS: &[&str] = &["json", "txt", "model"];
-/// Small files are looked for in the folder and one level below
-/// (sentence-transformers keeps `1_Pooling/config.json` there).
-const SMALL_FILE_DEPTH: usize = 2;
+/// The small files that travel in the manifest, named one by one: what a
+/// model's config, its tokenizer and sentence-transformers read from the
+/// folder. Anything else that happens to sit beside them (notes, keys,
+/// training data) stays on the server.
+pub const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+];
+/// The file of each sentence-transformers module folder (`1_Pooling/`, ...).
+const MODULE_CONFIG_FILE: &str = "config.json";
+/// Module folders looked in even without a `modules.json` naming them.
+const DEFAULT_MODULE_FOLDERS: &[&str] = &["1_Pooling", "2_Normalize"];
+/// The sentence-transformers file that names the module folders.
+const MODULES_FILE: &str = "modules.json";
 /// Room left in the manifest message for everything but the files.
 const MANIFEST_HEADROOM: usize = 1024 * 1024;
 /// `embeddings.position_ids` is an `arange` buffer some exporters save, not a
@@ -106,26 +126,8 @@ impl ModelStore {
             });
         }
         let file = map_file(&weights_path)?;
-        let mut tensors = read_tensors(&weights_path, &file)?;
-        for tensor in &mut tensors {
-            if tensor.stored.is_float() {
-                tensor.dtype = weight_dtype;
-            }
-        }
-        let groups = group_into_components(&weights_path, tensors)?;
+        let (components, layouts) = split_into_components(&weights_path, &file, weight_dtype)?;
         let files = read_small_files(model_dir)?;
-
-        let described = describe_components(&file, &groups);
-        let mut layouts = HashMap::new();
-        let mut components = Vec::with_capacity(groups.len());
-        for ((name, layout), component) in groups
-            .iter()
-            .map(|(name, tensors)| (name, layout_of(tensors)))
-            .zip(described)
-        {
-            layouts.insert(name.clone(), layout);
-            components.push(component);
-        }
 
         let model_id = model_dir
             .canonicalize()
@@ -201,6 +203,30 @@ fn map_file(path: &Path) -> Result<Bytes, Error> {
         source,
     })?;
     Ok(Bytes::from_owner(MappedFile(map)))
+}
+
+/// Reads the safetensors header of `file` (named `path` in errors) and
+/// groups its tensors into components, their float tensors served as
+/// `weight_dtype`: each component described as clients will check it, and
+/// where its bytes are in the file.
+fn split_into_components(
+    path: &Path,
+    file: &[u8],
+    weight_dtype: Dtype,
+) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
+    let mut tensors = read_tensors(path, file)?;
+    for tensor in &mut tensors {
+        if tensor.stored.is_float() {
+            tensor.dtype = weight_dtype;
+        }
+    }
+    let groups = group_into_components(path, tensors)?;
+    let described = describe_components(file, &groups);
+    let layouts = groups
+        .iter()
+        .map(|(name, tensors)| (name.clone(), layout_of(tensors)))
+        .collect();
+    Ok((described, layouts))
 }
 
 fn read_tensors(path: &Path, file: &[u8]) -> Result<Vec<FileTensor>, Error> {
@@ -518,83 +544,116 @@ fn convert_into(stored: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) {
     }
 }
 
-/// Reads the configs and tokenizer files that travel in the manifest.
+/// Reads the configs and tokenizer files that travel in the manifest: those
+/// of [`MODEL_FILES`] that exist, and the config of each sentence-transformers
+/// module folder.
 fn read_small_files(model_dir: &Path) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+    let limit = wire::limits::HELLO_REPLY - MANIFEST_HEADROOM;
     let mut files = BTreeMap::new();
     let mut total = 0usize;
-    let limit = wire::limits::HELLO_REPLY - MANIFEST_HEADROOM;
-    collect_small_files(
-        model_dir,
-        "",
-        SMALL_FILE_DEPTH,
-        &mut files,
-        &mut total,
-        limit,
-    )?;
-    Ok(files)
-}
-
-fn collect_small_files(
-    dir: &Path,
-    prefix: &str,
-    depth: usize,
-    files: &mut BTreeMap<String, Vec<u8>>,
-    total: &mut usize,
-    limit: usize,
-) -> Result<(), Error> {
-    if depth == 0 {
-        return Ok(());
-    }
-    let read_dir_error = |source| Error::ModelDir {
-        path: dir.to_owned(),
-        source,
-    };
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(read_dir_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_dir_error)?;
-    entries.sort_by_key(|entry| entry.file_name());
-    for entry in entries {
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        if file_name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        let relative = format!("{prefix}{file_name}");
-        if path.is_dir() {
-            collect_small_files(
-                &path,
-                &format!("{relative}/"),
-                depth - 1,
-                files,
-                total,
-                limit,
-            )?;
-            continue;
-        }
-        let wanted = path
-            .extension()
-            .and_then(|extension| extension.to_str())
-            .is_some_and(|extension| SMALL_FILE_EXTENSIONS.contains(&extension));
-        if !wanted {
-            continue;
+    let mut add = |relative: String| -> Result<(), Error> {
+        let path = model_dir.join(&relative);
+        if files.contains_key(&relative) || !path.is_file() {
+            return Ok(());
         }
         let contents = std::fs::read(&path).map_err(|source| Error::ModelFile {
             path: path.clone(),
             source,
         })?;
-        *total += contents.len();
-        if *total > limit {
+        total = total.saturating_add(contents.len());
+        if total > limit {
             return Err(Error::FilesTooLarge { limit });
         }
         files.insert(relative, contents);
+        Ok(())
+    };
+    for name in MODEL_FILES {
+        add((*name).to_owned())?;
     }
-    Ok(())
+    for folder in module_folders(model_dir) {
+        add(format!("{folder}/{MODULE_CONFIG_FILE}"))?;
+    }
+    Ok(files)
+}
+
+/// The module folders of a sentence-transformers model: the defaults, and
+/// those its `modules.json` names. Only plain folder names directly inside
+/// the model folder count, so a module path cannot reach outside it.
+fn module_folders(model_dir: &Path) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Module {
+        #[serde(default)]
+        path: String,
+    }
+    let mut folders: Vec<String> = DEFAULT_MODULE_FOLDERS
+        .iter()
+        .map(|folder| (*folder).to_owned())
+        .collect();
+    let listed = std::fs::read(model_dir.join(MODULES_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<Module>>(&bytes).ok())
+        .unwrap_or_default();
+    for module in listed {
+        let folder = module.path.trim_end_matches('/');
+        let plain = matches!(
+            Path::new(folder)
+                .components()
+                .collect::<Vec<_>>()
+                .as_slice(),
+            [std::path::Component::Normal(_)]
+        ) && !folder.starts_with('.');
+        if plain && !folders.iter().any(|known| known == folder) {
+            folders.push(folder.to_owned());
+        }
+    }
+    folders
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_files_a_model_needs_travel() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let write = |relative: &str, contents: &str| {
+            let path = dir.path().join(relative);
+            std::fs::create_dir_all(path.parent().expect("inside the folder"))
+                .expect("the folder is made");
+            std::fs::write(path, contents).expect("the file is written");
+        };
+        write("config.json", "{}");
+        write("tokenizer.json", "{}");
+        write("vocab.txt", "[PAD]");
+        write("spiece.model", "sp");
+        write(
+            "modules.json",
+            r#"[{"path": ""}, {"path": "pooling_here"}, {"path": "../outside"}, {"path": "2_Normalize"}]"#,
+        );
+        write("1_Pooling/config.json", "{\"pool\": 1}");
+        write("pooling_here/config.json", "{\"pool\": 2}");
+        write("secret.txt", "hunter2");
+        write("other.json", "{}");
+        write("notes.model", "x");
+        write("1_Pooling/extra.json", "{}");
+        write("nested/config.json", "{}");
+
+        let files = read_small_files(dir.path()).expect("the files read");
+        let names: Vec<&str> = files.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "1_Pooling/config.json",
+                "config.json",
+                "modules.json",
+                "pooling_here/config.json",
+                "spiece.model",
+                "tokenizer.json",
+                "vocab.txt",
+            ]
+        );
+        assert_eq!(files["pooling_here/config.json"], b"{\"pool\": 2}");
+    }
 
     #[test]
     fn tensor_names_map_to_components() {

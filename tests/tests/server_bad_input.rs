@@ -469,3 +469,38 @@ async fn bert_prefixed_checkpoints_are_served_under_plain_names() {
     client.close().await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_model_does_not_need_stay_on_the_server() {
+    let folder = tempfile::tempdir().expect("a temp dir");
+    let dir = folder.path();
+    write_safetensors(dir, TINY_HEADER, &(0..44u8).collect::<Vec<_>>());
+    std::fs::write(dir.join("config.json"), b"{}").expect("writes");
+    std::fs::write(dir.join("secret.txt"), b"hunter2").expect("writes");
+    std::fs::write(dir.join("other.json"), b"{}").expect("writes");
+    std::fs::create_dir(dir.join("1_Pooling")).expect("a module folder");
+    std::fs::write(dir.join("1_Pooling/config.json"), b"{}").expect("writes");
+    std::fs::write(dir.join("1_Pooling/notes.txt"), b"private").expect("writes");
+    let server = bind_folder(dir).await.expect("a valid tiny model");
+    let client = connect(&[&server]).await;
+
+    let files: Vec<&str> = client.manifest().files.keys().map(String::as_str).collect();
+    assert_eq!(files, ["1_Pooling/config.json", "config.json"]);
+    for name in ["secret.txt", "other.json", "1_Pooling/notes.txt"] {
+        let result = client
+            .fetch_unverified_range(ObjectRef::Component(name.to_owned()), 0..1)
+            .await;
+        assert!(
+            matches!(
+                result,
+                Err(Error::FetchRefused {
+                    refusal: FetchRefusal::UnknownObject,
+                    ..
+                })
+            ),
+            "{name}: {result:?}"
+        );
+    }
+    client.close().await;
+    server.shutdown().await;
+}
