@@ -775,4 +775,254 @@ mod tests {
         assert_eq!(component.tensors[2].dtype, Dtype::U8);
         assert_eq!(&sent[8..], &[7, 8]);
     }
+
+    /// Property tests of the safetensors header parsing: a file the server
+    /// is given may be damaged or hostile, and must be refused, not crash
+    /// the server. The ignored `stress_*` variants run `SURF_FUZZ_CASES`
+    /// (default 20 000) cases each.
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::test_runner::TestCaseError;
+        use surf_tests::fuzz::{DEFAULT_CASES, check, stress_cases};
+
+        use super::*;
+
+        /// A tensor of a made-up checkpoint: name, dtype, shape.
+        type Spec = (String, safetensors::Dtype, Vec<usize>);
+
+        fn tensor_name() -> impl Strategy<Value = String> {
+            let prefix = prop_oneof![Just(""), Just("bert.")];
+            let body = prop_oneof![
+                "[a-z]{1,6}".prop_map(|leaf| format!("embeddings.{leaf}")),
+                (0usize..3, "[a-z]{1,6}")
+                    .prop_map(|(layer, leaf)| format!("encoder.layer.{layer}.{leaf}")),
+                "[a-z]{1,6}".prop_map(|leaf| format!("pooler.{leaf}")),
+                "[a-z.]{1,12}",
+            ];
+            (prefix, body).prop_map(|(prefix, body)| format!("{prefix}{body}"))
+        }
+
+        fn spec() -> impl Strategy<Value = Spec> {
+            use safetensors::Dtype as St;
+            let dtype =
+                prop::sample::select(vec![St::F32, St::F16, St::BF16, St::F64, St::U8, St::I64]);
+            (tensor_name(), dtype, prop::collection::vec(1usize..6, 1..3))
+        }
+
+        /// A safetensors file of `specs` (the first of each name kept), the
+        /// tensors in the given order, and each tensor's bytes by name.
+        fn checkpoint(specs: &[Spec]) -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+            let mut header = serde_json::Map::new();
+            let mut data = Vec::new();
+            let mut contents = BTreeMap::new();
+            for (number, (name, dtype, shape)) in specs.iter().enumerate() {
+                if contents.contains_key(name) {
+                    continue;
+                }
+                let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+                let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + number) as u8).collect();
+                header.insert(
+                    name.clone(),
+                    serde_json::json!({
+                        "dtype": format!("{dtype:?}"),
+                        "shape": shape,
+                        "data_offsets": [data.len(), data.len() + len],
+                    }),
+                );
+                data.extend_from_slice(&bytes);
+                contents.insert(name.clone(), bytes);
+            }
+            let header = serde_json::to_vec(&header).expect("a JSON header");
+            let mut file = (header.len() as u64).to_le_bytes().to_vec();
+            file.extend_from_slice(&header);
+            file.extend_from_slice(&data);
+            (file, contents)
+        }
+
+        fn parse(
+            file: &[u8],
+            weight_dtype: Dtype,
+        ) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
+            split_into_components(Path::new("fuzz.safetensors"), file, weight_dtype)
+        }
+
+        fn arbitrary_files_are_refused_or_split(cases: u32) {
+            let raw = prop::collection::vec(any::<u8>(), 0..256);
+            let with_length = (any::<u64>(), prop::collection::vec(any::<u8>(), 0..256)).prop_map(
+                |(declared, rest)| {
+                    let mut file = declared.to_le_bytes().to_vec();
+                    file.extend_from_slice(&rest);
+                    file
+                },
+            );
+            let mutated = (
+                prop::collection::vec(spec(), 1..6),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                any::<prop::sample::Index>(),
+            )
+                .prop_map(|(specs, flips, cut)| {
+                    let (mut file, _) = checkpoint(&specs);
+                    for (at, byte) in flips {
+                        let at = at.index(file.len());
+                        file[at] ^= byte;
+                    }
+                    let keep = file.len() - cut.index(file.len() / 8 + 1);
+                    file.truncate(keep);
+                    file
+                });
+            let strategy = (prop_oneof![raw, with_length, mutated], any::<bool>());
+            check(cases, strategy, |(file, half)| {
+                let weight_dtype = if half { Dtype::F16 } else { Dtype::F32 };
+                if let Ok((components, layouts)) = parse(&file, weight_dtype) {
+                    for component in &components {
+                        let layout = &layouts[&component.name];
+                        prop_assert_eq!(assemble(&file, layout).len() as u64, component.byte_len);
+                    }
+                }
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn arbitrary_files_are_refused_or_split_default() {
+            arbitrary_files_are_refused_or_split(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_arbitrary_files_are_refused_or_split() {
+            arbitrary_files_are_refused_or_split(stress_cases());
+        }
+
+        fn a_header_longer_than_the_file_is_refused(cases: u32) {
+            let strategy = (prop::collection::vec(any::<u8>(), 0..256), 1u64..);
+            check(cases, strategy, |(rest, excess)| {
+                let declared = (rest.len() as u64).saturating_add(excess);
+                let mut file = declared.to_le_bytes().to_vec();
+                file.extend_from_slice(&rest);
+                let result = parse(&file, Dtype::F32);
+                let refused = matches!(result, Err(Error::Safetensors { .. }));
+                prop_assert!(
+                    refused,
+                    "{} bytes declared in a file of {}",
+                    declared,
+                    file.len()
+                );
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn a_header_longer_than_the_file_is_refused_default() {
+            a_header_longer_than_the_file_is_refused(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_a_header_longer_than_the_file_is_refused() {
+            a_header_longer_than_the_file_is_refused(stress_cases());
+        }
+
+        /// A checkpoint with embeddings and numbered layers is split into
+        /// components whose manifest validates, and whose bytes hold each
+        /// tensor as stored when its dtype is the one served.
+        fn valid_checkpoints_round_trip(cases: u32) {
+            let layers = prop::collection::vec(spec(), 0..8);
+            let strategy = (layers, 1usize..3, any::<bool>());
+            check(cases, strategy, |(mut specs, layer_count, half)| {
+                let weight_dtype = if half { Dtype::F16 } else { Dtype::F32 };
+                specs.push((
+                    "embeddings.word".into(),
+                    safetensors::Dtype::F32,
+                    vec![2, 3],
+                ));
+                for layer in 0..layer_count {
+                    specs.push((
+                        format!("encoder.layer.{layer}.bias"),
+                        safetensors::Dtype::F16,
+                        vec![4],
+                    ));
+                }
+                let (file, contents) = checkpoint(&specs);
+                let layer_numbers: std::collections::BTreeSet<usize> = contents
+                    .keys()
+                    .filter_map(|name| {
+                        let name = name.strip_prefix("bert.").unwrap_or(name);
+                        name.strip_prefix("encoder.layer.")?
+                            .split('.')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                let numbered_in_order = layer_numbers
+                    .iter()
+                    .enumerate()
+                    .all(|(expected, &number)| expected == number);
+                // Tensors outside every component are skipped unread, so
+                // only a component's tensor under both names is refused.
+                let prefixed_twice = contents.keys().any(|name| {
+                    name.strip_prefix("bert.").is_some_and(|plain| {
+                        contents.contains_key(plain) && component_of(plain).is_some()
+                    })
+                });
+                let result = parse(&file, weight_dtype);
+                if !numbered_in_order || prefixed_twice {
+                    let refused = matches!(result, Err(Error::InvalidModel { .. }));
+                    prop_assert!(refused, "{:?}", result.map(|(components, _)| components));
+                    return Ok(());
+                }
+                let (components, layouts) =
+                    result.map_err(|error| TestCaseError::fail(error.to_string()))?;
+                let mut manifest = Manifest {
+                    model_id: "fuzz".into(),
+                    revision: String::new(),
+                    files: BTreeMap::new(),
+                    chunk_size: DEFAULT_CHUNK_SIZE,
+                    weight_dtype,
+                    components,
+                };
+                manifest.revision = manifest.compute_revision();
+                prop_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());
+                for component in &manifest.components {
+                    let bytes = assemble(&file, &layouts[&component.name]);
+                    for tensor in &component.tensors {
+                        let range = tensor.byte_range();
+                        let served = &bytes[range.start as usize..range.end as usize];
+                        prop_assert!(tensor.hash.matches(&blake3::hash(served)));
+                        let stored = contents
+                            .get(&tensor.name)
+                            .or_else(|| contents.get(&format!("bert.{}", tensor.name)));
+                        let stored = stored
+                            .ok_or_else(|| TestCaseError::fail("a tensor not in the file"))?;
+                        if stored_dtype_is(&specs, &tensor.name, tensor.dtype) {
+                            prop_assert_eq!(served, stored.as_slice(), "{}", tensor.name);
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+
+        /// Whether the checkpoint stores `name` (with or without the
+        /// `bert.` prefix) in `dtype`, so that it is served unconverted.
+        fn stored_dtype_is(specs: &[Spec], name: &str, dtype: Dtype) -> bool {
+            specs
+                .iter()
+                .find(|(stored, _, _)| stored.strip_prefix("bert.").unwrap_or(stored) == name)
+                .and_then(|(_, stored, _)| convert_dtype(*stored))
+                == Some(dtype)
+        }
+
+        #[test]
+        fn valid_checkpoints_round_trip_default() {
+            valid_checkpoints_round_trip(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_valid_checkpoints_round_trip() {
+            valid_checkpoints_round_trip(stress_cases());
+        }
+    }
 }
