@@ -68,10 +68,6 @@ impl<'v> Assembly<'v> {
         self.start + self.data.len() as u64
     }
 
-    pub(super) fn received(&self) -> u64 {
-        self.data.len() as u64
-    }
-
     pub(super) fn push(&mut self, bytes: &[u8]) -> Result<(), Error> {
         if self.next_offset() + bytes.len() as u64 > self.end {
             return Err(Error::LengthMismatch {
@@ -111,6 +107,14 @@ impl<'v> Assembly<'v> {
             self.next_segment += 1;
         }
         Ok(())
+    }
+
+    /// Drops what arrived past `offset`, so that the next request asks from
+    /// there; verified bytes are always kept.
+    pub(super) fn resume_from(&mut self, offset: u64) {
+        let keep = offset.clamp(self.verified, self.next_offset());
+        let keep = self.index(keep);
+        self.data.truncate(keep);
     }
 
     fn index(&self, offset: u64) -> usize {

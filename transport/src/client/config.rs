@@ -16,6 +16,10 @@ pub struct Timeouts {
     /// Any single step after that: the manifest, a fetch reply, the next
     /// bytes of a fetch. A server that stays silent this long is failed over.
     pub response: Duration,
+    /// The whole of one fetch, its retries and failovers included: a server
+    /// that trickles bytes, or several that fail in turn, end the fetch with
+    /// [`crate::Error::FetchDeadline`] once this has passed.
+    pub fetch: Duration,
 }
 
 impl Default for Timeouts {
@@ -23,6 +27,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             response: Duration::from_secs(10),
+            fetch: Duration::from_secs(120),
         }
     }
 }

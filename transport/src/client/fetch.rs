@@ -1,10 +1,12 @@
 //! One fetch: attempts on the servers' connections, each asking for the rest
 //! of the object, until its bytes are whole and verified.
 
+use std::time::Instant;
+
 use bytes::Bytes;
 
 use crate::Error;
-use crate::error::Recovery;
+use crate::retry::{AttemptFailure, Decision, FetchRetry, GiveUp, NextServer};
 use crate::wire::{self, FetchReply, FetchRequest, ObjectRef, limits};
 
 use super::WeightClient;
@@ -13,49 +15,93 @@ use super::handshake::within;
 use super::links::Link;
 
 impl WeightClient {
+    /// Drives one fetch: each attempt runs until it fails or the fetch's
+    /// deadline passes, and [`FetchRetry`] decides what follows.
     pub(super) async fn fetch_verified(
         &self,
         object: ObjectRef,
         byte_len: u64,
         verification: &Verification,
     ) -> Result<Bytes, Error> {
-        let retry = self.inner.config.retry;
         let mut assembly = Assembly::new(object.to_string(), 0, byte_len, Some(verification))?;
-        let mut failures_in_a_row = 0u32;
+        let mut retry = FetchRetry::new(
+            self.inner.config.retry,
+            Instant::now(),
+            self.inner.config.timeouts.fetch,
+        );
         loop {
-            let verified_before = assembly.verified;
-            let attempt = match self.link().await {
-                Ok(link) => self
-                    .fetch_once(&link, &object, &mut assembly)
-                    .await
-                    .and_then(|()| assembly.check_whole())
-                    .map_err(|error| (Some(link), error)),
-                Err(error) => Err((None, error)),
+            let mut link = None;
+            let attempt = self.attempt(&object, &mut assembly, &mut link);
+            let outcome = tokio::time::timeout_at(retry.deadline().into(), attempt).await;
+            let (decision, error) = match outcome {
+                Ok(Ok(())) => return Ok(Bytes::from(std::mem::take(&mut assembly.data))),
+                Ok(Err(error)) => {
+                    let failure = AttemptFailure {
+                        recovery: error.recovery(),
+                        received: assembly.next_offset(),
+                        verified: assembly.verified,
+                        damaged: matches!(error, Error::HashMismatch { .. }),
+                    };
+                    (retry.attempt_failed(Instant::now(), failure), Some(error))
+                }
+                Err(_elapsed) => (retry.deadline_passed(), None),
             };
-            let (link, error) = match attempt {
-                Ok(()) => return Ok(Bytes::from(std::mem::take(&mut assembly.data))),
-                Err(failure) => failure,
-            };
-            let recovery = error.recovery();
-            tracing::debug!(%object, %error, ?recovery, resume_at = assembly.received(), "fetch attempt failed");
-            if recovery == Recovery::GiveUp {
-                return Err(error);
+            tracing::debug!(%object, error = ?error, ?decision, "fetch attempt failed");
+            match (decision, error) {
+                (
+                    Decision::Retry {
+                        after,
+                        next_server,
+                        resume_at,
+                    },
+                    _,
+                ) => {
+                    if let (NextServer::FailOver, Some(link)) = (next_server, &link) {
+                        self.abandon(link).await;
+                    }
+                    assembly.resume_from(resume_at);
+                    tokio::time::sleep(after).await;
+                }
+                (Decision::GiveUp(GiveUp::Final), Some(error)) => return Err(error),
+                (Decision::GiveUp(GiveUp::RetriesExhausted { attempts }), Some(error)) => {
+                    return Err(Error::RetriesExhausted {
+                        object: object.to_string(),
+                        attempts,
+                        last: Box::new(error),
+                    });
+                }
+                (Decision::GiveUp(_), _) => {
+                    return Err(self.deadline_error(&object, link.as_ref(), &assembly));
+                }
             }
-            if let (Recovery::FailOver, Some(link)) = (recovery, link) {
-                self.abandon(&link).await;
-            }
-            if assembly.verified > verified_before {
-                failures_in_a_row = 0;
-            }
-            failures_in_a_row += 1;
-            if failures_in_a_row >= retry.max_attempts {
-                return Err(Error::RetriesExhausted {
-                    object: object.to_string(),
-                    attempts: failures_in_a_row,
-                    last: Box::new(error),
-                });
-            }
-            tokio::time::sleep(retry.backoff(failures_in_a_row)).await;
+        }
+    }
+
+    /// One attempt: a connection, then the rest of the object on it. The
+    /// link it uses is left in `link`, where the deadline cannot take it.
+    async fn attempt(
+        &self,
+        object: &ObjectRef,
+        assembly: &mut Assembly<'_>,
+        link: &mut Option<Link>,
+    ) -> Result<(), Error> {
+        let current = link.insert(self.link().await?).clone();
+        self.fetch_once(&current, object, assembly).await?;
+        assembly.check_whole()
+    }
+
+    pub(super) fn deadline_error(
+        &self,
+        object: &ObjectRef,
+        link: Option<&Link>,
+        assembly: &Assembly<'_>,
+    ) -> Error {
+        Error::FetchDeadline {
+            object: object.to_string(),
+            server: link.map(|link| self.inner.config.servers[link.server]),
+            timeout: self.inner.config.timeouts.fetch,
+            received: assembly.next_offset() - assembly.start,
+            expected: assembly.end - assembly.start,
         }
     }
 

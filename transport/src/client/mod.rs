@@ -170,9 +170,13 @@ impl WeightClient {
         object: ObjectRef,
         range: Range<u64>,
     ) -> Result<Bytes, Error> {
-        let link = self.link().await?;
         let mut assembly = Assembly::new(object.to_string(), range.start, range.end, None)?;
-        self.fetch_once(&link, &object, &mut assembly).await?;
+        let link = self.link().await?;
+        let fetch = self.fetch_once(&link, &object, &mut assembly);
+        match tokio::time::timeout(self.inner.config.timeouts.fetch, fetch).await {
+            Ok(result) => result?,
+            Err(_elapsed) => return Err(self.deadline_error(&object, Some(&link), &assembly)),
+        }
         Ok(Bytes::from(assembly.data))
     }
 
