@@ -42,6 +42,10 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("connection failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error(
+        "weight server {addr} refused the connection: it serves as many clients as it may (its --max-connections)"
+    )]
+    ServerBusy { addr: SocketAddr },
     #[error("sending on a stream failed: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("receiving on a stream failed: {0}")]
@@ -284,6 +288,7 @@ impl Error {
             Error::RetriesExhausted { last, .. } => last.kind(),
             Error::Connect { .. }
             | Error::ConnectTimeout { .. }
+            | Error::ServerBusy { .. }
             | Error::Connection(_)
             | Error::Write(_)
             | Error::Read(_)
@@ -324,6 +329,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::ClosedByServer { .. }
             | Error::ConnectTimeout { .. }
+            | Error::ServerBusy { .. }
             | Error::Connect { .. }
             | Error::NoServerReachable { .. }
             | Error::RevisionMismatch { .. }

@@ -3,11 +3,37 @@
 
 use std::sync::Arc;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::metrics::Stats;
 
-use super::Shared;
 use super::fetch::serve_fetch;
 use super::greeting::greet;
+use super::{ConnectionLimits, Shared};
+
+/// How many connections may be served, and be in their handshake, at once.
+pub(super) struct Admission {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub(super) fn new(limits: &ConnectionLimits) -> Self {
+        Admission {
+            connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes as usize)),
+        }
+    }
+
+    /// Room for one more connection and its handshake, or `None` when the
+    /// server is full: a client refused at once can try another server,
+    /// where one left waiting would only time out.
+    fn admit(&self) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let connection = self.connections.clone().try_acquire_owned().ok()?;
+        let handshake = self.handshakes.clone().try_acquire_owned().ok()?;
+        Some((connection, handshake))
+    }
+}
 
 pub(super) async fn accept_connections(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
     loop {
@@ -18,10 +44,19 @@ pub(super) async fn accept_connections(endpoint: quinn::Endpoint, shared: Arc<Sh
         let Some(incoming) = incoming else {
             return;
         };
+        let Some((connection_permit, handshake_permit)) = shared.admission.admit() else {
+            tracing::warn!(peer = %incoming.remote_address(), "connection refused: the server is at its connection limit");
+            shared.stats.connections_refused.increment();
+            incoming.refuse();
+            continue;
+        };
         let connection_shared = shared.clone();
         shared.tracker.spawn(async move {
+            let _connection_permit = connection_permit;
             match incoming.await {
-                Ok(connection) => serve_connection(connection, connection_shared).await,
+                Ok(connection) => {
+                    serve_connection(connection, connection_shared, handshake_permit).await;
+                }
                 Err(error) => tracing::debug!(%error, "QUIC handshake failed"),
             }
         });
@@ -37,7 +72,11 @@ impl Drop for ActiveConnection<'_> {
     }
 }
 
-async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
+async fn serve_connection(
+    connection: quinn::Connection,
+    shared: Arc<Shared>,
+    handshake_permit: OwnedSemaphorePermit,
+) {
     let peer = connection.remote_address();
     shared.stats.connections.increment();
     shared.stats.connections_active.increment();
@@ -47,6 +86,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         () = shared.cancel.cancelled() => false,
         accepted = greet(&connection, &shared) => accepted,
     };
+    drop(handshake_permit);
     if !accepted {
         return;
     }

@@ -45,8 +45,33 @@ pub struct ServerConfig {
     /// A cache tier shared with other servers, between this server's own
     /// cache and its origin.
     pub redis: Option<RedisConfig>,
+    pub limits: ConnectionLimits,
     /// Test hooks; see [`crate::fault`].
     pub faults: Faults,
+}
+
+/// How much one server takes on at once. Clients past a limit are refused
+/// at once (a QUIC connection refusal), not queued, so that they move on
+/// to another server instead of waiting for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections served at once, handshakes included.
+    pub max_connections: u32,
+    /// Connections in their handshake (QUIC, TLS, hello) at once: the part
+    /// that costs the server work before the client has shown its token.
+    pub max_handshakes: u32,
+    /// Fetch streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 256,
+            max_handshakes: 64,
+            max_streams_per_connection: 256,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -72,6 +97,7 @@ impl ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             weight_dtype: Dtype::F32,
             redis: None,
+            limits: ConnectionLimits::default(),
             faults: Faults::default(),
         }
     }

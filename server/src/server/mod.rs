@@ -38,8 +38,8 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 /// vanished client is noticed between slices.
 const REPLY_SLICE: usize = 256 * 1024;
 
-use accept::accept_connections;
-pub use config::{Identity, ServerConfig};
+use accept::{Admission, accept_connections};
+pub use config::{ConnectionLimits, Identity, ServerConfig};
 use identity::self_signed;
 pub use identity::self_signed_certificate;
 
@@ -72,7 +72,10 @@ impl WeightServer {
             .first()
             .cloned()
             .ok_or(surf_transport::Error::NoTrustedCertificates)?;
-        let quic_config = surf_transport::tls::server_config(chain, key)?;
+        let mut quic_config = surf_transport::tls::server_config(chain, key)?;
+        let mut transport = surf_transport::tls::transport_config();
+        transport.max_concurrent_bidi_streams(config.limits.max_streams_per_connection.into());
+        quic_config.transport_config(Arc::new(transport));
         let endpoint = quinn::Endpoint::server(quic_config, config.listen).map_err(|source| {
             Error::Listen {
                 addr: config.listen,
@@ -128,6 +131,7 @@ impl WeightServer {
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             faults: config.faults,
+            admission: Admission::new(&config.limits),
             weight_dtype,
         });
         let accept_task = tokio::spawn(accept_connections(endpoint.clone(), shared.clone()));
@@ -246,4 +250,5 @@ struct Shared {
     tracker: TaskTracker,
     faults: Faults,
     weight_dtype: Dtype,
+    admission: Admission,
 }

@@ -40,7 +40,8 @@ pub(super) async fn handshake(
         .map_err(|_| Error::ConnectTimeout {
             addr,
             timeout: config.timeouts.connect,
-        })??;
+        })?
+        .map_err(|error| refused_or_failed(addr, error))?;
     let result = within(
         config.timeouts.response,
         "waiting for the manifest",
@@ -108,6 +109,18 @@ async fn exchange_hello(
             })
         }
         HelloReply::Refused(refusal) => Err(Error::Refused(refusal)),
+    }
+}
+
+/// A server at its connection limit refuses new connections outright.
+fn refused_or_failed(addr: SocketAddr, error: quinn::ConnectionError) -> Error {
+    match &error {
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            Error::ServerBusy { addr }
+        }
+        _ => Error::Connection(error),
     }
 }
 
