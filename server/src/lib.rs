@@ -25,4 +25,6 @@ pub use error::Error;
 pub use fault::Faults;
 pub use metrics::StatsSnapshot;
 pub use origin::{OriginConfig, UpstreamConfig};
-pub use server::{Identity, RunningServer, ServerConfig, WeightServer, self_signed_certificate};
+pub use server::{
+    ConnectionLimits, Identity, RunningServer, ServerConfig, WeightServer, self_signed_certificate,
+};

@@ -19,12 +19,32 @@ use crate::Error;
 
 /// The weights file inside a model folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// Extensions of the small files that travel in the manifest: configs,
-/// tokenizers, vocabularies, sentencepiece models.
-const SMALL_FILE_EXTENSIONS: &[&str] = &["json", "txt", "model"];
-/// Small files are looked for in the folder and one level below
-/// (sentence-transformers keeps `1_Pooling/config.json` there).
-const SMALL_FILE_DEPTH: usize = 2;
+/// The small files that travel in the manifest, named one by one: what a
+/// model's config, its tokenizer and sentence-transformers read from the
+/// folder. Anything else that happens to sit beside them (notes, keys,
+/// training data) stays on the server.
+pub const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+];
+/// The file of each sentence-transformers module folder (`1_Pooling/`, ...).
+const MODULE_CONFIG_FILE: &str = "config.json";
+/// Module folders looked in even without a `modules.json` naming them.
+const DEFAULT_MODULE_FOLDERS: &[&str] = &["1_Pooling", "2_Normalize"];
+/// The sentence-transformers file that names the module folders.
+const MODULES_FILE: &str = "modules.json";
 /// Room left in the manifest message for everything but the files.
 const MANIFEST_HEADROOM: usize = 1024 * 1024;
 /// `embeddings.position_ids` is an `arange` buffer some exporters save, not a
@@ -106,26 +126,8 @@ impl ModelStore {
             });
         }
         let file = map_file(&weights_path)?;
-        let mut tensors = read_tensors(&weights_path, &file)?;
-        for tensor in &mut tensors {
-            if tensor.stored.is_float() {
-                tensor.dtype = weight_dtype;
-            }
-        }
-        let groups = group_into_components(&weights_path, tensors)?;
+        let (components, layouts) = split_into_components(&weights_path, &file, weight_dtype)?;
         let files = read_small_files(model_dir)?;
-
-        let described = describe_components(&file, &groups);
-        let mut layouts = HashMap::new();
-        let mut components = Vec::with_capacity(groups.len());
-        for ((name, layout), component) in groups
-            .iter()
-            .map(|(name, tensors)| (name, layout_of(tensors)))
-            .zip(described)
-        {
-            layouts.insert(name.clone(), layout);
-            components.push(component);
-        }
 
         let model_id = model_dir
             .canonicalize()
@@ -201,6 +203,30 @@ fn map_file(path: &Path) -> Result<Bytes, Error> {
         source,
     })?;
     Ok(Bytes::from_owner(MappedFile(map)))
+}
+
+/// Reads the safetensors header of `file` (named `path` in errors) and
+/// groups its tensors into components, their float tensors served as
+/// `weight_dtype`: each component described as clients will check it, and
+/// where its bytes are in the file.
+fn split_into_components(
+    path: &Path,
+    file: &[u8],
+    weight_dtype: Dtype,
+) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
+    let mut tensors = read_tensors(path, file)?;
+    for tensor in &mut tensors {
+        if tensor.stored.is_float() {
+            tensor.dtype = weight_dtype;
+        }
+    }
+    let groups = group_into_components(path, tensors)?;
+    let described = describe_components(file, &groups);
+    let layouts = groups
+        .iter()
+        .map(|(name, tensors)| (name.clone(), layout_of(tensors)))
+        .collect();
+    Ok((described, layouts))
 }
 
 fn read_tensors(path: &Path, file: &[u8]) -> Result<Vec<FileTensor>, Error> {
@@ -518,83 +544,116 @@ fn convert_into(stored: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) {
     }
 }
 
-/// Reads the configs and tokenizer files that travel in the manifest.
+/// Reads the configs and tokenizer files that travel in the manifest: those
+/// of [`MODEL_FILES`] that exist, and the config of each sentence-transformers
+/// module folder.
 fn read_small_files(model_dir: &Path) -> Result<BTreeMap<String, Vec<u8>>, Error> {
+    let limit = wire::limits::HELLO_REPLY - MANIFEST_HEADROOM;
     let mut files = BTreeMap::new();
     let mut total = 0usize;
-    let limit = wire::limits::HELLO_REPLY - MANIFEST_HEADROOM;
-    collect_small_files(
-        model_dir,
-        "",
-        SMALL_FILE_DEPTH,
-        &mut files,
-        &mut total,
-        limit,
-    )?;
-    Ok(files)
-}
-
-fn collect_small_files(
-    dir: &Path,
-    prefix: &str,
-    depth: usize,
-    files: &mut BTreeMap<String, Vec<u8>>,
-    total: &mut usize,
-    limit: usize,
-) -> Result<(), Error> {
-    if depth == 0 {
-        return Ok(());
-    }
-    let read_dir_error = |source| Error::ModelDir {
-        path: dir.to_owned(),
-        source,
-    };
-    let mut entries = std::fs::read_dir(dir)
-        .map_err(read_dir_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read_dir_error)?;
-    entries.sort_by_key(|entry| entry.file_name());
-    for entry in entries {
-        let file_name = entry.file_name().to_string_lossy().into_owned();
-        if file_name.starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        let relative = format!("{prefix}{file_name}");
-        if path.is_dir() {
-            collect_small_files(
-                &path,
-                &format!("{relative}/"),
-                depth - 1,
-                files,
-                total,
-                limit,
-            )?;
-            continue;
-        }
-        let wanted = path
-            .extension()
-            .and_then(|extension| extension.to_str())
-            .is_some_and(|extension| SMALL_FILE_EXTENSIONS.contains(&extension));
-        if !wanted {
-            continue;
+    let mut add = |relative: String| -> Result<(), Error> {
+        let path = model_dir.join(&relative);
+        if files.contains_key(&relative) || !path.is_file() {
+            return Ok(());
         }
         let contents = std::fs::read(&path).map_err(|source| Error::ModelFile {
             path: path.clone(),
             source,
         })?;
-        *total += contents.len();
-        if *total > limit {
+        total = total.saturating_add(contents.len());
+        if total > limit {
             return Err(Error::FilesTooLarge { limit });
         }
         files.insert(relative, contents);
+        Ok(())
+    };
+    for name in MODEL_FILES {
+        add((*name).to_owned())?;
     }
-    Ok(())
+    for folder in module_folders(model_dir) {
+        add(format!("{folder}/{MODULE_CONFIG_FILE}"))?;
+    }
+    Ok(files)
+}
+
+/// The module folders of a sentence-transformers model: the defaults, and
+/// those its `modules.json` names. Only plain folder names directly inside
+/// the model folder count, so a module path cannot reach outside it.
+fn module_folders(model_dir: &Path) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Module {
+        #[serde(default)]
+        path: String,
+    }
+    let mut folders: Vec<String> = DEFAULT_MODULE_FOLDERS
+        .iter()
+        .map(|folder| (*folder).to_owned())
+        .collect();
+    let listed = std::fs::read(model_dir.join(MODULES_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Vec<Module>>(&bytes).ok())
+        .unwrap_or_default();
+    for module in listed {
+        let folder = module.path.trim_end_matches('/');
+        let plain = matches!(
+            Path::new(folder)
+                .components()
+                .collect::<Vec<_>>()
+                .as_slice(),
+            [std::path::Component::Normal(_)]
+        ) && !folder.starts_with('.');
+        if plain && !folders.iter().any(|known| known == folder) {
+            folders.push(folder.to_owned());
+        }
+    }
+    folders
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_files_a_model_needs_travel() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let write = |relative: &str, contents: &str| {
+            let path = dir.path().join(relative);
+            std::fs::create_dir_all(path.parent().expect("inside the folder"))
+                .expect("the folder is made");
+            std::fs::write(path, contents).expect("the file is written");
+        };
+        write("config.json", "{}");
+        write("tokenizer.json", "{}");
+        write("vocab.txt", "[PAD]");
+        write("spiece.model", "sp");
+        write(
+            "modules.json",
+            r#"[{"path": ""}, {"path": "pooling_here"}, {"path": "../outside"}, {"path": "2_Normalize"}]"#,
+        );
+        write("1_Pooling/config.json", "{\"pool\": 1}");
+        write("pooling_here/config.json", "{\"pool\": 2}");
+        write("secret.txt", "hunter2");
+        write("other.json", "{}");
+        write("notes.model", "x");
+        write("1_Pooling/extra.json", "{}");
+        write("nested/config.json", "{}");
+
+        let files = read_small_files(dir.path()).expect("the files read");
+        let names: Vec<&str> = files.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "1_Pooling/config.json",
+                "config.json",
+                "modules.json",
+                "pooling_here/config.json",
+                "spiece.model",
+                "tokenizer.json",
+                "vocab.txt",
+            ]
+        );
+        assert_eq!(files["pooling_here/config.json"], b"{\"pool\": 2}");
+    }
 
     #[test]
     fn tensor_names_map_to_components() {
@@ -715,5 +774,255 @@ mod tests {
         assert_eq!(component.tensors[1].dtype, Dtype::F16);
         assert_eq!(component.tensors[2].dtype, Dtype::U8);
         assert_eq!(&sent[8..], &[7, 8]);
+    }
+
+    /// Property tests of the safetensors header parsing: a file the server
+    /// is given may be damaged or hostile, and must be refused, not crash
+    /// the server. The ignored `stress_*` variants run `SURF_FUZZ_CASES`
+    /// (default 20 000) cases each.
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::test_runner::TestCaseError;
+        use surf_tests::fuzz::{DEFAULT_CASES, check, stress_cases};
+
+        use super::*;
+
+        /// A tensor of a made-up checkpoint: name, dtype, shape.
+        type Spec = (String, safetensors::Dtype, Vec<usize>);
+
+        fn tensor_name() -> impl Strategy<Value = String> {
+            let prefix = prop_oneof![Just(""), Just("bert.")];
+            let body = prop_oneof![
+                "[a-z]{1,6}".prop_map(|leaf| format!("embeddings.{leaf}")),
+                (0usize..3, "[a-z]{1,6}")
+                    .prop_map(|(layer, leaf)| format!("encoder.layer.{layer}.{leaf}")),
+                "[a-z]{1,6}".prop_map(|leaf| format!("pooler.{leaf}")),
+                "[a-z.]{1,12}",
+            ];
+            (prefix, body).prop_map(|(prefix, body)| format!("{prefix}{body}"))
+        }
+
+        fn spec() -> impl Strategy<Value = Spec> {
+            use safetensors::Dtype as St;
+            let dtype =
+                prop::sample::select(vec![St::F32, St::F16, St::BF16, St::F64, St::U8, St::I64]);
+            (tensor_name(), dtype, prop::collection::vec(1usize..6, 1..3))
+        }
+
+        /// A safetensors file of `specs` (the first of each name kept), the
+        /// tensors in the given order, and each tensor's bytes by name.
+        fn checkpoint(specs: &[Spec]) -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
+            let mut header = serde_json::Map::new();
+            let mut data = Vec::new();
+            let mut contents = BTreeMap::new();
+            for (number, (name, dtype, shape)) in specs.iter().enumerate() {
+                if contents.contains_key(name) {
+                    continue;
+                }
+                let len = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+                let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + number) as u8).collect();
+                header.insert(
+                    name.clone(),
+                    serde_json::json!({
+                        "dtype": format!("{dtype:?}"),
+                        "shape": shape,
+                        "data_offsets": [data.len(), data.len() + len],
+                    }),
+                );
+                data.extend_from_slice(&bytes);
+                contents.insert(name.clone(), bytes);
+            }
+            let header = serde_json::to_vec(&header).expect("a JSON header");
+            let mut file = (header.len() as u64).to_le_bytes().to_vec();
+            file.extend_from_slice(&header);
+            file.extend_from_slice(&data);
+            (file, contents)
+        }
+
+        fn parse(
+            file: &[u8],
+            weight_dtype: Dtype,
+        ) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
+            split_into_components(Path::new("fuzz.safetensors"), file, weight_dtype)
+        }
+
+        fn arbitrary_files_are_refused_or_split(cases: u32) {
+            let raw = prop::collection::vec(any::<u8>(), 0..256);
+            let with_length = (any::<u64>(), prop::collection::vec(any::<u8>(), 0..256)).prop_map(
+                |(declared, rest)| {
+                    let mut file = declared.to_le_bytes().to_vec();
+                    file.extend_from_slice(&rest);
+                    file
+                },
+            );
+            let mutated = (
+                prop::collection::vec(spec(), 1..6),
+                prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                any::<prop::sample::Index>(),
+            )
+                .prop_map(|(specs, flips, cut)| {
+                    let (mut file, _) = checkpoint(&specs);
+                    for (at, byte) in flips {
+                        let at = at.index(file.len());
+                        file[at] ^= byte;
+                    }
+                    let keep = file.len() - cut.index(file.len() / 8 + 1);
+                    file.truncate(keep);
+                    file
+                });
+            let strategy = (prop_oneof![raw, with_length, mutated], any::<bool>());
+            check(cases, strategy, |(file, half)| {
+                let weight_dtype = if half { Dtype::F16 } else { Dtype::F32 };
+                if let Ok((components, layouts)) = parse(&file, weight_dtype) {
+                    for component in &components {
+                        let layout = &layouts[&component.name];
+                        prop_assert_eq!(assemble(&file, layout).len() as u64, component.byte_len);
+                    }
+                }
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn arbitrary_files_are_refused_or_split_default() {
+            arbitrary_files_are_refused_or_split(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_arbitrary_files_are_refused_or_split() {
+            arbitrary_files_are_refused_or_split(stress_cases());
+        }
+
+        fn a_header_longer_than_the_file_is_refused(cases: u32) {
+            let strategy = (prop::collection::vec(any::<u8>(), 0..256), 1u64..);
+            check(cases, strategy, |(rest, excess)| {
+                let declared = (rest.len() as u64).saturating_add(excess);
+                let mut file = declared.to_le_bytes().to_vec();
+                file.extend_from_slice(&rest);
+                let result = parse(&file, Dtype::F32);
+                let refused = matches!(result, Err(Error::Safetensors { .. }));
+                prop_assert!(
+                    refused,
+                    "{} bytes declared in a file of {}",
+                    declared,
+                    file.len()
+                );
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn a_header_longer_than_the_file_is_refused_default() {
+            a_header_longer_than_the_file_is_refused(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_a_header_longer_than_the_file_is_refused() {
+            a_header_longer_than_the_file_is_refused(stress_cases());
+        }
+
+        /// A checkpoint with embeddings and numbered layers is split into
+        /// components whose manifest validates, and whose bytes hold each
+        /// tensor as stored when its dtype is the one served.
+        fn valid_checkpoints_round_trip(cases: u32) {
+            let layers = prop::collection::vec(spec(), 0..8);
+            let strategy = (layers, 1usize..3, any::<bool>());
+            check(cases, strategy, |(mut specs, layer_count, half)| {
+                let weight_dtype = if half { Dtype::F16 } else { Dtype::F32 };
+                specs.push((
+                    "embeddings.word".into(),
+                    safetensors::Dtype::F32,
+                    vec![2, 3],
+                ));
+                for layer in 0..layer_count {
+                    specs.push((
+                        format!("encoder.layer.{layer}.bias"),
+                        safetensors::Dtype::F16,
+                        vec![4],
+                    ));
+                }
+                let (file, contents) = checkpoint(&specs);
+                let layer_numbers: std::collections::BTreeSet<usize> = contents
+                    .keys()
+                    .filter_map(|name| {
+                        let name = name.strip_prefix("bert.").unwrap_or(name);
+                        name.strip_prefix("encoder.layer.")?
+                            .split('.')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
+                let numbered_in_order = layer_numbers
+                    .iter()
+                    .enumerate()
+                    .all(|(expected, &number)| expected == number);
+                // Tensors outside every component are skipped unread, so
+                // only a component's tensor under both names is refused.
+                let prefixed_twice = contents.keys().any(|name| {
+                    name.strip_prefix("bert.").is_some_and(|plain| {
+                        contents.contains_key(plain) && component_of(plain).is_some()
+                    })
+                });
+                let result = parse(&file, weight_dtype);
+                if !numbered_in_order || prefixed_twice {
+                    let refused = matches!(result, Err(Error::InvalidModel { .. }));
+                    prop_assert!(refused, "{:?}", result.map(|(components, _)| components));
+                    return Ok(());
+                }
+                let (components, layouts) =
+                    result.map_err(|error| TestCaseError::fail(error.to_string()))?;
+                let mut manifest = Manifest {
+                    model_id: "fuzz".into(),
+                    revision: String::new(),
+                    files: BTreeMap::new(),
+                    chunk_size: DEFAULT_CHUNK_SIZE,
+                    weight_dtype,
+                    components,
+                };
+                manifest.revision = manifest.compute_revision();
+                prop_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());
+                for component in &manifest.components {
+                    let bytes = assemble(&file, &layouts[&component.name]);
+                    for tensor in &component.tensors {
+                        let range = tensor.byte_range();
+                        let served = &bytes[range.start as usize..range.end as usize];
+                        prop_assert!(tensor.hash.matches(&blake3::hash(served)));
+                        let stored = contents
+                            .get(&tensor.name)
+                            .or_else(|| contents.get(&format!("bert.{}", tensor.name)));
+                        let stored = stored
+                            .ok_or_else(|| TestCaseError::fail("a tensor not in the file"))?;
+                        if stored_dtype_is(&specs, &tensor.name, tensor.dtype) {
+                            prop_assert_eq!(served, stored.as_slice(), "{}", tensor.name);
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+
+        /// Whether the checkpoint stores `name` (with or without the
+        /// `bert.` prefix) in `dtype`, so that it is served unconverted.
+        fn stored_dtype_is(specs: &[Spec], name: &str, dtype: Dtype) -> bool {
+            specs
+                .iter()
+                .find(|(stored, _, _)| stored.strip_prefix("bert.").unwrap_or(stored) == name)
+                .and_then(|(_, stored, _)| convert_dtype(*stored))
+                == Some(dtype)
+        }
+
+        #[test]
+        fn valid_checkpoints_round_trip_default() {
+            valid_checkpoints_round_trip(DEFAULT_CASES);
+        }
+
+        #[test]
+        #[ignore = "stress: SURF_FUZZ_CASES cases"]
+        fn stress_valid_checkpoints_round_trip() {
+            valid_checkpoints_round_trip(stress_cases());
+        }
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub mod fuzz;
 pub mod redis_server;
 
 /// The workspace root.

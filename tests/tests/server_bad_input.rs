@@ -106,12 +106,6 @@ async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_w
             0..pooler_len + 1,
             out_of_bounds(0, pooler_len + 1),
         ),
-        (
-            ObjectRef::Component("pooler".into()),
-            // A reversed range, which only a hand-made request can state.
-            std::ops::Range { start: 10, end: 5 },
-            out_of_bounds(10, 5),
-        ),
     ];
     for (object, range, expected) in cases {
         match client
@@ -122,6 +116,25 @@ async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_w
             other => panic!("{object} {range:?} should be refused, got {other:?}"),
         }
     }
+    // The client does not send a reversed range at all (a hand-made
+    // request, below, shows that the server refuses it too).
+    let reversed = client
+        .fetch_unverified_range(
+            ObjectRef::Component("pooler".into()),
+            std::ops::Range { start: 10, end: 5 },
+        )
+        .await;
+    assert!(
+        matches!(
+            reversed,
+            Err(Error::InvertedRange {
+                start: 10,
+                end: 5,
+                ..
+            })
+        ),
+        "{reversed:?}"
+    );
     let bytes = client
         .fetch_component("pooler")
         .await
@@ -153,6 +166,22 @@ async fn oversized_and_malformed_requests_are_refused() {
     assert!(matches!(
         raw_fetch(&connection, &garbage).await,
         FetchReply::Refused(FetchRefusal::Malformed { .. })
+    ));
+
+    let reversed = FetchRequest {
+        object: ObjectRef::Component("pooler".into()),
+        start: 10,
+        end: 5,
+    };
+    let frame =
+        wire::encode_frame("fetch request", &reversed, limits::FETCH_REQUEST).expect("encodes");
+    assert!(matches!(
+        raw_fetch(&connection, &frame).await,
+        FetchReply::Refused(FetchRefusal::RangeOutOfBounds {
+            start: 10,
+            end: 5,
+            ..
+        })
     ));
 
     // The same connection still gets well-formed requests answered.
@@ -437,6 +466,41 @@ async fn bert_prefixed_checkpoints_are_served_under_plain_names() {
         .expect("arrives");
     assert_eq!(&bias[..], &data[32..40]);
     assert_eq!(manifest.file("config.json"), Some(&b"{}"[..]));
+    client.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_model_does_not_need_stay_on_the_server() {
+    let folder = tempfile::tempdir().expect("a temp dir");
+    let dir = folder.path();
+    write_safetensors(dir, TINY_HEADER, &(0..44u8).collect::<Vec<_>>());
+    std::fs::write(dir.join("config.json"), b"{}").expect("writes");
+    std::fs::write(dir.join("secret.txt"), b"hunter2").expect("writes");
+    std::fs::write(dir.join("other.json"), b"{}").expect("writes");
+    std::fs::create_dir(dir.join("1_Pooling")).expect("a module folder");
+    std::fs::write(dir.join("1_Pooling/config.json"), b"{}").expect("writes");
+    std::fs::write(dir.join("1_Pooling/notes.txt"), b"private").expect("writes");
+    let server = bind_folder(dir).await.expect("a valid tiny model");
+    let client = connect(&[&server]).await;
+
+    let files: Vec<&str> = client.manifest().files.keys().map(String::as_str).collect();
+    assert_eq!(files, ["1_Pooling/config.json", "config.json"]);
+    for name in ["secret.txt", "other.json", "1_Pooling/notes.txt"] {
+        let result = client
+            .fetch_unverified_range(ObjectRef::Component(name.to_owned()), 0..1)
+            .await;
+        assert!(
+            matches!(
+                result,
+                Err(Error::FetchRefused {
+                    refusal: FetchRefusal::UnknownObject,
+                    ..
+                })
+            ),
+            "{name}: {result:?}"
+        );
+    }
     client.close().await;
     server.shutdown().await;
 }

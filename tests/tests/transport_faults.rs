@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use surf_server::ServerConfig;
 use surf_server::fault::FaultPlan;
-use surf_transport::{Error, WeightClient};
+use surf_transport::{ClientConfig, Error, ErrorKind, WeightClient};
 use transport_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +114,68 @@ async fn a_server_that_stops_answering_is_failed_over() {
     client.close().await;
     healthy.shutdown().await;
     silent.abort().await;
+}
+
+/// Far more than any fetch below may take: only a hang reaches it.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_sending_mid_component_fails_the_fetch_at_its_deadline() {
+    let plan = FaultPlan::new().stall_after_bytes(1 << 20);
+    let server =
+        start_server(ServerConfig::new(model_dir(), loopback()).with_faults(plan.clone())).await;
+    let mut config = client_config(&[&server]);
+    // Each silence alone is tolerated for longer than the whole fetch.
+    config.timeouts.response = Duration::from_secs(60);
+    config.timeouts.fetch = Duration::from_secs(2);
+    let client = WeightClient::connect(config).await.expect("connects");
+
+    let result = tokio::time::timeout(HANG_GUARD, client.fetch_component("embeddings"))
+        .await
+        .expect("the fetch ends by itself");
+    match &result {
+        Err(Error::FetchDeadline {
+            object,
+            server: Some(addr),
+            timeout,
+            received,
+            expected,
+        }) => {
+            assert_eq!(object, "component embeddings");
+            assert_eq!(*addr, server.local_addr());
+            assert_eq!(*timeout, Duration::from_secs(2));
+            assert!(received < expected, "{received} of {expected}");
+        }
+        other => panic!("expected the fetch deadline, got {other:?}"),
+    }
+    let error = result.expect_err("no bytes");
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
+    let message = error.to_string();
+    assert!(
+        message.contains("embeddings") && message.contains(&server.local_addr().to_string()),
+        "{message}"
+    );
+    client.close().await;
+    server.abort().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_where_nothing_answers_is_unavailable() {
+    // A bound socket that never reads: the handshake gets no answer at all,
+    // not even an ICMP refusal.
+    let silent = std::net::UdpSocket::bind(loopback()).expect("a UDP socket");
+    let (certificate, _) =
+        surf_server::self_signed_certificate(loopback()).expect("a certificate to pin");
+    let config = ClientConfig::new(vec![silent.local_addr().expect("bound")], vec![certificate]);
+    let result = tokio::time::timeout(HANG_GUARD, WeightClient::connect(config))
+        .await
+        .expect("connecting ends by itself");
+    let error = result.err().expect("nothing answered");
+    assert!(
+        matches!(error, Error::ConnectTimeout { addr, .. } if addr == silent.local_addr().expect("bound")),
+        "{error}"
+    );
+    assert_eq!(error.kind(), ErrorKind::Unavailable);
 }
 
 /// Many clients while the server damages replies: run with `--ignored`.

@@ -42,6 +42,10 @@ pub enum Error {
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
     #[error("connection failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    #[error(
+        "weight server {addr} refused the connection: it serves as many clients as it may (its --max-connections)"
+    )]
+    ServerBusy { addr: SocketAddr },
     #[error("sending on a stream failed: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("receiving on a stream failed: {0}")]
@@ -127,6 +131,34 @@ pub enum Error {
     },
     #[error("the manifest is inconsistent: {detail}")]
     InvalidManifest { detail: String },
+    #[error("the manifest's chunk size of {chunk_size} bytes is outside 1..={max}")]
+    ChunkSizeOutOfRange { chunk_size: u64, max: u64 },
+    #[error(
+        "the manifest's component {component} declares {byte_len} bytes, over the {max}-byte limit"
+    )]
+    ComponentTooLarge {
+        component: String,
+        byte_len: u64,
+        max: u64,
+    },
+    #[error(
+        "the manifest's component {component} declares {byte_len} bytes but its tensors end at {tensors_end}"
+    )]
+    ComponentSpanMismatch {
+        component: String,
+        byte_len: u64,
+        tensors_end: u64,
+    },
+    #[error("{object}: {len} bytes asked for, over the {max}-byte limit of one object")]
+    ObjectTooLarge { object: String, len: u64, max: u64 },
+    #[error("{object}: the range {start}..{end} ends before it starts")]
+    InvertedRange {
+        object: String,
+        start: u64,
+        end: u64,
+    },
+    #[error("{object}: cannot reserve {len} bytes for it")]
+    OutOfMemory { object: String, len: u64 },
     #[error(
         "server {addr} serves revision {found}, but this client started on revision {expected}"
     )]
@@ -137,12 +169,53 @@ pub enum Error {
     },
     #[error("no server could be reached: {}", format_failures(failures))]
     NoServerReachable { failures: Vec<ServerFailure> },
+    #[error(
+        "fetching {object}{} did not finish within {timeout:?}: {received} of {expected} bytes arrived",
+        from_server(server)
+    )]
+    FetchDeadline {
+        object: String,
+        /// The server of the attempt that was running, if one was.
+        server: Option<SocketAddr>,
+        timeout: Duration,
+        received: u64,
+        expected: u64,
+    },
     #[error("gave up on {object} after {attempts} attempts; last error: {last}")]
     RetriesExhausted {
         object: String,
         attempts: u32,
         last: Box<Error>,
     },
+}
+
+fn from_server(server: &Option<SocketAddr>) -> String {
+    server
+        .map(|addr| format!(" from {addr}"))
+        .unwrap_or_default()
+}
+
+/// What kind of failure an [`Error`] is, for whoever maps failures to exit
+/// codes or HTTP statuses: the one place that knows which is which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// What a user gave is wrong: flags, files, names, a dtype no server
+    /// serves. Asking again unchanged gives the same answer.
+    BadInput,
+    /// The server refused the token (or its absence).
+    Unauthorized,
+    /// No server could give good bytes in time: unreachable, silent,
+    /// shutting down, or sending damaged or inconsistent data. Asking again
+    /// later may work.
+    Unavailable,
+    /// A fault on this side: TLS setup, memory.
+    Internal,
+}
+
+impl ErrorKind {
+    fn is_users_to_fix(self) -> bool {
+        matches!(self, ErrorKind::BadInput | ErrorKind::Unauthorized)
+    }
 }
 
 /// Why one server of the list could not be used.
@@ -172,9 +245,7 @@ pub(crate) enum Recovery {
 }
 
 impl Error {
-    /// True when the error comes from what a user gave (flags, files, token,
-    /// names), so that the command line can exit with its bad-input status.
-    pub fn is_bad_input(&self) -> bool {
+    pub fn kind(&self) -> ErrorKind {
         match self {
             Error::CertificateFile { .. }
             | Error::NoCertificates { .. }
@@ -182,18 +253,70 @@ impl Error {
             | Error::NoTrustedCertificates
             | Error::NoServers
             | Error::Bind { .. }
-            | Error::Unauthorized
             | Error::VersionMismatch { .. }
             | Error::DtypeUnavailable { .. }
             | Error::UnknownComponent { .. }
-            | Error::UnknownTensor { .. } => true,
-            Error::FetchRefused { refusal, .. } => refusal.is_bad_input(),
+            | Error::UnknownTensor { .. }
+            | Error::ObjectTooLarge { .. }
+            | Error::InvertedRange { .. } => ErrorKind::BadInput,
+            Error::Unauthorized => ErrorKind::Unauthorized,
+            Error::Tls(_) | Error::QuicCrypto(_) | Error::OutOfMemory { .. } => ErrorKind::Internal,
+            Error::FetchRefused { refusal, .. } if refusal.is_bad_input() => ErrorKind::BadInput,
+            // The request this client built was refused as malformed.
+            Error::FetchRefused {
+                refusal: FetchRefusal::RequestTooLarge { .. } | FetchRefusal::Malformed { .. },
+                ..
+            } => ErrorKind::Internal,
             Error::NoServerReachable { failures } => {
-                !failures.is_empty() && failures.iter().all(|failure| failure.error.is_bad_input())
+                let mut kinds = failures.iter().map(|failure| failure.error.kind());
+                let first = kinds.next();
+                let mut rest = kinds.collect::<Vec<_>>().into_iter();
+                match first {
+                    Some(first) if rest.all(|kind| kind == first) => first,
+                    // Some refused the token, others what else was given.
+                    Some(first)
+                        if first.is_users_to_fix()
+                            && failures
+                                .iter()
+                                .all(|failure| failure.error.kind().is_users_to_fix()) =>
+                    {
+                        ErrorKind::BadInput
+                    }
+                    _ => ErrorKind::Unavailable,
+                }
             }
-            Error::RetriesExhausted { last, .. } => last.is_bad_input(),
-            _ => false,
+            Error::RetriesExhausted { last, .. } => last.kind(),
+            Error::Connect { .. }
+            | Error::ConnectTimeout { .. }
+            | Error::ServerBusy { .. }
+            | Error::Connection(_)
+            | Error::Write(_)
+            | Error::Read(_)
+            | Error::Io { .. }
+            | Error::Timeout { .. }
+            | Error::MessageTooLarge { .. }
+            | Error::Malformed { .. }
+            | Error::NotSurfProtocol { .. }
+            | Error::Refused(_)
+            | Error::ManifestDtypeMismatch { .. }
+            | Error::ClosedByServer { .. }
+            | Error::FetchRefused { .. }
+            | Error::LengthMismatch { .. }
+            | Error::Truncated { .. }
+            | Error::HashMismatch { .. }
+            | Error::InvalidManifest { .. }
+            | Error::ChunkSizeOutOfRange { .. }
+            | Error::ComponentTooLarge { .. }
+            | Error::ComponentSpanMismatch { .. }
+            | Error::RevisionMismatch { .. }
+            | Error::FetchDeadline { .. } => ErrorKind::Unavailable,
         }
+    }
+
+    /// True when the error comes from what a user gave (flags, files, token,
+    /// names), so that the command line can exit with its bad-input status.
+    pub fn is_bad_input(&self) -> bool {
+        self.kind().is_users_to_fix()
     }
 
     pub(crate) fn recovery(&self) -> Recovery {
@@ -206,6 +329,7 @@ impl Error {
             | Error::Timeout { .. }
             | Error::ClosedByServer { .. }
             | Error::ConnectTimeout { .. }
+            | Error::ServerBusy { .. }
             | Error::Connect { .. }
             | Error::NoServerReachable { .. }
             | Error::RevisionMismatch { .. }
@@ -213,9 +337,98 @@ impl Error {
             | Error::LengthMismatch { .. }
             | Error::MessageTooLarge { .. }
             | Error::Malformed { .. }
-            | Error::NotSurfProtocol { .. } => Recovery::FailOver,
+            | Error::NotSurfProtocol { .. }
+            | Error::InvalidManifest { .. }
+            | Error::ChunkSizeOutOfRange { .. }
+            | Error::ComponentTooLarge { .. }
+            | Error::ComponentSpanMismatch { .. } => Recovery::FailOver,
             Error::FetchRefused { refusal, .. } if refusal.is_transient() => Recovery::FailOver,
             _ => Recovery::GiveUp,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn from(port: u16, error: Error) -> ServerFailure {
+        ServerFailure {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            error: Box::new(error),
+        }
+    }
+
+    fn silent(port: u16) -> Error {
+        Error::ConnectTimeout {
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_refused_token_stays_unauthorized_through_every_wrapper() {
+        let everywhere = Error::NoServerReachable {
+            failures: vec![from(1, Error::Unauthorized), from(2, Error::Unauthorized)],
+        };
+        assert_eq!(everywhere.kind(), ErrorKind::Unauthorized);
+        let exhausted = Error::RetriesExhausted {
+            object: "component pooler".into(),
+            attempts: 3,
+            last: Box::new(everywhere),
+        };
+        assert_eq!(exhausted.kind(), ErrorKind::Unauthorized);
+        assert!(exhausted.is_bad_input());
+    }
+
+    #[test]
+    fn servers_failing_in_different_ways_are_unavailable_unless_all_are_the_users_to_fix() {
+        let mixed = Error::NoServerReachable {
+            failures: vec![from(1, Error::Unauthorized), from(2, silent(2))],
+        };
+        assert_eq!(mixed.kind(), ErrorKind::Unavailable);
+        let users = Error::NoServerReachable {
+            failures: vec![
+                from(1, Error::Unauthorized),
+                from(
+                    2,
+                    Error::VersionMismatch {
+                        local: 2,
+                        remote: 3,
+                    },
+                ),
+            ],
+        };
+        assert_eq!(users.kind(), ErrorKind::BadInput);
+        assert_eq!(
+            Error::NoServerReachable { failures: vec![] }.kind(),
+            ErrorKind::Unavailable
+        );
+    }
+
+    #[test]
+    fn damaged_bytes_and_lies_are_the_servers_not_the_users() {
+        let damaged = Error::RetriesExhausted {
+            object: "component pooler".into(),
+            attempts: 6,
+            last: Box::new(Error::HashMismatch {
+                object: "component pooler".into(),
+                start: 0,
+                end: 10,
+            }),
+        };
+        assert_eq!(damaged.kind(), ErrorKind::Unavailable);
+        let lie = Error::ComponentTooLarge {
+            component: "pooler".into(),
+            byte_len: u64::MAX,
+            max: 1,
+        };
+        assert_eq!(lie.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            Error::UnknownComponent { name: "x".into() }.kind(),
+            ErrorKind::BadInput
+        );
     }
 }

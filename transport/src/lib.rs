@@ -10,12 +10,13 @@
 mod client;
 mod error;
 pub mod manifest;
+mod retry;
 mod rotation;
 pub mod tls;
 pub mod wire;
 
 pub use client::{ClientConfig, RetryPolicy, Timeouts, WeightClient};
-pub use error::{Error, ServerFailure};
+pub use error::{Error, ErrorKind, ServerFailure};
 pub use manifest::{Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry};
 pub use wire::{ObjectRef, PROTOCOL_VERSION};
 

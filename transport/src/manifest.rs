@@ -14,6 +14,15 @@ use crate::Error;
 /// the chunk before it instead of from the start.
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 
+/// Largest chunk a manifest may declare. Chunks are hashed whole, so a
+/// larger one would only delay finding damage.
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// Largest component (and so largest object) a client accepts: the
+/// embeddings of a 250k-token vocabulary at width 1024 in f32 take about
+/// 1 GiB, and a client reserves a component's bytes before they arrive.
+pub const MAX_COMPONENT_BYTES: u64 = 4 << 30;
+
 /// A blake3 digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Digest(pub [u8; 32]);
@@ -142,8 +151,10 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// Saturates instead of overflowing: [`Manifest::validate`] refuses any
+    /// tensor whose end does not fit.
     pub fn byte_range(&self) -> std::ops::Range<u64> {
-        self.offset..self.offset + self.byte_len
+        self.offset..self.offset.saturating_add(self.byte_len)
     }
 }
 
@@ -237,10 +248,9 @@ impl Manifest {
 
     /// Bytes of all components together.
     pub fn total_bytes(&self) -> u64 {
-        self.components
-            .iter()
-            .map(|component| component.byte_len)
-            .sum()
+        self.components.iter().fold(0u64, |total, component| {
+            total.saturating_add(component.byte_len)
+        })
     }
 
     /// The revision that the files and components hash to.
@@ -259,68 +269,117 @@ impl Manifest {
         hasher.finalize().to_hex().to_string()
     }
 
-    /// Checks what a client cannot afford to take on trust: that the chunk
-    /// hashes cover each component exactly, that tensors lie inside their
-    /// component and hold exactly their shape's elements, that every float
-    /// tensor is in the served weight dtype, and that the revision matches
-    /// the contents.
+    /// Checks what a client cannot afford to take on trust, before any
+    /// length in it sizes an allocation or indexes a buffer: that the chunk
+    /// size and every component are within bounds, that each component's
+    /// tensors lie back to back and fill it exactly, that the chunk hashes
+    /// cover it exactly, that tensors hold exactly their shape's elements,
+    /// that every float tensor is in the served weight dtype, and that the
+    /// revision matches the contents.
     pub fn validate(&self) -> Result<(), Error> {
-        let invalid = |detail: String| Err(Error::InvalidManifest { detail });
-        if self.chunk_size == 0 {
-            return invalid("chunk size is zero".into());
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(Error::ChunkSizeOutOfRange {
+                chunk_size: self.chunk_size,
+                max: MAX_CHUNK_SIZE,
+            });
         }
         if !self.weight_dtype.is_float() {
-            return invalid(format!(
+            return Err(invalid(format!(
                 "weights are said to be served as {}, which is not a float dtype",
                 self.weight_dtype
-            ));
+            )));
         }
         for component in &self.components {
-            let expected_chunks = component.byte_len.div_ceil(self.chunk_size);
-            if component.chunk_hashes.len() as u64 != expected_chunks {
-                return invalid(format!(
-                    "{} has {} chunk hashes for {} bytes",
-                    component.name,
-                    component.chunk_hashes.len(),
-                    component.byte_len
-                ));
-            }
-            for tensor in &component.tensors {
-                let end = tensor.offset.checked_add(tensor.byte_len);
-                if end.is_none_or(|end| end > component.byte_len) {
-                    return invalid(format!(
-                        "tensor {} lies outside component {}",
-                        tensor.name, component.name
-                    ));
-                }
-                if tensor.dtype.is_float() && tensor.dtype != self.weight_dtype {
-                    return invalid(format!(
-                        "tensor {} is {} in a manifest of {} weights",
-                        tensor.name, tensor.dtype, self.weight_dtype
-                    ));
-                }
-                let expected_len = tensor
-                    .shape
-                    .iter()
-                    .try_fold(1u64, |elements, &dim| elements.checked_mul(dim))
-                    .and_then(|elements| elements.checked_mul(tensor.dtype.size_bytes()));
-                if expected_len != Some(tensor.byte_len) {
-                    return invalid(format!(
-                        "tensor {} of shape {:?} and dtype {} has {} bytes",
-                        tensor.name, tensor.shape, tensor.dtype, tensor.byte_len
-                    ));
-                }
-            }
+            self.validate_component(component)?;
         }
         let computed = self.compute_revision();
         if computed != self.revision {
-            return invalid(format!(
+            return Err(invalid(format!(
                 "revision {} does not match its contents ({computed})",
                 self.revision
-            ));
+            )));
         }
         Ok(())
     }
+
+    fn validate_component(&self, component: &Component) -> Result<(), Error> {
+        if component.byte_len > MAX_COMPONENT_BYTES {
+            return Err(Error::ComponentTooLarge {
+                component: component.name.clone(),
+                byte_len: component.byte_len,
+                max: MAX_COMPONENT_BYTES,
+            });
+        }
+        let mut tensors_end = 0u64;
+        for tensor in &component.tensors {
+            let end = tensor.offset.checked_add(tensor.byte_len);
+            if tensor.offset != tensors_end || end.is_none_or(|end| end > component.byte_len) {
+                return Err(invalid(format!(
+                    "tensor {} at {}..+{} does not follow the previous tensor of {} (which ends at {tensors_end}) inside its {} bytes",
+                    tensor.name, tensor.offset, tensor.byte_len, component.name, component.byte_len
+                )));
+            }
+            tensors_end = end.unwrap_or(tensors_end);
+            self.validate_tensor(tensor)?;
+        }
+        if tensors_end != component.byte_len {
+            return Err(Error::ComponentSpanMismatch {
+                component: component.name.clone(),
+                byte_len: component.byte_len,
+                tensors_end,
+            });
+        }
+        let expected_chunks = component.byte_len.div_ceil(self.chunk_size);
+        if component.chunk_hashes.len() as u64 != expected_chunks {
+            return Err(invalid(format!(
+                "{} has {} chunk hashes for {} bytes",
+                component.name,
+                component.chunk_hashes.len(),
+                component.byte_len
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate_tensor(&self, tensor: &TensorEntry) -> Result<(), Error> {
+        if tensor.dtype.is_float() && tensor.dtype != self.weight_dtype {
+            return Err(invalid(format!(
+                "tensor {} is {} in a manifest of {} weights",
+                tensor.name, tensor.dtype, self.weight_dtype
+            )));
+        }
+        let expected_len = tensor
+            .shape
+            .iter()
+            .try_fold(1u64, |elements, &dim| elements.checked_mul(dim))
+            .and_then(|elements| elements.checked_mul(tensor.dtype.size_bytes()));
+        if expected_len != Some(tensor.byte_len) {
+            return Err(invalid(format!(
+                "tensor {} of shape {:?} and dtype {} has {} bytes",
+                tensor.name, tensor.shape, tensor.dtype, tensor.byte_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where each chunk of `component` ends, paired with its hash. Only
+    /// meaningful on a validated manifest; the ends saturate rather than
+    /// overflow on any other.
+    pub fn chunk_ends(&self, component: &Component) -> Vec<(u64, Digest)> {
+        let mut end = 0u64;
+        component
+            .chunk_hashes
+            .iter()
+            .map(|digest| {
+                end = end.saturating_add(self.chunk_size).min(component.byte_len);
+                (end, *digest)
+            })
+            .collect()
+    }
+}
+
+fn invalid(detail: String) -> Error {
+    Error::InvalidManifest { detail }
 }
 
 fn hash_field(hasher: &mut blake3::Hasher, field: &[u8]) {
@@ -387,6 +446,106 @@ mod tests {
             manifest.validate(),
             Err(Error::InvalidManifest { .. })
         ));
+    }
+
+    fn with_new_revision(mut manifest: Manifest) -> Manifest {
+        manifest.revision = manifest.compute_revision();
+        manifest
+    }
+
+    #[test]
+    fn a_chunk_size_of_zero_or_beyond_the_maximum_is_refused() {
+        for chunk_size in [0, MAX_CHUNK_SIZE + 1, u64::MAX] {
+            let mut manifest = sample_manifest();
+            manifest.chunk_size = chunk_size;
+            let manifest = with_new_revision(manifest);
+            assert!(
+                matches!(
+                    manifest.validate(),
+                    Err(Error::ChunkSizeOutOfRange { chunk_size: found, max: MAX_CHUNK_SIZE })
+                        if found == chunk_size
+                ),
+                "{chunk_size}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_component_larger_than_its_tensors_is_refused() {
+        // One chunk hash per declared chunk, so that only the span of the
+        // tensors can tell the byte length is a lie.
+        let mut manifest = sample_manifest();
+        manifest.chunk_size = MAX_CHUNK_SIZE;
+        let component = &mut manifest.components[0];
+        component.byte_len = MAX_CHUNK_SIZE;
+        component.chunk_hashes = vec![component.hash];
+        let manifest = with_new_revision(manifest);
+        assert!(matches!(
+            manifest.validate(),
+            Err(Error::ComponentSpanMismatch {
+                byte_len: MAX_CHUNK_SIZE,
+                tensors_end: 10,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_component_over_the_maximum_is_refused_before_its_chunks_are_counted() {
+        let mut manifest = sample_manifest();
+        manifest.components[0].byte_len = u64::MAX;
+        let manifest = with_new_revision(manifest);
+        assert!(matches!(
+            manifest.validate(),
+            Err(Error::ComponentTooLarge {
+                byte_len: u64::MAX,
+                max: MAX_COMPONENT_BYTES,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn overlapping_or_gapped_tensors_are_refused() {
+        let bytes = [0u8; 8];
+        let tensor = |name: &str, offset: u64| TensorEntry {
+            name: name.into(),
+            dtype: Dtype::U8,
+            shape: vec![4],
+            offset,
+            byte_len: 4,
+            hash: Digest::of(&bytes[..4]),
+        };
+        for second_offset in [0, 2, 5] {
+            let manifest = with_new_revision(Manifest {
+                model_id: "tiny".into(),
+                revision: String::new(),
+                files: BTreeMap::new(),
+                chunk_size: 4,
+                weight_dtype: Dtype::F32,
+                components: vec![Component::describe(
+                    "pooler",
+                    vec![tensor("a", 0), tensor("b", second_offset)],
+                    &bytes,
+                    4,
+                )],
+            });
+            assert!(
+                matches!(manifest.validate(), Err(Error::InvalidManifest { .. })),
+                "second tensor at {second_offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunk_ends_cover_the_component_with_a_short_last_chunk() {
+        let manifest = sample_manifest();
+        let ends: Vec<u64> = manifest
+            .chunk_ends(&manifest.components[0])
+            .into_iter()
+            .map(|(end, _)| end)
+            .collect();
+        assert_eq!(ends, [4, 8, 10]);
     }
 
     /// A manifest of one f16 tensor of shape `[2, 3]` served as `weight_dtype`.

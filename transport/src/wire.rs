@@ -35,6 +35,9 @@ pub mod limits {
     pub const HELLO_REPLY: usize = 64 * 1024 * 1024;
     pub const FETCH_REQUEST: usize = 4 * 1024;
     pub const FETCH_REPLY: usize = 4 * 1024;
+    /// What a frame's buffer starts at before its body arrives: small
+    /// messages fit at once, larger ones grow from here as bytes arrive.
+    pub const INITIAL_READ_BUFFER: usize = 64 * 1024;
 }
 
 /// Application close codes on a QUIC connection.
@@ -225,6 +228,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 }
 
 /// Reads one frame and decodes it, refusing bodies over `limit` unread.
+/// The body's buffer grows as its bytes arrive, so a peer that announces a
+/// large body and sends little of it costs little memory.
 pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
     kind: &'static str,
@@ -240,14 +245,21 @@ pub async fn read_frame<T: DeserializeOwned, R: AsyncRead + Unpin>(
         })?;
     let len = u32::from_be_bytes(len);
     check_len(kind, u64::from(len), limit)?;
-    let mut body = vec![0u8; len as usize];
+    let mut body = Vec::with_capacity((len as usize).min(limits::INITIAL_READ_BUFFER));
     reader
-        .read_exact(&mut body)
+        .take(u64::from(len))
+        .read_to_end(&mut body)
         .await
         .map_err(|source| Error::Io {
             during: kind,
             source,
         })?;
+    if body.len() != len as usize {
+        return Err(Error::Io {
+            during: kind,
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
     postcard::from_bytes(&body).map_err(|source| Error::Malformed { kind, source })
 }
 
@@ -312,6 +324,69 @@ mod tests {
             result,
             Err(Error::MessageTooLarge { len, .. }) if len == limits::FETCH_REQUEST as u64 + 1
         ));
+    }
+
+    /// A reader that hands out its bytes a few at a time and remembers the
+    /// largest buffer it was asked to fill.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        largest_read: usize,
+    }
+
+    impl AsyncRead for Trickle<'_> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.largest_read = self.largest_read.max(buf.remaining());
+            let n = self.bytes.len().min(buf.remaining()).min(7);
+            let (now, rest) = self.bytes.split_at(n);
+            buf.put_slice(now);
+            self.bytes = rest;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_announced_body_is_not_reserved_before_it_arrives() {
+        let announced = limits::HELLO_REPLY as u32;
+        let mut frame = announced.to_be_bytes().to_vec();
+        frame.extend_from_slice(&[0u8; 100]);
+        let mut reader = Trickle {
+            bytes: &frame,
+            largest_read: 0,
+        };
+        let result: Result<HelloReply, _> =
+            read_frame(&mut reader, "hello reply", limits::HELLO_REPLY).await;
+        assert!(
+            matches!(&result, Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{result:?}"
+        );
+        assert!(
+            reader.largest_read <= limits::INITIAL_READ_BUFFER,
+            "a buffer of {} bytes was offered for 100 bytes that arrived",
+            reader.largest_read
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_arrives_in_pieces_decodes() {
+        let request = FetchRequest {
+            object: ObjectRef::Tensor("pooler.dense.weight".into()),
+            start: 3,
+            end: 9,
+        };
+        let frame = encode_frame("fetch request", &request, limits::FETCH_REQUEST)
+            .expect("a small request encodes");
+        let mut reader = Trickle {
+            bytes: &frame,
+            largest_read: 0,
+        };
+        let decoded: FetchRequest = read_frame(&mut reader, "fetch request", limits::FETCH_REQUEST)
+            .await
+            .expect("decodes");
+        assert_eq!(decoded, request);
     }
 
     #[tokio::test]

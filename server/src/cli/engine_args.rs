@@ -5,13 +5,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use surf_engine::{
     Engine, EngineBuilder, Error as EngineError, Eviction, RemoteSource, VramBudget, WeightDtype,
 };
-use surf_transport::{CertificateDer, ClientConfig};
+use surf_transport::{CertificateDer, ClientConfig, Timeouts};
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
@@ -28,6 +29,10 @@ pub struct EngineArgs {
     /// Token the weight server asks for.
     #[arg(long, value_name = "T", env = "SURF_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Seconds one layer's fetch may take, retries and failovers included,
+    /// before it fails: a weight server that stalls or trickles cannot hang a run.
+    #[arg(long, value_name = "SECS", default_value_t = Timeouts::default().fetch.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub fetch_timeout: u64,
     /// GPU memory for weights, in MiB, the pinned embeddings included.
     #[arg(long, value_name = "N", conflicts_with = "cache_layers")]
     pub vram_budget_mb: Option<u64>,
@@ -135,6 +140,7 @@ impl EngineArgs {
         };
         let mut config = ClientConfig::new(servers.clone(), trusted);
         config.token = self.token.clone();
+        config.timeouts.fetch = Duration::from_secs(self.fetch_timeout);
         config.weight_dtype = self.dtype.wire();
         let source = RemoteSource::connect(config)?;
         let engine = builder
@@ -198,4 +204,32 @@ fn start_embedded_server(
         addr,
         cert,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn fetch_timeout(args: &[&str]) -> Result<u64, clap::Error> {
+        Command::try_parse_from(std::iter::once("surf").chain(args.iter().copied()))
+            .map(|command| command.engine.fetch_timeout)
+    }
+
+    #[test]
+    fn the_fetch_timeout_defaults_to_the_clients_and_refuses_zero() {
+        assert_eq!(
+            fetch_timeout(&[]).ok(),
+            Some(Timeouts::default().fetch.as_secs())
+        );
+        assert_eq!(fetch_timeout(&["--fetch-timeout", "7"]).ok(), Some(7));
+        assert!(fetch_timeout(&["--fetch-timeout", "0"]).is_err());
+    }
 }

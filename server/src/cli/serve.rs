@@ -10,7 +10,9 @@ use clap::Args;
 use surf_transport::tls;
 
 use crate::redis_tier::RedisConfig;
-use crate::{Error, Identity, OriginConfig, ServerConfig, UpstreamConfig, WeightServer};
+use crate::{
+    ConnectionLimits, Error, Identity, OriginConfig, ServerConfig, UpstreamConfig, WeightServer,
+};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -75,6 +77,9 @@ pub struct ServeArgs {
     /// TCP address for Prometheus metrics at /metrics.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Clients served at once; more are refused at once, so that they try another server.
+    #[arg(long, value_name = "N", default_value_t = ConnectionLimits::default().max_connections, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// Dtype of the weights as served: f16 halves the bytes on the wire, converted once from the checkpoint.
     #[arg(long, value_name = "f32|f16", default_value_t = surf_transport::Dtype::F32)]
     pub dtype: surf_transport::Dtype,
@@ -117,6 +122,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         identity,
         metrics_listen: args.metrics_listen,
         weight_dtype: args.dtype,
+        limits: ConnectionLimits {
+            max_connections: args.max_connections,
+            ..ConnectionLimits::default()
+        },
         ..ServerConfig::serving(origin, args.listen)
     };
     let server = WeightServer::bind(config).await?;

@@ -48,6 +48,7 @@ pub fn client_config(servers: &[&RunningServer]) -> ClientConfig {
     config.timeouts = Timeouts {
         connect: std::time::Duration::from_secs(5),
         response: std::time::Duration::from_secs(5),
+        ..Timeouts::default()
     };
     config.retry = RetryPolicy {
         max_attempts: 6,
