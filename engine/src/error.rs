@@ -71,27 +71,72 @@ pub enum Error {
     Gpu(String),
     #[error("weight source: {0}")]
     WeightSource(String),
+    #[error("weight server: {0}")]
+    Transport(#[from] surf_transport::Error),
+    #[error("fetching {component} from the weight server: {source}")]
+    Fetch {
+        component: String,
+        #[source]
+        source: surf_transport::Error,
+    },
+}
+
+/// What a caller can do about an error: the one classification that exit
+/// codes and HTTP statuses are derived from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller's to fix: a model folder, a flag, a text, a kernel choice.
+    BadInput,
+    /// A weight server refused the token (or its absence).
+    Unauthorized,
+    /// Weights could not be had in time, or arrived damaged; asking again
+    /// later may work.
+    Unavailable,
+    /// The GPU or its driver failed, or the adapter is too small.
+    Gpu,
+    /// A fault of this program.
+    Internal,
+}
+
+impl From<surf_transport::ErrorKind> for ErrorKind {
+    fn from(kind: surf_transport::ErrorKind) -> Self {
+        match kind {
+            surf_transport::ErrorKind::BadInput => ErrorKind::BadInput,
+            surf_transport::ErrorKind::Unauthorized => ErrorKind::Unauthorized,
+            surf_transport::ErrorKind::Unavailable => ErrorKind::Unavailable,
+            surf_transport::ErrorKind::Internal => ErrorKind::Internal,
+        }
+    }
 }
 
 impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. }
+            | Error::Json { .. }
+            | Error::BadModel { .. }
+            | Error::MissingTensor { .. }
+            | Error::WrongShape { .. }
+            | Error::UnsupportedDtype { .. }
+            | Error::Unsupported { .. }
+            | Error::Tokenizer { .. }
+            | Error::InvalidInput(_)
+            | Error::InputFile { .. }
+            | Error::KernelFamily { .. }
+            | Error::KernelChoice { .. } => ErrorKind::BadInput,
+            Error::NoAdapter { .. }
+            | Error::Device { .. }
+            | Error::AdapterLimit { .. }
+            | Error::Gpu(_) => ErrorKind::Gpu,
+            Error::WeightSource(_) => ErrorKind::Unavailable,
+            Error::Transport(source) | Error::Fetch { source, .. } => source.kind().into(),
+        }
+    }
+
     /// True when the error is the caller's to fix (bad model folder, bad text, bad
     /// options) rather than a fault of the machine.
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            Error::Io { .. }
-                | Error::Json { .. }
-                | Error::BadModel { .. }
-                | Error::MissingTensor { .. }
-                | Error::WrongShape { .. }
-                | Error::UnsupportedDtype { .. }
-                | Error::Unsupported { .. }
-                | Error::Tokenizer { .. }
-                | Error::InvalidInput(_)
-                | Error::InputFile { .. }
-                | Error::KernelFamily { .. }
-                | Error::KernelChoice { .. }
-        )
+        self.kind() == ErrorKind::BadInput
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

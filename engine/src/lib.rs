@@ -22,7 +22,7 @@ pub mod weights;
 pub use config::{Activation, BertConfig, ModelSpec, Pooling};
 pub use dtype::WeightDtype;
 pub use engine::{Embedding, Engine, EngineBuilder};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use gpu::Gpu;
 pub use paging::{Eviction, PagerConfig, VramBudget};
 pub use queue::{BatchLimits, EmbedQueue, Embedded, QueueError, Ticket};

@@ -119,12 +119,11 @@ impl RemoteSource {
             .enable_all()
             .build()
             .map_err(|e| Error::WeightSource(format!("cannot start the network runtime: {e}")))?;
-        let servers = config.servers.clone();
         let client = drive(
             runtime.handle(),
             surf_transport::WeightClient::connect(config),
         )?
-        .map_err(|e| Error::WeightSource(format!("connecting to {servers:?}: {e}")))?;
+        .map_err(Error::Transport)?;
         Ok(Self {
             client,
             runtime: runtime.handle().clone(),
@@ -291,7 +290,10 @@ impl WeightSource for RemoteSource {
             &self.runtime,
             async move { client.fetch_component(&name).await },
         )?
-        .map_err(|e| Error::WeightSource(format!("fetching {component}: {e}")))?;
+        .map_err(|source| Error::Fetch {
+            component: component.to_string(),
+            source,
+        })?;
         let len = bytes.len() as u64;
         Ok(FetchedComponent {
             tensors: Box::new(ComponentTensors {
