@@ -45,6 +45,19 @@ fn default_position_embedding_type() -> String {
     "absolute".into()
 }
 
+/// The largest value `validate` accepts per dimension: several times the
+/// largest BERT-family checkpoints, small enough that nothing sized from them
+/// overflows.
+const DIMENSION_LIMITS: [(&str, usize); 7] = [
+    ("vocab_size", 1 << 20),
+    ("hidden_size", 8192),
+    ("num_hidden_layers", 256),
+    ("num_attention_heads", 256),
+    ("intermediate_size", 65536),
+    ("max_position_embeddings", 65536),
+    ("type_vocab_size", 1024),
+];
+
 /// The activation of the intermediate (feed-forward) layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -103,6 +116,35 @@ impl BertConfig {
         for (name, value) in positive {
             if value == 0 {
                 return Err(Error::bad_model(path, format!("`{name}` must be positive")));
+            }
+            // Buffers are sized from these before any adapter limit is known,
+            // so a config from a file or a server is bounded first.
+            if let Some(&(_, largest)) = DIMENSION_LIMITS.iter().find(|(n, _)| *n == name)
+                && value > largest
+            {
+                return Err(Error::bad_model(
+                    path,
+                    format!("`{name}` is {value}, more than the largest supported, {largest}"),
+                ));
+            }
+        }
+        // Kernels address a layer and the embedding tables with 32-bit
+        // element offsets.
+        let h = self.hidden_size;
+        let layer_elements = h
+            .checked_mul(4 * h + 2 * self.intermediate_size + 9)
+            .and_then(|n| n.checked_add(self.intermediate_size));
+        let table_elements =
+            (self.vocab_size + self.max_position_embeddings + self.type_vocab_size).checked_mul(h);
+        for (what, elements) in [
+            ("one layer", layer_elements),
+            ("the embedding tables", table_elements),
+        ] {
+            if elements.is_none_or(|n| n > u32::MAX as usize) {
+                return Err(Error::bad_model(
+                    path,
+                    format!("{what} would hold more than 2^32 elements"),
+                ));
             }
         }
         if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
@@ -312,4 +354,54 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Resu
         path: path.into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::BertConfig;
+
+    fn minilm_with(field: &str, value: u64) -> BertConfig {
+        let mut json = serde_json::json!({
+            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
+            "num_attention_heads": 12, "intermediate_size": 1536,
+            "max_position_embeddings": 512, "type_vocab_size": 2,
+        });
+        json[field] = value.into();
+        serde_json::from_value(json).expect("a config")
+    }
+
+    #[test]
+    fn absurd_dimensions_are_refused_before_anything_is_sized_from_them() {
+        let path = Path::new("config.json");
+        assert!(minilm_with("hidden_size", 384).validate(path).is_ok());
+        for (field, value) in [
+            ("hidden_size", 1 << 40),
+            ("num_hidden_layers", 1 << 20),
+            ("intermediate_size", u64::MAX / 2),
+            ("vocab_size", 1 << 33),
+            ("max_position_embeddings", 1 << 31),
+            ("num_attention_heads", 1 << 20),
+            ("type_vocab_size", 1 << 30),
+        ] {
+            let error = minilm_with(field, value)
+                .validate(path)
+                .expect_err("refused");
+            assert!(error.to_string().contains(field), "{field}: {error}");
+            assert!(error.is_bad_input());
+        }
+    }
+
+    #[test]
+    fn dimensions_within_bounds_whose_tables_overflow_32_bit_offsets_are_refused() {
+        // 1M tokens of 8192: 2^33 elements in the word table.
+        let mut config = minilm_with("vocab_size", 1 << 20);
+        config.hidden_size = 8192;
+        config.num_attention_heads = 128;
+        let error = config
+            .validate(Path::new("config.json"))
+            .expect_err("refused");
+        assert!(error.to_string().contains("2^32"), "{error}");
+    }
 }

@@ -18,7 +18,7 @@ use crate::source::{LocalSource, WeightSource};
 use crate::stats::{CacheInfo, InferenceStats, PagingCounters, Timings};
 use crate::tokenize::{TextTokenizer, Tokens};
 
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub use surf_transport::WEIGHTS_FILE;
 pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// One embedded text.
@@ -480,7 +480,7 @@ impl Engine {
             pager
                 .resident_layers()
                 .into_iter()
-                .map(|l| format!("encoder.layer.{l}")),
+                .map(surf_transport::layer_component),
         );
         let bytes = pager.vram_bytes();
         Ok(CacheInfo {

@@ -6,6 +6,8 @@ use crate::config::{Activation, BertConfig};
 use crate::dtype::WeightDtype;
 use crate::error::Result;
 use crate::gpu::Gpu;
+use surf_transport::layer_component;
+
 use crate::kernels::autotune::Launchers;
 use crate::kernels::choice::{self, ChoiceOrigin};
 use crate::kernels::embed::EmbeddingTables;
@@ -404,7 +406,7 @@ impl BertLayer {
             ("output.LayerNorm.bias", vec![h]),
         ]
         .into_iter()
-        .map(|(name, shape)| (format!("encoder.layer.{index}.{name}"), shape))
+        .map(|(name, shape)| (format!("{}.{name}", layer_component(index)), shape))
         .collect()
     }
 
@@ -436,7 +438,11 @@ impl BertLayer {
         let i = config.intermediate_size;
         let specs = Self::tensors(config, index);
         let t = |short: &str| {
-            read_tensor::<T>(weights, &specs, &format!("encoder.layer.{index}.{short}"))
+            read_tensor::<T>(
+                weights,
+                &specs,
+                &format!("{}.{short}", layer_component(index)),
+            )
         };
 
         let query = t("attention.self.query.weight")?;

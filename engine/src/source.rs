@@ -41,7 +41,7 @@ pub struct LocalSource {
 impl LocalSource {
     pub fn open(dir: &Path) -> Result<Self> {
         let spec = ModelSpec::from_dir(dir)?;
-        let weights_path = dir.join(crate::engine::WEIGHTS_FILE);
+        let weights_path = dir.join(surf_transport::WEIGHTS_FILE);
         if !weights_path.is_file() {
             return Err(Error::bad_model(&weights_path, "file is missing"));
         }

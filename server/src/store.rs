@@ -18,7 +18,7 @@ use surf_transport::{Component, Digest, Dtype, Manifest, TensorEntry, wire};
 use crate::Error;
 
 /// The weights file inside a model folder.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub use surf_transport::WEIGHTS_FILE;
 /// The small files that travel in the manifest, named one by one: what a
 /// model's config, its tokenizer and sentence-transformers read from the
 /// folder. Anything else that happens to sit beside them (notes, keys,
@@ -297,7 +297,7 @@ fn component_of(name: &str) -> Option<String> {
     }
     let rest = name.strip_prefix("encoder.layer.")?;
     let index: usize = rest.split('.').next()?.parse().ok()?;
-    Some(format!("encoder.layer.{index}"))
+    Some(surf_transport::layer_component(index))
 }
 
 /// Groups tensors into `embeddings`, `encoder.layer.0..N`, `pooler`, in that
@@ -365,7 +365,7 @@ fn group_into_components(
     groups.extend(
         layers
             .into_iter()
-            .map(|(index, tensors)| (format!("encoder.layer.{index}"), tensors)),
+            .map(|(index, tensors)| (surf_transport::layer_component(index), tensors)),
     );
     if !pooler.is_empty() {
         groups.push(("pooler".to_owned(), pooler));

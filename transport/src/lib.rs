@@ -17,7 +17,9 @@ pub mod wire;
 
 pub use client::{ClientConfig, RetryPolicy, Timeouts, WeightClient};
 pub use error::{Error, ErrorKind, ServerFailure};
-pub use manifest::{Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry};
+pub use manifest::{
+    Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry, WEIGHTS_FILE, layer_component,
+};
 pub use wire::{ObjectRef, PROTOCOL_VERSION};
 
 /// Re-exported so that callers name certificate types without depending on rustls.

@@ -9,6 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+/// The weights file of a model folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The component holding encoder layer `index`; tensor names of that layer
+/// start with it and a dot.
+pub fn layer_component(index: usize) -> String {
+    format!("encoder.layer.{index}")
+}
+
 /// Components are hashed in chunks of this many bytes (the last chunk may be
 /// shorter), so that a client finds damage within one chunk and resumes from
 /// the chunk before it instead of from the start.

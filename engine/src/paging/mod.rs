@@ -786,7 +786,7 @@ fn fetch_layer(
     dtype: WeightDtype,
     layer: usize,
 ) -> Result<(PackedLayer, u64)> {
-    let component = source.fetch(&format!("encoder.layer.{layer}"))?;
+    let component = source.fetch(&surf_transport::layer_component(layer))?;
     let (_, packed) = BertLayer::pack(component.tensors.as_ref(), config, layer, dtype)?;
     Ok((Arc::new(packed), component.bytes))
 }
