@@ -36,10 +36,12 @@ prepare() {
     # in release; their paths come from cargo's JSON messages.
     local messages
     messages=$(mktemp)
+    local built=0
     cargo test --release --locked --no-run --message-format=json \
-        -p surf-engine --test kernels -p surf-tests --test golden --test f16 >"$messages"
-    cargo bench --locked --no-run --message-format=json \
-        -p surf-benches --bench kernels --bench embed --bench streaming >>"$messages"
+        -p surf-engine --test kernels -p surf-tests --test golden --test f16 >"$messages" &&
+        cargo bench --locked --no-run --message-format=json \
+            -p surf-benches --bench kernels --bench embed --bench streaming >>"$messages" ||
+        built=$?
     python3 - "$messages" "$pack/bin" <<'PY'
 import json, shutil, sys
 messages, dest = sys.argv[1], sys.argv[2]
@@ -48,6 +50,8 @@ for line in open(messages):
         m = json.loads(line)
     except ValueError:
         continue
+    if m.get("reason") == "compiler-message" and m["message"].get("level") == "error":
+        print(m["message"].get("rendered", ""), file=sys.stderr)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         kind = "bench" if "bench" in m["target"]["kind"] else "test"
         name = f'{kind}-{m["target"]["name"]}'
@@ -55,6 +59,10 @@ for line in open(messages):
         print("packed", name)
 PY
     rm -f "$messages"
+    if ((built != 0)); then
+        echo "the release build failed" >&2
+        return 1
+    fi
     strip "$pack"/bin/* 2>/dev/null || true
     xz -T0 -6 "$pack"/bin/*
     # The weights split in two, each half under the tool's 64 MiB a call.
