@@ -1,20 +1,18 @@
 //! `Engine`: tokenizer, pinned embeddings, paged encoder layers and the batched
 //! forward pass.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::config::{ModelSpec, Pooling};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::kernels::DispatchPlan;
-use crate::kernels::attention::MASKED;
 use crate::kernels::bindings::BindingCache;
-use crate::kernels::family::{KERNELS_ENV, KernelMode};
-use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout, record_head};
+use crate::kernels::family::KernelMode;
+use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout};
 use crate::paging::{Pager, PagerConfig, VramBudget};
-use crate::source::{LocalSource, WeightSource};
+use crate::source::WeightSource;
 use crate::stats::{CacheInfo, InferenceStats, PagingCounters, Timings};
 use crate::tokenize::{TextTokenizer, Tokens};
 
@@ -29,140 +27,12 @@ pub struct Embedding {
     pub vector: Vec<f32>,
 }
 
-/// Builds an [`Engine`].
-pub struct EngineBuilder {
-    model_dir: Option<PathBuf>,
-    source: Option<Arc<dyn WeightSource>>,
-    batch_size: usize,
-    pager: PagerConfig,
-    observer: Option<crate::paging::FetchObserver>,
-    gpu: Option<Gpu>,
-    normalize: Option<bool>,
-    kernels: Option<KernelMode>,
-}
+mod batching;
+use batching::batch_length;
+mod builder;
+mod forward;
 
-impl EngineBuilder {
-    /// A folder holding `config.json`, `model.safetensors`, `tokenizer.json` and,
-    /// where present, the sentence-transformers files.
-    pub fn model_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.model_dir = Some(dir.into());
-        self
-    }
-
-    /// Any weight source, such as a weight server (`source::RemoteSource`).
-    pub fn source(mut self, source: Arc<dyn WeightSource>) -> Self {
-        self.source = Some(source);
-        self
-    }
-
-    /// Largest number of texts run through the model at once.
-    pub fn batch_size(mut self, batch_size: usize) -> Self {
-        self.batch_size = batch_size;
-        self
-    }
-
-    /// GPU memory for weights: unbounded (the default), bytes, or layers.
-    pub fn vram_budget(mut self, budget: VramBudget) -> Self {
-        self.pager.vram_budget = budget;
-        self
-    }
-
-    /// Host memory for layers evicted from the GPU, in bytes.
-    pub fn host_cache_bytes(mut self, bytes: u64) -> Self {
-        self.pager.host_cache_bytes = bytes;
-        self
-    }
-
-    /// Layers fetched and uploaded ahead of the one computing.
-    pub fn prefetch(mut self, depth: usize) -> Self {
-        self.pager.prefetch = depth;
-        self
-    }
-
-    /// Which layer a full cache gives up: the one used farthest ahead in
-    /// the pass order (the default), or the least recently used.
-    pub fn eviction(mut self, eviction: crate::paging::Eviction) -> Self {
-        self.pager.eviction = eviction;
-        self
-    }
-
-    /// How weights are held in GPU memory: f32 (the default) or f16, which
-    /// halves every layer and the embedding tables; the arithmetic stays f32.
-    /// A weight source should serve the same dtype (a remote one is asked for
-    /// it by its client's configuration); one that serves another is converted.
-    pub fn weight_dtype(mut self, dtype: crate::dtype::WeightDtype) -> Self {
-        self.pager.weight_dtype = dtype;
-        self
-    }
-
-    /// Calls `observer(layer, bytes)` whenever a layer arrives from the source.
-    pub fn on_layer_fetched(mut self, observer: crate::paging::FetchObserver) -> Self {
-        self.observer = Some(observer);
-        self
-    }
-
-    /// Uses an already opened device instead of choosing an adapter.
-    pub fn gpu(mut self, gpu: Gpu) -> Self {
-        self.gpu = Some(gpu);
-        self
-    }
-
-    /// Overrides whether vectors leave the GPU L2-normalised; by default the
-    /// model folder's sentence-transformers modules decide. A service that
-    /// normalises per request asks for raw pooled vectors.
-    pub fn normalize(mut self, normalize: bool) -> Self {
-        self.normalize = Some(normalize);
-        self
-    }
-
-    /// Which kernels run: measured per shape on the adapter (`Auto`) or one
-    /// family everywhere. By default `SURF_KERNELS` decides, else `Auto`.
-    pub fn kernels(mut self, mode: KernelMode) -> Self {
-        self.kernels = Some(mode);
-        self
-    }
-
-    pub fn build(self) -> Result<Engine> {
-        if self.batch_size == 0 {
-            return Err(Error::InvalidInput("batch size must be at least 1".into()));
-        }
-        let source: Arc<dyn WeightSource> = match (self.source, self.model_dir) {
-            (Some(source), _) => source,
-            (None, Some(dir)) => Arc::new(LocalSource::open(&dir)?),
-            (None, None) => {
-                return Err(Error::InvalidInput(
-                    "no model folder or weight source was given".into(),
-                ));
-            }
-        };
-        let mut spec = source.spec()?;
-        if let Some(normalize) = self.normalize {
-            spec.normalize = normalize;
-        }
-        let gpu = match self.gpu {
-            Some(gpu) => gpu,
-            None => Gpu::new()?,
-        };
-        let kernels = match self.kernels {
-            Some(mode) => mode,
-            None => kernel_mode_from_env()?,
-        };
-        let engine = Engine::start(gpu, spec, source, self.batch_size, self.pager, kernels)?;
-        engine.state()?.pager.set_observer(self.observer);
-        Ok(engine)
-    }
-}
-
-/// The kernel mode `SURF_KERNELS` asks for; `Auto` when it is unset.
-pub fn kernel_mode_from_env() -> Result<KernelMode> {
-    match std::env::var(KERNELS_ENV) {
-        Err(_) => Ok(KernelMode::Auto),
-        Ok(value) => KernelMode::parse(&value).ok_or_else(|| Error::KernelChoice {
-            value,
-            accepted: KernelMode::accepted(),
-        }),
-    }
-}
+pub use builder::{EngineBuilder, kernel_mode_from_env};
 
 /// What one inference call needs exclusively.
 struct RunState {
@@ -200,16 +70,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn builder() -> EngineBuilder {
-        EngineBuilder {
-            model_dir: None,
-            source: None,
-            batch_size: DEFAULT_BATCH_SIZE,
-            pager: PagerConfig::default(),
-            observer: None,
-            gpu: None,
-            normalize: None,
-            kernels: None,
-        }
+        EngineBuilder::new()
     }
 
     /// Opens the model folder `dir` on the best adapter with default settings.
@@ -605,262 +466,5 @@ impl Engine {
             start = end;
         }
         Ok(())
-    }
-
-    /// Records one encoder layer whose packed weights are in `weights`.
-    fn record_layer(&self, plan: &mut DispatchPlan, weights: &wgpu::Buffer, batch: &BatchBuffers) {
-        BertLayer::forward(
-            &self.gpu,
-            &self.kernels,
-            plan,
-            &self.spec.config,
-            self.spec.activation,
-            &self.layer_layout,
-            weights,
-            batch,
-        );
-    }
-
-    /// Records pooling and, where the model asks for it, normalisation.
-    fn record_head(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
-        record_head(
-            &self.kernels,
-            plan,
-            &self.spec.config,
-            self.spec.pooling,
-            self.spec.normalize,
-            batch,
-        );
-    }
-
-    /// Sizes the activation buffers for the batch `members` of `inputs`,
-    /// padded to `seq_len`, and writes its tokens and mask.
-    fn load_batch(
-        &self,
-        state: &mut RunState,
-        inputs: &[Tokens],
-        members: &[usize],
-        seq_len: usize,
-    ) -> Result<()> {
-        let config = &self.spec.config;
-        let sequences = members.len();
-        let rows = sequences * seq_len;
-        let workspace = &mut state.workspace;
-        let fits = workspace
-            .as_ref()
-            .is_some_and(|w| w.capacity_rows >= rows && w.capacity_sequences >= sequences);
-        if !fits {
-            let capacity_rows = rows.max(workspace.as_ref().map_or(0, |w| w.capacity_rows));
-            let capacity_sequences =
-                sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
-            state.bindings.clear();
-            *workspace = Some(BatchBuffers::new(
-                &self.gpu,
-                config,
-                capacity_rows,
-                capacity_sequences,
-            ));
-        }
-        let Some(batch) = workspace.as_mut() else {
-            return Err(Error::Gpu("no activation buffers".into()));
-        };
-        batch.rows = rows;
-        batch.sequences = sequences;
-        batch.seq_len = seq_len;
-
-        let mut token_rows = vec![0u32; rows * 3];
-        let mut mask = vec![MASKED; rows];
-        let mut lengths = Vec::with_capacity(sequences);
-        for (s, &i) in members.iter().enumerate() {
-            let t = &inputs[i];
-            lengths.push(t.ids.len() as u32);
-            for p in 0..seq_len {
-                let row = s * seq_len + p;
-                let (id, type_id) = match t.ids.get(p) {
-                    Some(&id) => {
-                        mask[row] = 0.0;
-                        (id, t.type_ids[p])
-                    }
-                    None => (config.pad_token_id as u32, 0),
-                };
-                token_rows[row * 3] = id;
-                token_rows[row * 3 + 1] = p as u32;
-                token_rows[row * 3 + 2] = type_id;
-            }
-        }
-        let queue = &self.gpu.queue;
-        queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
-        queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
-        queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
-        Ok(())
-    }
-
-    /// Runs every pipeline of the graph once on short pad-token inputs,
-    /// against an empty layer slot. Software adapters such as llvmpipe compile a shader
-    /// on its first dispatch, not when the pipeline is made; without this the
-    /// first request of every engine pays about a second of compilation.
-    /// The result is thrown away, and no layer weights are needed.
-    fn prime_pipelines(&self, state: &mut RunState) -> Result<()> {
-        let Some(scratch) = state.pager.empty_slot_buffer() else {
-            return Ok(());
-        };
-        // The matmul picks its tile heights from the row count; these probes
-        // reach every one of them.
-        let lengths = crate::kernels::matmul::PRIMING_ROWS
-            .into_iter()
-            .filter(|&rows| rows <= self.spec.max_seq_length);
-        for rows in lengths {
-            let probe = Tokens {
-                ids: vec![self.spec.config.pad_token_id as u32; rows],
-                type_ids: vec![0; rows],
-            };
-            self.load_batch(state, std::slice::from_ref(&probe), &[0], rows)?;
-            let Some(batch) = state.workspace.as_ref() else {
-                return Err(Error::Gpu("no activation buffers".into()));
-            };
-            let mut plan = DispatchPlan::new(&self.gpu);
-            self.embeddings
-                .forward(&self.gpu, &self.kernels, &mut plan, batch);
-            self.record_layer(&mut plan, &scratch, batch);
-            self.record_head(&mut plan, batch);
-            plan.submit(&self.gpu);
-        }
-        self.gpu.wait_idle()?;
-        self.gpu.check_errors()
-    }
-
-    fn run_batch(
-        &self,
-        state: &mut RunState,
-        inputs: &[Tokens],
-        members: &[usize],
-        seq_len: usize,
-    ) -> Result<Vec<Vec<f32>>> {
-        self.load_batch(state, inputs, members, seq_len)?;
-        let config = &self.spec.config;
-        let sequences = members.len();
-        let Some(batch) = state.workspace.as_ref() else {
-            return Err(Error::Gpu("no activation buffers".into()));
-        };
-
-        let pager = &mut state.pager;
-        let bindings = &mut state.bindings;
-        bindings.begin_batch();
-        // With every layer resident the whole batch is one submission; when
-        // layers are paged, each layer is submitted on its own so that the GPU
-        // computes it while the next one is fetched and uploaded.
-        let paging = pager.capacity() < pager.layers();
-        let mut plan = DispatchPlan::new(&self.gpu);
-        let mut recorded: Vec<usize> = Vec::new();
-        self.embeddings
-            .forward(&self.gpu, &self.kernels, &mut plan, batch);
-        // Fetches start before the embeddings are computed, the first layer
-        // first, so that the weight stream never waits for the GPU.
-        pager.prefetch_from(0);
-        pager.begin_pass();
-        for layer in 0..pager.layers() {
-            pager.prefetch_from(layer);
-            if !pager.is_resident(layer) && !plan.is_empty() {
-                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
-                    .submit_cached(&self.gpu, bindings);
-                recorded.clear();
-            }
-            let weights = pager.acquire(layer, &recorded)?;
-            self.record_layer(&mut plan, &weights, batch);
-            recorded.push(layer);
-            // While the layers ahead are resident, recording goes on into the
-            // same submission: a submission per layer only pays where an
-            // upload can run beside the compute.
-            if paging && pager.window_needs_upload(layer) {
-                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
-                    .submit_cached(&self.gpu, bindings);
-                recorded.clear();
-                pager.upload_ready(layer)?;
-            }
-        }
-        pager.end_pass();
-        self.record_head(&mut plan, batch);
-        plan.submit_cached(&self.gpu, bindings);
-
-        let hidden = config.hidden_size;
-        let bytes = self
-            .gpu
-            .read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
-        let floats: &[f32] = bytemuck::cast_slice(&bytes);
-        let vectors: Vec<Vec<f32>> = floats.chunks_exact(hidden).map(|c| c.to_vec()).collect();
-        if let Some(position) = vectors
-            .iter()
-            .position(|v| v.iter().any(|x| !x.is_finite()))
-        {
-            return Err(Error::Gpu(format!(
-                "the embedding of input {} is not finite",
-                members[position]
-            )));
-        }
-        Ok(vectors)
-    }
-}
-
-/// How many of `sorted` (longest first) go into the next padded batch: at most
-/// `batch_size` inputs and `max_rows` padded rows, and no more padding than real
-/// tokens, so that one long text does not make a batch of short ones slow.
-fn batch_length(
-    sorted: &[usize],
-    len_of: impl Fn(usize) -> usize,
-    batch_size: usize,
-    max_rows: usize,
-) -> usize {
-    let Some(&first) = sorted.first() else {
-        return 0;
-    };
-    let seq_len = len_of(first);
-    let mut real_tokens = seq_len;
-    let mut count = 1;
-    for &next in &sorted[1..] {
-        let padded_rows = (count + 1) * seq_len;
-        let tokens = real_tokens + len_of(next);
-        if count == batch_size || padded_rows > max_rows || padded_rows > 2 * tokens {
-            break;
-        }
-        real_tokens = tokens;
-        count += 1;
-    }
-    count
-}
-
-#[cfg(test)]
-mod tests {
-    use super::batch_length;
-
-    fn batches(lengths: &[usize], batch_size: usize, max_rows: usize) -> Vec<usize> {
-        let order: Vec<usize> = (0..lengths.len()).collect();
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < order.len() {
-            let n = batch_length(&order[start..], |i| lengths[i], batch_size, max_rows);
-            out.push(n);
-            start += n;
-        }
-        out
-    }
-
-    #[test]
-    fn batches_respect_the_batch_size() {
-        assert_eq!(batches(&[10; 7], 3, 1000), vec![3, 3, 1]);
-    }
-
-    #[test]
-    fn batches_respect_the_row_budget() {
-        assert_eq!(batches(&[100; 5], 32, 250), vec![2, 2, 1]);
-    }
-
-    #[test]
-    fn a_long_text_does_not_pad_many_short_ones() {
-        assert_eq!(batches(&[256, 10, 10, 10, 10], 32, 10_000), vec![2, 3]);
-    }
-
-    #[test]
-    fn similar_lengths_share_a_batch() {
-        assert_eq!(batches(&[12, 11, 10, 9, 8], 32, 10_000), vec![5]);
     }
 }

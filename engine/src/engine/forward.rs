@@ -1,0 +1,205 @@
+//! One batch through the GPU: token upload, recording the layers as the
+//! pager makes them resident, and reading the pooled vectors back; and the
+//! start-up run that compiles every pipeline.
+
+use super::{Engine, RunState};
+use crate::error::{Error, Result};
+use crate::kernels::DispatchPlan;
+use crate::kernels::attention::MASKED;
+use crate::model::{BatchBuffers, BertLayer, record_head};
+use crate::tokenize::Tokens;
+
+impl Engine {
+    /// Records one encoder layer whose packed weights are in `weights`.
+    fn record_layer(&self, plan: &mut DispatchPlan, weights: &wgpu::Buffer, batch: &BatchBuffers) {
+        BertLayer::forward(
+            &self.gpu,
+            &self.kernels,
+            plan,
+            &self.spec.config,
+            self.spec.activation,
+            &self.layer_layout,
+            weights,
+            batch,
+        );
+    }
+
+    /// Records pooling and, where the model asks for it, normalisation.
+    fn record_head(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+        record_head(
+            &self.kernels,
+            plan,
+            &self.spec.config,
+            self.spec.pooling,
+            self.spec.normalize,
+            batch,
+        );
+    }
+
+    /// Sizes the activation buffers for the batch `members` of `inputs`,
+    /// padded to `seq_len`, and writes its tokens and mask.
+    fn load_batch(
+        &self,
+        state: &mut RunState,
+        inputs: &[Tokens],
+        members: &[usize],
+        seq_len: usize,
+    ) -> Result<()> {
+        let config = &self.spec.config;
+        let sequences = members.len();
+        let rows = sequences * seq_len;
+        let workspace = &mut state.workspace;
+        let fits = workspace
+            .as_ref()
+            .is_some_and(|w| w.capacity_rows >= rows && w.capacity_sequences >= sequences);
+        if !fits {
+            let capacity_rows = rows.max(workspace.as_ref().map_or(0, |w| w.capacity_rows));
+            let capacity_sequences =
+                sequences.max(workspace.as_ref().map_or(0, |w| w.capacity_sequences));
+            state.bindings.clear();
+            *workspace = Some(BatchBuffers::new(
+                &self.gpu,
+                config,
+                capacity_rows,
+                capacity_sequences,
+            ));
+        }
+        let Some(batch) = workspace.as_mut() else {
+            return Err(Error::Gpu("no activation buffers".into()));
+        };
+        batch.rows = rows;
+        batch.sequences = sequences;
+        batch.seq_len = seq_len;
+
+        let mut token_rows = vec![0u32; rows * 3];
+        let mut mask = vec![MASKED; rows];
+        let mut lengths = Vec::with_capacity(sequences);
+        for (s, &i) in members.iter().enumerate() {
+            let t = &inputs[i];
+            lengths.push(t.ids.len() as u32);
+            for p in 0..seq_len {
+                let row = s * seq_len + p;
+                let (id, type_id) = match t.ids.get(p) {
+                    Some(&id) => {
+                        mask[row] = 0.0;
+                        (id, t.type_ids[p])
+                    }
+                    None => (config.pad_token_id as u32, 0),
+                };
+                token_rows[row * 3] = id;
+                token_rows[row * 3 + 1] = p as u32;
+                token_rows[row * 3 + 2] = type_id;
+            }
+        }
+        let queue = &self.gpu.queue;
+        queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
+        queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
+        queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
+        Ok(())
+    }
+
+    /// Runs every pipeline of the graph once on short pad-token inputs,
+    /// against an empty layer slot. Software adapters such as llvmpipe compile a shader
+    /// on its first dispatch, not when the pipeline is made; without this the
+    /// first request of every engine pays about a second of compilation.
+    /// The result is thrown away, and no layer weights are needed.
+    pub(super) fn prime_pipelines(&self, state: &mut RunState) -> Result<()> {
+        let Some(scratch) = state.pager.empty_slot_buffer() else {
+            return Ok(());
+        };
+        // The matmul picks its tile heights from the row count; these probes
+        // reach every one of them.
+        let lengths = crate::kernels::matmul::PRIMING_ROWS
+            .into_iter()
+            .filter(|&rows| rows <= self.spec.max_seq_length);
+        for rows in lengths {
+            let probe = Tokens {
+                ids: vec![self.spec.config.pad_token_id as u32; rows],
+                type_ids: vec![0; rows],
+            };
+            self.load_batch(state, std::slice::from_ref(&probe), &[0], rows)?;
+            let Some(batch) = state.workspace.as_ref() else {
+                return Err(Error::Gpu("no activation buffers".into()));
+            };
+            let mut plan = DispatchPlan::new(&self.gpu);
+            self.embeddings
+                .forward(&self.gpu, &self.kernels, &mut plan, batch);
+            self.record_layer(&mut plan, &scratch, batch);
+            self.record_head(&mut plan, batch);
+            plan.submit(&self.gpu);
+        }
+        self.gpu.wait_idle()?;
+        self.gpu.check_errors()
+    }
+
+    pub(super) fn run_batch(
+        &self,
+        state: &mut RunState,
+        inputs: &[Tokens],
+        members: &[usize],
+        seq_len: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.load_batch(state, inputs, members, seq_len)?;
+        let config = &self.spec.config;
+        let sequences = members.len();
+        let Some(batch) = state.workspace.as_ref() else {
+            return Err(Error::Gpu("no activation buffers".into()));
+        };
+
+        let pager = &mut state.pager;
+        let bindings = &mut state.bindings;
+        bindings.begin_batch();
+        // With every layer resident the whole batch is one submission; when
+        // layers are paged, each layer is submitted on its own so that the GPU
+        // computes it while the next one is fetched and uploaded.
+        let paging = pager.capacity() < pager.layers();
+        let mut plan = DispatchPlan::new(&self.gpu);
+        let mut recorded: Vec<usize> = Vec::new();
+        self.embeddings
+            .forward(&self.gpu, &self.kernels, &mut plan, batch);
+        // Fetches start before the embeddings are computed, the first layer
+        // first, so that the weight stream never waits for the GPU.
+        pager.prefetch_from(0);
+        pager.begin_pass();
+        for layer in 0..pager.layers() {
+            pager.prefetch_from(layer);
+            if !pager.is_resident(layer) && !plan.is_empty() {
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
+                    .submit_cached(&self.gpu, bindings);
+                recorded.clear();
+            }
+            let weights = pager.acquire(layer, &recorded)?;
+            self.record_layer(&mut plan, &weights, batch);
+            recorded.push(layer);
+            // While the layers ahead are resident, recording goes on into the
+            // same submission: a submission per layer only pays where an
+            // upload can run beside the compute.
+            if paging && pager.window_needs_upload(layer) {
+                std::mem::replace(&mut plan, DispatchPlan::new(&self.gpu))
+                    .submit_cached(&self.gpu, bindings);
+                recorded.clear();
+                pager.upload_ready(layer)?;
+            }
+        }
+        pager.end_pass();
+        self.record_head(&mut plan, batch);
+        plan.submit_cached(&self.gpu, bindings);
+
+        let hidden = config.hidden_size;
+        let bytes = self
+            .gpu
+            .read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
+        let floats: &[f32] = bytemuck::cast_slice(&bytes);
+        let vectors: Vec<Vec<f32>> = floats.chunks_exact(hidden).map(|c| c.to_vec()).collect();
+        if let Some(position) = vectors
+            .iter()
+            .position(|v| v.iter().any(|x| !x.is_finite()))
+        {
+            return Err(Error::Gpu(format!(
+                "the embedding of input {} is not finite",
+                members[position]
+            )));
+        }
+        Ok(vectors)
+    }
+}
