@@ -53,7 +53,7 @@ struct ShapeBuffers {
 }
 
 fn sequences_of(rows: usize) -> (usize, usize) {
-    let seq = rows.min(ATTENTION_SEQ).max(1);
+    let seq = rows.clamp(1, ATTENTION_SEQ);
     (rows.div_ceil(seq), seq)
 }
 
