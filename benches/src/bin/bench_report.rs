@@ -17,7 +17,10 @@ const SECTIONS: [(&str, &str, &str); 6] = [
         "kernels",
         "Kernels",
         "GFLOP/s of each kernel at the model's shapes, next to the adapter's FMA \
-         peak measured in the same run.",
+         peak measured in the same run. `families`: every kernel family at every \
+         shape of MiniLM's layer (LayerNorm in GB/s), the family that ran every \
+         shape before kernels were measured (`fixed`), the one the engine's \
+         measuring picks in the same run (`autotuned`), and the ratio of their rates.",
     ),
     (
         "embed",

@@ -33,7 +33,9 @@ struct AttentionParams {
 }
 
 /// Head sizes with a kernel of the tiled family.
-const TILED_HEAD_DIMS: [usize; 2] = [32, 64];
+pub const TILED_HEAD_DIMS: [usize; 2] = [32, 64];
+/// Head sizes with a kernel of the subgroup8 family.
+pub const SUBGROUP_HEAD_DIMS: [usize; 2] = [32, 64];
 
 /// Keys per block of the tiled kernel: 4 KiB of keys and 4 KiB of values in
 /// workgroup memory whatever the head size, within the 16 KiB every adapter

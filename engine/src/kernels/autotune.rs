@@ -20,7 +20,7 @@ use super::attention::Attention;
 use super::family::KernelFamily;
 use super::layernorm::{LayerNorm, LayerNormOperands};
 use super::matmul::{Epilogue, Matmul, MatmulOperands};
-use super::selection::{Shape, TunedOp, TunedShape};
+use super::selection::{Shape, TunedOp, TunedShape, kernel_owner};
 use crate::error::Result;
 use crate::gpu::Gpu;
 
@@ -216,7 +216,16 @@ pub fn measure_shape(
     }
     let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
     let mut staying = Vec::new();
-    for &family in families {
+    let owners: Vec<KernelFamily> = families
+        .iter()
+        .map(|&family| kernel_owner(shape.op, shape.k, family))
+        .collect();
+    let mut measured: Vec<KernelFamily> = Vec::new();
+    for &family in &owners {
+        if measured.contains(&family) {
+            continue;
+        }
+        measured.push(family);
         let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
         let give_up_after = fastest_run * DROP_FACTOR / 1e6;
         match time_family(gpu, launchers, family, shape, &b, repeats, give_up_after)? {
@@ -240,6 +249,12 @@ pub fn measure_shape(
         }
     }
     gpu.check_errors()?;
+    // A family that shares its kernel shares its time.
+    for (&family, owner) in families.iter().zip(&owners) {
+        if let Some(&time) = best.get(owner) {
+            best.insert(family, time);
+        }
+    }
     Ok(TunedShape::from_timings(*shape, best))
 }
 

@@ -59,6 +59,26 @@ impl TunedShape {
     }
 }
 
+/// The family whose kernel `family` runs for `op` at inner size `k`:
+/// families share a kernel where one has none of its own (the 8-lane
+/// LayerNorm serves the portable and subgroup8 families; head sizes without
+/// a kernel of their own run the portable attention). Measuring a kernel
+/// once, under its owner, keeps noise from choosing between two runs of the
+/// same code.
+pub fn kernel_owner(op: TunedOp, k: usize, family: KernelFamily) -> KernelFamily {
+    use super::attention::{SUBGROUP_HEAD_DIMS, TILED_HEAD_DIMS};
+    match (op, family) {
+        (TunedOp::LayerNorm, KernelFamily::Subgroup8) => KernelFamily::Portable,
+        (TunedOp::Attention, KernelFamily::Subgroup8) if !SUBGROUP_HEAD_DIMS.contains(&k) => {
+            KernelFamily::Portable
+        }
+        (TunedOp::Attention, KernelFamily::Tiled) if !TILED_HEAD_DIMS.contains(&k) => {
+            KernelFamily::Portable
+        }
+        _ => family,
+    }
+}
+
 /// The model dimensions that decide which shapes it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelShapes {
@@ -187,6 +207,17 @@ mod tests {
             selection.family(TunedOp::Attention, 16, 32, 12),
             KernelFamily::Subgroup8
         );
+    }
+
+    #[test]
+    fn families_without_a_kernel_of_their_own_share_their_owners() {
+        use KernelFamily::{Portable, Subgroup8, Tiled};
+        assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Subgroup8), Portable);
+        assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Tiled), Tiled);
+        assert_eq!(kernel_owner(TunedOp::Attention, 32, Subgroup8), Subgroup8);
+        assert_eq!(kernel_owner(TunedOp::Attention, 48, Subgroup8), Portable);
+        assert_eq!(kernel_owner(TunedOp::Attention, 48, Tiled), Portable);
+        assert_eq!(kernel_owner(TunedOp::Matmul, 384, Tiled), Tiled);
     }
 
     #[test]
