@@ -246,15 +246,6 @@ pub const SENTENCE_BERT_CONFIG_FILE: &str = "sentence_bert_config.json";
 pub const MODULES_FILE: &str = "modules.json";
 pub const DEFAULT_POOLING_FILE: &str = "1_Pooling/config.json";
 
-/// The small files a model folder may hold, besides the weights.
-pub const SMALL_FILES: &[&str] = &[
-    CONFIG_FILE,
-    TOKENIZER_FILE,
-    SENTENCE_BERT_CONFIG_FILE,
-    MODULES_FILE,
-    DEFAULT_POOLING_FILE,
-];
-
 impl ModelSpec {
     /// Reads the spec from a model folder on disk.
     pub fn from_dir(dir: &Path) -> Result<Self> {

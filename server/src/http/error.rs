@@ -135,11 +135,6 @@ impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         let kind = match &error {
             QueueError::Invalid(_) => ErrorKind::Validation,
-            // Weights that cannot be had now may be had later: the service
-            // is unavailable rather than broken.
-            QueueError::Batch(error) if error.kind() == surf_engine::ErrorKind::Unavailable => {
-                ErrorKind::Unhealthy
-            }
             QueueError::Batch(_) | QueueError::Panicked(_) => ErrorKind::Backend,
             QueueError::Closed => ErrorKind::Unhealthy,
         };
