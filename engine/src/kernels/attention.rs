@@ -9,7 +9,7 @@
 //! kernel for run the portable one.
 
 use super::family::KernelFamily;
-use super::{Access, DispatchPlan, Kernel, subgroup_kernels};
+use super::{Access, DispatchPlan, Kernel, LazyKernel, subgroup_kernels};
 use crate::gpu::Gpu;
 
 /// Largest head size the kernel's registers hold.
@@ -45,11 +45,11 @@ fn tiled_key_block(head_dim: usize) -> u32 {
 }
 
 pub struct Attention {
-    kernel: Kernel,
+    kernel: LazyKernel,
     /// `(head_dim, kernel)` of the subgroup kernels this adapter can run.
-    subgroups: Vec<(usize, Kernel)>,
+    subgroups: Vec<(usize, LazyKernel)>,
     /// `(head_dim, kernel)` of the tiled family's kernels.
-    tiled: Vec<(usize, Kernel)>,
+    tiled: Vec<(usize, LazyKernel)>,
 }
 
 impl Attention {
@@ -77,12 +77,12 @@ impl Attention {
                         ("HEAD_DIM4", dim4),
                     ],
                 );
-                let kernel = Kernel::new(gpu, "attention_tiled", &source, &storage);
+                let kernel = LazyKernel::new(gpu, "attention_tiled", &source, &storage);
                 (head_dim, kernel)
             })
             .collect();
         Self {
-            kernel: Kernel::new(gpu, "attention", surf_shaders::ATTENTION, &storage),
+            kernel: LazyKernel::new(gpu, "attention", surf_shaders::ATTENTION, &storage),
             subgroups,
             tiled,
         }
@@ -93,7 +93,7 @@ impl Attention {
         self.subgroup_kernel(head_dim).is_some()
     }
 
-    fn subgroup_kernel(&self, head_dim: usize) -> Option<&Kernel> {
+    fn subgroup_kernel(&self, head_dim: usize) -> Option<&LazyKernel> {
         self.subgroups
             .iter()
             .find_map(|(dim, kernel)| (*dim == head_dim).then_some(kernel))
@@ -109,21 +109,21 @@ impl Attention {
         batch: usize,
         head_dim: usize,
     ) -> (&Kernel, [u32; 3]) {
-        fn of_head(kernels: &[(usize, Kernel)], head_dim: usize) -> Option<&Kernel> {
+        fn of_head(kernels: &[(usize, LazyKernel)], head_dim: usize) -> Option<&Kernel> {
             kernels
                 .iter()
-                .find_map(|(dim, kernel)| (*dim == head_dim).then_some(kernel))
+                .find_map(|(dim, kernel)| (*dim == head_dim).then(|| kernel.get()))
         }
         let (kernel, queries) = match family {
             KernelFamily::Subgroup8 => match self.subgroup_kernel(head_dim) {
-                Some(kernel) => (kernel, SUBGROUP_QUERIES),
-                None => (&self.kernel, QUERIES_PER_GROUP),
+                Some(kernel) => (kernel.get(), SUBGROUP_QUERIES),
+                None => (self.kernel.get(), QUERIES_PER_GROUP),
             },
             KernelFamily::Tiled => (
-                of_head(&self.tiled, head_dim).unwrap_or(&self.kernel),
+                of_head(&self.tiled, head_dim).unwrap_or(self.kernel.get()),
                 QUERIES_PER_GROUP,
             ),
-            KernelFamily::Portable => (&self.kernel, QUERIES_PER_GROUP),
+            KernelFamily::Portable => (self.kernel.get(), QUERIES_PER_GROUP),
         };
         let groups = [(seq as u32).div_ceil(queries), heads as u32, batch as u32];
         (kernel, groups)

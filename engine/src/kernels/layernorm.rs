@@ -1,7 +1,7 @@
 //! Launcher for `layernorm.wgsl`: LayerNorm with a fused residual add.
 
 use super::family::{KernelFamily, TILED_LAYERNORM_THREADS};
-use super::{Access, DispatchPlan, Kernel, grid_2d};
+use super::{Access, DispatchPlan, LazyKernel, grid_2d};
 use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
 
@@ -32,8 +32,8 @@ pub struct LayerNormOperands<'a> {
 /// One kernel of 8 lanes (the portable and subgroup8 families) and one of
 /// `TILED_LAYERNORM_THREADS` (the tiled family).
 pub struct LayerNorm {
-    kernel: Kernel,
-    tiled: Option<Kernel>,
+    kernel: LazyKernel,
+    tiled: Option<LazyKernel>,
 }
 
 impl LayerNorm {
@@ -46,10 +46,10 @@ impl LayerNorm {
             .then(|| {
                 let wide =
                     surf_shaders::specialize(&source, &[("THREADS", TILED_LAYERNORM_THREADS)]);
-                Kernel::new(gpu, "layernorm_tiled", &wide, &storage)
+                LazyKernel::new(gpu, "layernorm_tiled", &wide, &storage)
             });
         Self {
-            kernel: Kernel::new(gpu, "layernorm", &source, &storage),
+            kernel: LazyKernel::new(gpu, "layernorm", &source, &storage),
             tiled,
         }
     }
@@ -101,8 +101,8 @@ impl LayerNorm {
         // Without a residual the kernel never reads binding 2; any buffer will do.
         let residual = operands.residual.unwrap_or(operands.x);
         let kernel = match (family, &self.tiled) {
-            (KernelFamily::Tiled, Some(tiled)) => tiled,
-            _ => &self.kernel,
+            (KernelFamily::Tiled, Some(tiled)) => tiled.get(),
+            _ => self.kernel.get(),
         };
         plan.push(
             kernel,

@@ -8,7 +8,7 @@
 //! BERT layer satisfies, and fall back to the portable kernel otherwise.
 
 use super::family::{KernelFamily, SUBGROUP_LANES};
-use super::{Access, DispatchPlan, Kernel, subgroup_kernels};
+use super::{Access, DispatchPlan, LazyKernel, subgroup_kernels};
 use crate::config::Activation;
 use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
@@ -157,11 +157,11 @@ pub const PRIMING_ROWS: [usize; 4] = [1, 17, 33, 128];
 
 pub struct Matmul {
     dtype: WeightDtype,
-    general: Kernel,
+    general: LazyKernel,
     /// (rows, pipeline) per subgroup tile height, shortest first.
-    subgroups: Vec<(u32, Kernel)>,
+    subgroups: Vec<(u32, LazyKernel)>,
     /// None where the adapter cannot run workgroups of 256.
-    tiled: Option<Kernel>,
+    tiled: Option<LazyKernel>,
 }
 
 impl Matmul {
@@ -184,11 +184,11 @@ impl Matmul {
             .is_none()
             .then(|| {
                 let source = surf_shaders::with_weights(surf_shaders::MATMUL_TILED, words);
-                Kernel::new(gpu, "matmul_tiled", &source, &storage)
+                LazyKernel::new(gpu, "matmul_tiled", &source, &storage)
             });
         Self {
             dtype,
-            general: Kernel::new(gpu, "matmul", &general, &storage),
+            general: LazyKernel::new(gpu, "matmul", &general, &storage),
             subgroups,
             tiled,
         }
@@ -343,7 +343,7 @@ impl Matmul {
             return;
         }
         let kernel = match variant {
-            MatmulVariant::General => &self.general,
+            MatmulVariant::General => self.general.get(),
             MatmulVariant::Subgroups { rows } => {
                 assert!(
                     matches!(
@@ -356,6 +356,7 @@ impl Matmul {
                     .iter()
                     .find_map(|(tile, kernel)| (*tile == rows).then_some(kernel))
                     .unwrap_or_else(|| panic!("no {rows}-row subgroup matmul"))
+                    .get()
             }
             MatmulVariant::Tiled => {
                 assert!(
@@ -365,6 +366,7 @@ impl Matmul {
                 self.tiled
                     .as_ref()
                     .expect("the adapter runs workgroups of 256 for the tiled matmul")
+                    .get()
             }
         };
         let params = MatmulParams {

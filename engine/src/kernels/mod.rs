@@ -26,13 +26,13 @@ pub fn subgroup_kernels(
     label: &'static str,
     sources: &[(u32, &str)],
     storage: &[Access],
-) -> Vec<(u32, Kernel)> {
+) -> Vec<(u32, LazyKernel)> {
     if KernelFamily::Subgroup8.unsupported_reason(gpu).is_some() {
         return Vec::new();
     }
     sources
         .iter()
-        .map(|&(variant, source)| (variant, Kernel::new(gpu, label, source, storage)))
+        .map(|&(variant, source)| (variant, LazyKernel::new(gpu, label, source, storage)))
         .collect()
 }
 
@@ -110,6 +110,35 @@ impl Kernel {
             layout,
             storage_count: storage.len(),
         }
+    }
+}
+
+/// A kernel compiled when first launched. An engine's launchers hold every
+/// family's kernels, but an adapter runs the few its measured choices name;
+/// compiling the others at start-up cost seconds on software adapters.
+pub struct LazyKernel {
+    gpu: Gpu,
+    label: &'static str,
+    source: String,
+    storage: Vec<Access>,
+    compiled: std::sync::OnceLock<Kernel>,
+}
+
+impl LazyKernel {
+    pub fn new(gpu: &Gpu, label: &'static str, source: &str, storage: &[Access]) -> Self {
+        Self {
+            gpu: gpu.clone(),
+            label,
+            source: source.to_string(),
+            storage: storage.to_vec(),
+            compiled: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The compiled kernel, compiling it on the first call.
+    pub fn get(&self) -> &Kernel {
+        self.compiled
+            .get_or_init(|| Kernel::new(&self.gpu, self.label, &self.source, &self.storage))
     }
 }
 
