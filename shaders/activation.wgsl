@@ -1,5 +1,18 @@
-// Activations fused into the matmul epilogues. Included ahead of each matmul
-// kernel, whose uniform `params` must have an `activation` field.
+// The parameter block every matmul kernel takes, and the activations fused
+// into their epilogues. Included ahead of each matmul kernel.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    activation: u32,
+    a_offset: u32,
+    b_offset: u32,
+    bias_offset: u32,
+    c_offset: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
 
 const ACT_NONE: u32 = 0u;
 const ACT_GELU_ERF: u32 = 1u;

@@ -5,18 +5,7 @@
 // a 16x8 register block. Big register blocks pay off on software rasterizers,
 // where every memory access is a separate lane load, and are no worse on GPUs.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    activation: u32,
-    a_offset: u32,
-    b_offset: u32,
-    bias_offset: u32,
-    c_offset: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
+// `params` (binding 0) is declared in activation.wgsl, which comes first.
 @group(0) @binding(1) var<storage, read> lhs: array<f32>;
 // @weights(2, scalar)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;

@@ -30,18 +30,7 @@
 //   that loaded it;
 // - `{tile_m}` is the tile height on any line.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    activation: u32,
-    a_offset: u32,
-    b_offset: u32,
-    bias_offset: u32,
-    c_offset: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
+// `params` (binding 0) is declared in activation.wgsl, which comes first.
 @group(0) @binding(1) var<storage, read> lhs: array<vec4<f32>>;
 // @weights(2, vec4)
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
