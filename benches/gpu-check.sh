@@ -143,7 +143,8 @@ if k:
     print(f'| adapter | {k["adapter"]} |')
     print(f'| FMA peak | {k["fma_peak_gflop_s"]:.0f} GFLOP/s |')
     for row in k.get("families", []):
-        rates = ", ".join(f"{f} {row[f]:.1f}" for f in ("portable", "subgroup8", "tiled") if f in row)
+        per_family = row.get("rates", row)
+        rates = ", ".join(f"{f} {per_family[f]:.1f}" for f in ("portable", "subgroup8", "tiled") if f in per_family)
         print(f'| {row["op"]} rows {row["rows"]} k {row["k"]} n {row["n"]} ({row["unit"]}) | {rates}; '
               f'autotuned {row["autotuned"]}, {row["autotuned_over_fixed"]:.2f} x {row["fixed"]} |')
     if k.get("engine_per_s_32_short"):
