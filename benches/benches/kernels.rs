@@ -320,10 +320,8 @@ fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<Family
     let selection = match surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS") {
         KernelMode::Forced(family) => Selection::Forced(family),
         KernelMode::Auto => {
-            let incumbent_first: Vec<KernelFamily> = std::iter::once(fixed)
-                .chain(supported.iter().copied().filter(|f| *f != fixed))
-                .collect();
-            let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &incumbent_first)
+            let families = KernelFamily::incumbent_first(gpu);
+            let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &families)
                 .expect("measuring the kernel families");
             Selection::Tuned {
                 shapes,

@@ -209,23 +209,25 @@ pub fn measure_shape(
 ) -> Result<Option<TunedShape>> {
     let b = buffers(gpu, launchers, shape);
     let repeats = ((TARGET_FLOPS / flops(shape).max(1.0)).ceil() as usize).clamp(1, MAX_REPEATS);
+    let owners: Vec<KernelFamily> = families
+        .iter()
+        .map(|&family| kernel_owner(shape.op, shape.k, family))
+        .collect();
+    // Each kernel runs once, under its owner, in the incumbent-first order.
+    let mut distinct: Vec<KernelFamily> = Vec::new();
+    for &owner in &owners {
+        if !distinct.contains(&owner) {
+            distinct.push(owner);
+        }
+    }
     if !warm {
-        for &family in families {
+        for &family in &distinct {
             run_launches(gpu, launchers, family, shape, &b, 1)?;
         }
     }
     let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
     let mut staying = Vec::new();
-    let owners: Vec<KernelFamily> = families
-        .iter()
-        .map(|&family| kernel_owner(shape.op, shape.k, family))
-        .collect();
-    let mut measured: Vec<KernelFamily> = Vec::new();
-    for &family in &owners {
-        if measured.contains(&family) {
-            continue;
-        }
-        measured.push(family);
+    for &family in &distinct {
         let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
         let give_up_after = fastest_run * DROP_FACTOR / 1e6;
         match time_family(gpu, launchers, family, shape, &b, repeats, give_up_after)? {

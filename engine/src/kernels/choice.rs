@@ -101,16 +101,7 @@ fn measured_choices(
         );
     }
     if !missing.is_empty() {
-        // The family every shape ran before measuring goes first: the others
-        // must beat it, and a clearly slower one is dropped after one launch.
-        let incumbent = KernelFamily::fixed_default(gpu);
-        let families: Vec<KernelFamily> = std::iter::once(incumbent)
-            .chain(
-                KernelFamily::supported(gpu)
-                    .into_iter()
-                    .filter(|f| *f != incumbent),
-            )
-            .collect();
+        let families = KernelFamily::incumbent_first(gpu);
         let start = Instant::now();
         let found = autotune::measure(gpu, launchers, &missing, &families)?;
         tracing::info!(

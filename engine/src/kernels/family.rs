@@ -110,6 +110,15 @@ impl KernelFamily {
             .collect()
     }
 
+    /// The families `gpu` can run, the one to beat first: measuring drops a
+    /// family whose first launch already loses to the incumbent's whole run.
+    pub fn incumbent_first(gpu: &Gpu) -> Vec<KernelFamily> {
+        let incumbent = Self::fixed_default(gpu);
+        std::iter::once(incumbent)
+            .chain(Self::supported(gpu).into_iter().filter(|f| *f != incumbent))
+            .collect()
+    }
+
     /// The family every shape ran before kernels were measured per adapter:
     /// the subgroup kernels where they run, else the portable ones.
     pub fn fixed_default(gpu: &Gpu) -> KernelFamily {
