@@ -14,6 +14,7 @@ pub mod matmul;
 pub mod normalize;
 pub mod pool;
 pub mod selection;
+pub mod sources;
 pub mod tuning_cache;
 
 use crate::gpu::Gpu;
