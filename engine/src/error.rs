@@ -67,6 +67,8 @@ pub enum Error {
     },
     #[error("unknown kernel choice `{value}` in SURF_KERNELS (accepted: {accepted})")]
     KernelChoice { value: String, accepted: String },
+    #[error("unknown device limits `{value}` in SURF_LIMITS (accepted: {accepted})")]
+    LimitsChoice { value: String, accepted: String },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("weight source: {0}")]
@@ -123,7 +125,8 @@ impl Error {
             | Error::InvalidInput(_)
             | Error::InputFile { .. }
             | Error::KernelFamily { .. }
-            | Error::KernelChoice { .. } => ErrorKind::BadInput,
+            | Error::KernelChoice { .. }
+            | Error::LimitsChoice { .. } => ErrorKind::BadInput,
             Error::NoAdapter { .. }
             | Error::Device { .. }
             | Error::AdapterLimit { .. }
