@@ -22,6 +22,20 @@ if ! has_vulkan_driver; then
   fi
 fi
 
+# The Khronos validation layer, for CI's run of the GPU tests under it
+# (`.ci/run` asks for it; an everyday set-up does not need it).
+if [ "${SURF_SETUP_VALIDATION_LAYERS:-0}" = 1 ] &&
+  ! compgen -G "/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json" >/dev/null; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing vulkan-validationlayers ..." >&2
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq vulkan-validationlayers >/dev/null
+  else
+    echo "error: the Vulkan validation layer is missing and apt-get is not here" >&2
+    exit 1
+  fi
+fi
+
 # redis-server, for the tests and benches of the shared cache tier, which
 # start their own on a free loopback port (never the system's service).
 if ! command -v redis-server >/dev/null 2>&1; then

@@ -45,11 +45,8 @@ pub enum Error {
     InvalidInput(String),
     #[error("{path}: {problem}")]
     InputFile { path: PathBuf, problem: String },
-    #[error(
-        "no GPU adapter found{detail}. On Linux without a GPU, install a software Vulkan driver: \
-         `apt-get install -y mesa-vulkan-drivers`"
-    )]
-    NoAdapter { detail: String },
+    #[error("no GPU adapter found{detail}. {hint}")]
+    NoAdapter { detail: String, hint: String },
     #[error("the GPU device could not be created on {adapter}: {message}")]
     Device { adapter: String, message: String },
     #[error("the model needs {what} of {needed}, but the adapter {adapter} allows at most {limit}")]

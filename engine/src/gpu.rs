@@ -157,6 +157,10 @@ impl Gpu {
     async fn open(wanted: Option<&str>, limits_request: LimitsRequest) -> Result<Self> {
         let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
         descriptor.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        // `WGPU_DEBUG=0` and the like override the build's defaults: CI's
+        // validation-layer run turns off the shader debug info that Debian's
+        // layer (1.3.239) is too old to parse.
+        descriptor.flags = descriptor.flags.with_env();
         let instance = wgpu::Instance::new(descriptor);
         let mut adapters = instance.enumerate_adapters(descriptor_backends()).await;
         adapters
@@ -164,6 +168,7 @@ impl Gpu {
         if adapters.is_empty() {
             return Err(Error::NoAdapter {
                 detail: String::new(),
+                hint: no_adapter_hint(&gpu_vendors_present()),
             });
         }
         let adapter = match wanted {
@@ -178,6 +183,7 @@ impl Gpu {
                             " whose name contains `{name}` ({ADAPTER_ENV}); available: {}",
                             names.join(", ")
                         ),
+                        hint: no_adapter_hint(&gpu_vendors_present()),
                     })?
             }
             None => {
@@ -439,6 +445,59 @@ impl GpuErrorScope {
     }
 }
 
+/// PCI vendor ids of the display devices this machine shows (Linux: DRM
+/// cards, and NVIDIA's device node where its driver's container runtime
+/// exposes no DRM card).
+fn gpu_vendors_present() -> Vec<u32> {
+    let mut vendors: Vec<u32> = std::fs::read_dir("/sys/class/drm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|card| std::fs::read_to_string(card.path().join("device/vendor")).ok())
+        .filter_map(|id| u32::from_str_radix(id.trim().trim_start_matches("0x"), 16).ok())
+        .collect();
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        vendors.push(NVIDIA);
+    }
+    vendors.sort_unstable();
+    vendors.dedup();
+    vendors
+}
+
+const NVIDIA: u32 = 0x10de;
+
+/// The vendor's name for a PCI vendor id of a GPU maker.
+fn gpu_vendor_name(vendor: u32) -> Option<&'static str> {
+    match vendor {
+        NVIDIA => Some("NVIDIA"),
+        0x1002 => Some("AMD"),
+        0x8086 => Some("Intel"),
+        0x5143 => Some("Qualcomm"),
+        0x13b5 => Some("Arm"),
+        _ => None,
+    }
+}
+
+/// What to do when no adapter was found, given the GPU makers' devices the
+/// machine shows: with a GPU, its driver is missing (recommending a software
+/// rasterizer there would hide the card); without one, a software Vulkan
+/// driver runs everything.
+fn no_adapter_hint(vendors: &[u32]) -> String {
+    let makers: Vec<&str> = vendors.iter().filter_map(|&v| gpu_vendor_name(v)).collect();
+    if makers.is_empty() {
+        "On Linux without a GPU, install a software Vulkan driver: \
+         `apt-get install -y mesa-vulkan-drivers`"
+            .into()
+    } else {
+        format!(
+            "This machine has a GPU ({}) that no driver exposes: install its Vulkan driver \
+             (an ICD file under /usr/share/vulkan/icd.d or /etc/vulkan/icd.d, e.g. the \
+             driver's nvidia_icd.json), or try the GL backend with WGPU_BACKEND=gl",
+            makers.join(", ")
+        )
+    }
+}
+
 fn descriptor_backends() -> wgpu::Backends {
     wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
 }
@@ -495,6 +554,20 @@ mod tests {
         assert_eq!(asked.max_compute_invocations_per_workgroup, 256);
         assert_eq!(asked.min_uniform_buffer_offset_alignment, 64);
         assert_eq!(LimitsRequest::Adapter.limits(&adapter), adapter);
+    }
+
+    #[test]
+    fn without_an_adapter_a_machine_with_a_gpu_is_told_to_install_its_driver() {
+        use super::no_adapter_hint;
+        let software = no_adapter_hint(&[]);
+        assert!(software.contains("mesa-vulkan-drivers"), "{software}");
+        // A virtual display device (e.g. 0x1234, QEMU) is no GPU maker's.
+        assert!(no_adapter_hint(&[0x1234]).contains("mesa-vulkan-drivers"));
+        let nvidia = no_adapter_hint(&[0x10de]);
+        assert!(!nvidia.contains("mesa"), "{nvidia}");
+        assert!(nvidia.contains("NVIDIA"), "{nvidia}");
+        assert!(nvidia.contains("WGPU_BACKEND=gl"), "{nvidia}");
+        assert!(no_adapter_hint(&[0x1002, 0x8086]).contains("AMD, Intel"));
     }
 
     #[test]
