@@ -298,12 +298,8 @@ pub fn measure_shape(
     };
     let probe = run_launches(gpu, &clock, launchers, owners[0], shape, &b, 1)?;
     let repeats = repeats_for(probe);
-    let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
-    let mut staying = Vec::new();
-    for &family in &distinct {
-        let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
-        let give_up_after = fastest_run * DROP_FACTOR / 1e6;
-        match time_family(
+    let time = |family, give_up_after| {
+        time_family(
             gpu,
             &clock,
             launchers,
@@ -312,7 +308,14 @@ pub fn measure_shape(
             &b,
             repeats,
             give_up_after,
-        )? {
+        )
+    };
+    let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
+    let mut staying = Vec::new();
+    for &family in &distinct {
+        let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
+        let give_up_after = fastest_run * DROP_FACTOR / 1e6;
+        match time(family, give_up_after)? {
             Ok(time) => {
                 best.insert(family, time);
                 staying.push(family);
@@ -324,18 +327,9 @@ pub fn measure_shape(
     }
     for _ in 1..ROUNDS {
         for &family in &staying {
-            if let Ok(time) = time_family(
-                gpu,
-                &clock,
-                launchers,
-                family,
-                shape,
-                &b,
-                repeats,
-                f64::INFINITY,
-            )? {
-                let entry = best.entry(family).or_insert(time);
-                *entry = entry.min(time);
+            if let Ok(us) = time(family, f64::INFINITY)? {
+                let entry = best.entry(family).or_insert(us);
+                *entry = entry.min(us);
             }
         }
     }
