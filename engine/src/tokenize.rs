@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    Encoding, PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::error::{Error, Result};
 
@@ -122,6 +124,49 @@ impl TextTokenizer {
             .collect())
     }
 
+    /// Tokenizes (query, passage) pairs with the tokenizer's own pair
+    /// template (`[CLS] q [SEP] p [SEP]` with token types 0 then 1 for BERT,
+    /// `<s> q </s></s> p </s>` for XLM-RoBERTa). A pair longer than the
+    /// model's limit loses passage tokens first, from the side `truncation`
+    /// names, and query tokens only when the query alone is too long.
+    pub fn encode_pairs(
+        &self,
+        pairs: &[(&str, &str)],
+        truncation: Truncation,
+    ) -> Result<Vec<Tokens>> {
+        let fail = |e: tokenizers::Error| Error::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let tokenizer = &self.untruncated;
+        let queries: Vec<&str> = pairs.iter().map(|(query, _)| *query).collect();
+        let passages: Vec<&str> = pairs.iter().map(|(_, passage)| *passage).collect();
+        let queries = tokenizer.encode_batch(queries, false).map_err(fail)?;
+        let passages = tokenizer.encode_batch(passages, false).map_err(fail)?;
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |processor| processor.added_tokens(true));
+        let room = self.max_len.saturating_sub(special);
+        queries
+            .into_iter()
+            .zip(passages)
+            .map(|(mut query, mut passage)| {
+                if let Some(direction) = truncation.direction() {
+                    let (keep_query, keep_passage) = pair_lengths(query.len(), passage.len(), room);
+                    cut(&mut query, keep_query, direction);
+                    cut(&mut passage, keep_passage, direction);
+                }
+                let joined = tokenizer
+                    .post_process(query, Some(passage), true)
+                    .map_err(fail)?;
+                Ok(Tokens {
+                    ids: joined.get_ids().to_vec(),
+                    type_ids: joined.get_type_ids().to_vec(),
+                })
+            })
+            .collect()
+    }
+
     fn tokenizer_for(&self, truncation: Truncation) -> &Tokenizer {
         match truncation {
             Truncation::Right => &self.keep_first,
@@ -163,6 +208,37 @@ impl TextTokenizer {
     }
 }
 
+impl Truncation {
+    /// The side tokens are cut from; `None` when nothing is cut.
+    fn direction(self) -> Option<TruncationDirection> {
+        match self {
+            Truncation::Right => Some(TruncationDirection::Right),
+            Truncation::Left => Some(TruncationDirection::Left),
+            Truncation::None => None,
+        }
+    }
+}
+
+/// How many tokens of a query and of a passage fit in `room` tokens: the
+/// passage gives way first, then the query.
+pub fn pair_lengths(query: usize, passage: usize, room: usize) -> (usize, usize) {
+    if query + passage <= room {
+        (query, passage)
+    } else if query <= room {
+        (query, room - query)
+    } else {
+        (room, 0)
+    }
+}
+
+fn cut(encoding: &mut Encoding, keep: usize, direction: TruncationDirection) {
+    if encoding.len() > keep {
+        encoding.truncate(keep, 0, direction);
+        // The cut-off parts would otherwise go through the template too.
+        drop(encoding.take_overflowing());
+    }
+}
+
 /// One token of a tokenized text, for `/tokenize`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenPiece {
@@ -172,4 +248,18 @@ pub struct TokenPiece {
     /// Byte offsets into the text.
     pub start: usize,
     pub stop: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_lengths;
+
+    #[test]
+    fn the_passage_gives_way_before_the_query() {
+        assert_eq!(pair_lengths(3, 4, 10), (3, 4));
+        assert_eq!(pair_lengths(3, 9, 10), (3, 7));
+        assert_eq!(pair_lengths(10, 9, 10), (10, 0));
+        assert_eq!(pair_lengths(12, 9, 10), (10, 0));
+        assert_eq!(pair_lengths(0, 0, 0), (0, 0));
+    }
 }
