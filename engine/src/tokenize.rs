@@ -128,7 +128,9 @@ impl TextTokenizer {
     /// template (`[CLS] q [SEP] p [SEP]` with token types 0 then 1 for BERT,
     /// `<s> q </s></s> p </s>` for XLM-RoBERTa). A pair longer than the
     /// model's limit loses passage tokens first, from the side `truncation`
-    /// names, and query tokens only when the query alone is too long.
+    /// names, and query tokens only when the query alone is too long. An
+    /// empty passage leaves the query alone in the single-text template, as
+    /// transformers' tokenizers (and so sentence-transformers) treat it.
     pub fn encode_pairs(
         &self,
         pairs: &[(&str, &str)],
@@ -143,21 +145,31 @@ impl TextTokenizer {
         let passages: Vec<&str> = pairs.iter().map(|(_, passage)| *passage).collect();
         let queries = tokenizer.encode_batch(queries, false).map_err(fail)?;
         let passages = tokenizer.encode_batch(passages, false).map_err(fail)?;
-        let special = tokenizer
-            .get_post_processor()
-            .map_or(0, |processor| processor.added_tokens(true));
-        let room = self.max_len.saturating_sub(special);
+        let special = |is_pair| {
+            tokenizer
+                .get_post_processor()
+                .map_or(0, |processor| processor.added_tokens(is_pair))
+        };
+        let (single_special, pair_special) = (special(false), special(true));
         queries
             .into_iter()
             .zip(passages)
-            .map(|(mut query, mut passage)| {
+            .zip(pairs)
+            .map(|((mut query, mut passage), (_, passage_text))| {
+                let has_passage = !passage_text.is_empty();
+                let added = if has_passage {
+                    pair_special
+                } else {
+                    single_special
+                };
                 if let Some(direction) = truncation.direction() {
+                    let room = self.max_len.saturating_sub(added);
                     let (keep_query, keep_passage) = pair_lengths(query.len(), passage.len(), room);
                     cut(&mut query, keep_query, direction);
                     cut(&mut passage, keep_passage, direction);
                 }
                 let joined = tokenizer
-                    .post_process(query, Some(passage), true)
+                    .post_process(query, has_passage.then_some(passage), true)
                     .map_err(fail)?;
                 Ok(Tokens {
                     ids: joined.get_ids().to_vec(),
