@@ -31,7 +31,6 @@ mod batching;
 use batching::batch_length;
 mod builder;
 mod forward;
-mod labels_shim;
 mod rerank;
 pub use rerank::{
     ClassifierInput, ModelKind, Prediction, ScoreOptions, activate, label_scores, rank,
