@@ -173,17 +173,6 @@ pub fn assert_matches_golden_within(
     worst
 }
 
-/// `shared/fixtures/<name>/`, beside `shared/golden/`.
-pub fn fixture_dir(name: &str) -> PathBuf {
-    let dir = golden_dir().join("../fixtures").join(name);
-    assert!(
-        dir.join("config.json").is_file(),
-        "{} is missing: the small models of other families live in shared/fixtures",
-        dir.display()
-    );
-    dir
-}
-
 /// One pair of `pairs-dev.txt` with the cross-encoder's outputs, as
 /// sentence-transformers gave them.
 #[derive(Debug, Clone, Deserialize)]
