@@ -29,7 +29,37 @@ pub struct TextTokenizer {
     keep_last: Tokenizer,
     untruncated: Tokenizer,
     max_len: usize,
+    /// Whether token type ids reach the model; zeros otherwise.
+    token_types: bool,
     path: PathBuf,
+}
+
+/// The tokenizer's own settings, read by transformers beside `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// Classes that transformers 5 loads as its generic `tokenizer.json`
+/// backend, whose inputs to the model leave token type ids out.
+const GENERIC_TOKENIZER_CLASSES: [&str; 2] = ["PreTrainedTokenizerFast", "TokenizersBackend"];
+
+/// Whether transformers hands the model the token type ids of the
+/// tokenizer's template (1 on a BERT pair's second text), from
+/// `tokenizer_config.json`: what its `model_input_names` lists, else whether
+/// the class is a model's own tokenizer (`BertTokenizer`, as real BERT
+/// cross-encoders name) rather than the generic one, which gives the model
+/// none, so that it sees zeros. Without the file, the template's types.
+pub fn returns_token_types(tokenizer_config_json: Option<&[u8]>) -> bool {
+    let Some(config) = tokenizer_config_json
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(json).ok())
+    else {
+        return true;
+    };
+    if let Some(names) = config["model_input_names"].as_array() {
+        return names.iter().any(|name| name == "token_type_ids");
+    }
+    match config["tokenizer_class"].as_str() {
+        Some(class) => !GENERIC_TOKENIZER_CLASSES.contains(&class),
+        None => true,
+    }
 }
 
 /// The token ids of one text, `[CLS]` and `[SEP]` included.
@@ -92,8 +122,14 @@ impl TextTokenizer {
             keep_last: truncating(TruncationDirection::Left)?,
             untruncated,
             max_len,
+            token_types: true,
             path: path.into(),
         })
+    }
+
+    /// Feeds the model token type ids (the default), or zeros in their place.
+    pub fn set_token_types(&mut self, token_types: bool) {
+        self.token_types = token_types;
     }
 
     /// The most tokens one input may have, `[CLS]` and `[SEP]` included.
@@ -129,8 +165,8 @@ impl TextTokenizer {
     /// `<s> q </s></s> p </s>` for XLM-RoBERTa). A pair longer than the
     /// model's limit loses passage tokens first, from the side `truncation`
     /// names, and query tokens only when the query alone is too long. An
-    /// empty passage leaves the query alone in the single-text template, as
-    /// transformers' tokenizers (and so sentence-transformers) treat it.
+    /// empty passage still takes the pair template, as the model saw it in
+    /// sentence-transformers.
     pub fn encode_pairs(
         &self,
         pairs: &[(&str, &str)],
@@ -145,36 +181,29 @@ impl TextTokenizer {
         let passages: Vec<&str> = pairs.iter().map(|(_, passage)| *passage).collect();
         let queries = tokenizer.encode_batch(queries, false).map_err(fail)?;
         let passages = tokenizer.encode_batch(passages, false).map_err(fail)?;
-        let special = |is_pair| {
-            tokenizer
-                .get_post_processor()
-                .map_or(0, |processor| processor.added_tokens(is_pair))
-        };
-        let (single_special, pair_special) = (special(false), special(true));
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |processor| processor.added_tokens(true));
+        let room = self.max_len.saturating_sub(special);
         queries
             .into_iter()
             .zip(passages)
-            .zip(pairs)
-            .map(|((mut query, mut passage), (_, passage_text))| {
-                let has_passage = !passage_text.is_empty();
-                let added = if has_passage {
-                    pair_special
-                } else {
-                    single_special
-                };
+            .map(|(mut query, mut passage)| {
                 if let Some(direction) = truncation.direction() {
-                    let room = self.max_len.saturating_sub(added);
                     let (keep_query, keep_passage) = pair_lengths(query.len(), passage.len(), room);
                     cut(&mut query, keep_query, direction);
                     cut(&mut passage, keep_passage, direction);
                 }
                 let joined = tokenizer
-                    .post_process(query, has_passage.then_some(passage), true)
+                    .post_process(query, Some(passage), true)
                     .map_err(fail)?;
-                Ok(Tokens {
-                    ids: joined.get_ids().to_vec(),
-                    type_ids: joined.get_type_ids().to_vec(),
-                })
+                let ids = joined.get_ids().to_vec();
+                let type_ids = if self.token_types {
+                    joined.get_type_ids().to_vec()
+                } else {
+                    vec![0; ids.len()]
+                };
+                Ok(Tokens { ids, type_ids })
             })
             .collect()
     }
@@ -265,6 +294,26 @@ pub struct TokenPiece {
 #[cfg(test)]
 mod tests {
     use super::pair_lengths;
+
+    #[test]
+    fn token_types_follow_what_transformers_hands_the_model() {
+        use super::returns_token_types;
+        assert!(returns_token_types(None));
+        assert!(returns_token_types(Some(
+            br#"{"tokenizer_class": "BertTokenizer"}"#
+        )));
+        assert!(returns_token_types(Some(b"{}")));
+        assert!(!returns_token_types(Some(
+            br#"{"tokenizer_class": "PreTrainedTokenizerFast"}"#
+        )));
+        assert!(returns_token_types(Some(
+            br#"{"tokenizer_class": "PreTrainedTokenizerFast",
+                 "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}"#
+        )));
+        assert!(!returns_token_types(Some(
+            br#"{"tokenizer_class": "BertTokenizer", "model_input_names": ["input_ids"]}"#
+        )));
+    }
 
     #[test]
     fn the_passage_gives_way_before_the_query() {

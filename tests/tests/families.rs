@@ -43,7 +43,12 @@ fn check(name: &str, batch_size: usize, dtype: WeightDtype, layers: Option<usize
         return;
     };
     let golden = load_fixture_reference(name, "reference.json");
-    check_engine(&engine, &golden, dtype, &format!("{name} batch {batch_size} layers {layers:?}"));
+    check_engine(
+        &engine,
+        &golden,
+        dtype,
+        &format!("{name} batch {batch_size} layers {layers:?}"),
+    );
 }
 
 /// A weight server on loopback for `model_dir` serving `dtype`, and a
@@ -165,7 +170,12 @@ fn every_fixture_streams_from_a_weight_server_one_layer_at_a_time() {
             return;
         };
         let golden = load_fixture_reference(name, "reference.json");
-        check_engine(&engine, &golden, WeightDtype::F32, &format!("{name} streamed"));
+        check_engine(
+            &engine,
+            &golden,
+            WeightDtype::F32,
+            &format!("{name} streamed"),
+        );
         let info = engine.cache_info().expect("cache info");
         assert_eq!(info.layer_slots, 1);
     }
@@ -185,7 +195,12 @@ fn all_mpnet_base_v2_matches_sentence_transformers_locally() {
     assert_eq!(engine.spec().max_seq_length, 384);
     assert_eq!(engine.dimension(), 768);
     let golden = load_golden("mpnet-dev.st.json");
-    check_engine(&engine, &golden, WeightDtype::F32, "all-mpnet-base-v2 local");
+    check_engine(
+        &engine,
+        &golden,
+        WeightDtype::F32,
+        "all-mpnet-base-v2 local",
+    );
 }
 
 #[test]
@@ -195,7 +210,12 @@ fn all_mpnet_base_v2_streams_from_a_weight_server_under_a_two_layer_budget() {
         return;
     };
     let golden = load_golden("mpnet-dev.st.json");
-    check_engine(&engine, &golden, WeightDtype::F32, "all-mpnet-base-v2 streamed");
+    check_engine(
+        &engine,
+        &golden,
+        WeightDtype::F32,
+        "all-mpnet-base-v2 streamed",
+    );
     let stats = engine.inference_stats().expect("stats");
     assert!(stats.evictions > 0, "12 layers through 2 slots evict");
 }
@@ -207,5 +227,10 @@ fn all_mpnet_base_v2_with_f16_weights_streamed_stays_within_the_f16_bar() {
         return;
     };
     let golden = load_golden("mpnet-dev.st.json");
-    check_engine(&engine, &golden, WeightDtype::F16, "all-mpnet-base-v2 streamed f16");
+    check_engine(
+        &engine,
+        &golden,
+        WeightDtype::F16,
+        "all-mpnet-base-v2 streamed f16",
+    );
 }
