@@ -467,7 +467,7 @@ fn main() {
     service.shutdown();
     drop(service);
 
-    let reranking = rerank_rows(&gpu, &runtime, &client, &texts, quick);
+    let (reranking, reranking_rows) = rerank_rows(&gpu, &runtime, &client, &texts, quick);
 
     let at = |c: usize| levels.iter().find(|l| l.concurrency == c);
     let throughput_ratio = at(32).map(|l| l.per_s / batch_per_s);
@@ -556,6 +556,7 @@ fn main() {
                 "inputs_per_batch": l.inputs_per_batch,
             })).collect::<Vec<_>>(),
             "rerank": reranking,
+            "rerank_http": reranking_rows,
         }),
     );
 }
@@ -648,7 +649,7 @@ fn rerank_rows(
     client: &reqwest::Client,
     texts: &Arc<Vec<String>>,
     quick: bool,
-) -> serde_json::Value {
+) -> (serde_json::Value, Vec<serde_json::Value>) {
     let dir = std::env::temp_dir().join(format!("surf-bench-reranker-{}", std::process::id()));
     let mut spec = surf_engine::synth::SynthSpec::sized(6, 384, 12, 1536);
     spec.labels = Some(1);
@@ -749,14 +750,21 @@ fn rerank_rows(
     if let Some(r) = ratio {
         println!("HTTP pairs/s at concurrency 32 over in-process Engine::rerank: {r:.3}");
     }
-    json!({
+    let figures = json!({
         "passages_per_request": PASSAGES,
+        "in_process_calls": times.len(),
         "in_process_pairs_per_s": in_process,
         "http_c32_pairs_per_s_over_in_process": ratio,
-        "http": levels.iter().map(|(concurrency, requests, pairs_per_s)| json!({
-            "concurrency": concurrency,
-            "requests": requests,
-            "pairs_per_s": pairs_per_s,
-        })).collect::<Vec<_>>(),
-    })
+    });
+    let rows = levels
+        .iter()
+        .map(|(concurrency, requests, pairs_per_s)| {
+            json!({
+                "concurrency": concurrency,
+                "requests": requests,
+                "pairs_per_s": pairs_per_s,
+            })
+        })
+        .collect();
+    (figures, rows)
 }
