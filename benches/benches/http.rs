@@ -237,28 +237,22 @@ async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
     (value("surf_batch_size_sum"), value("surf_batch_size_count"))
 }
 
-/// `concurrency` closed-loop clients sending `requests` requests between them
-/// (texts from `offset` on): the wall time and each request's latency.
-async fn closed_loop(
-    client: &reqwest::Client,
-    url: &Arc<str>,
-    texts: &Arc<Vec<String>>,
-    concurrency: usize,
-    requests: usize,
-    offset: usize,
-) -> (Duration, Vec<Duration>) {
+/// `concurrency` closed-loop clients sending `requests` requests between
+/// them, request `i` being `send(i)`: the wall time and each request's
+/// latency.
+async fn clients<F, R>(concurrency: usize, requests: usize, send: F) -> (Duration, Vec<Duration>)
+where
+    F: Fn(usize) -> R + Send + Sync + 'static,
+    R: std::future::Future<Output = ()> + Send,
+{
     // Requests are handed out one at a time rather than split in advance, so
     // that no client idles while another still has a share to send.
     let next = Arc::new(AtomicUsize::new(0));
+    let send = Arc::new(send);
     let started = Instant::now();
-    let clients: Vec<_> = (0..concurrency)
+    let handles: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url, texts, next) = (
-                client.clone(),
-                Arc::clone(url),
-                Arc::clone(texts),
-                Arc::clone(&next),
-            );
+            let (next, send) = (Arc::clone(&next), Arc::clone(&send));
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
@@ -267,18 +261,38 @@ async fn closed_loop(
                         break latencies;
                     }
                     let sent = Instant::now();
-                    let vectors = embed(&client, &url, &texts[(offset + i) % texts.len()]).await;
+                    send(i).await;
                     latencies.push(sent.elapsed());
-                    assert_eq!(vectors.len(), 1, "one text, one vector");
                 }
             })
         })
         .collect();
     let mut latencies = Vec::with_capacity(requests);
-    for handle in clients {
+    for handle in handles {
         latencies.extend(handle.await.expect("a client task failed"));
     }
     (started.elapsed(), latencies)
+}
+
+/// `concurrency` clients sending `requests` one-text `/embed` requests
+/// between them (texts from `offset` on).
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &Arc<str>,
+    texts: &Arc<Vec<String>>,
+    concurrency: usize,
+    requests: usize,
+    offset: usize,
+) -> (Duration, Vec<Duration>) {
+    let (client, url, texts) = (client.clone(), Arc::clone(url), Arc::clone(texts));
+    clients(concurrency, requests, move |i| {
+        let (client, url, texts) = (client.clone(), Arc::clone(&url), Arc::clone(&texts));
+        async move {
+            let vectors = embed(&client, &url, &texts[(offset + i) % texts.len()]).await;
+            assert_eq!(vectors.len(), 1, "one text, one vector");
+        }
+    })
+    .await
 }
 
 struct Level {
@@ -601,8 +615,8 @@ async fn rerank(
         .collect()
 }
 
-/// `concurrency` closed-loop clients sending `requests` rerank requests of
-/// `PASSAGES` passages between them: the wall time.
+/// `concurrency` clients sending `requests` rerank requests of `PASSAGES`
+/// passages between them: the wall time.
 async fn rerank_loop(
     client: &reqwest::Client,
     url: &Arc<str>,
@@ -610,32 +624,16 @@ async fn rerank_loop(
     concurrency: usize,
     requests: usize,
 ) -> Duration {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let clients: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (client, url, texts, next) = (
-                client.clone(),
-                Arc::clone(url),
-                Arc::clone(texts),
-                Arc::clone(&next),
-            );
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= requests {
-                        break;
-                    }
-                    let ranks = rerank(&client, &url, RERANK_QUERY, &passages(&texts, i)).await;
-                    assert_eq!(ranks.len(), PASSAGES, "one score a passage");
-                }
-            })
-        })
-        .collect();
-    for handle in clients {
-        handle.await.expect("a client task failed");
-    }
-    started.elapsed()
+    let (client, url, texts) = (client.clone(), Arc::clone(url), Arc::clone(texts));
+    let (wall, _) = clients(concurrency, requests, move |i| {
+        let (client, url, texts) = (client.clone(), Arc::clone(&url), Arc::clone(&texts));
+        async move {
+            let ranks = rerank(&client, &url, RERANK_QUERY, &passages(&texts, i)).await;
+            assert_eq!(ranks.len(), PASSAGES, "one score a passage");
+        }
+    })
+    .await;
+    wall
 }
 
 const RERANK_QUERY: &str = "where does the sleepy cat wait";

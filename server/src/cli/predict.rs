@@ -9,7 +9,7 @@ use serde::Serialize;
 use surf_engine::{ClassifierInput, ScoreOptions};
 
 use super::engine_args::{EngineArgs, OpenedEngine};
-use super::rerank::{open_with_progress, read_inputs};
+use super::rerank::read_inputs;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
@@ -55,7 +55,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             embedded_server: _embedded,
         },
         progress,
-    ) = open_with_progress(&args.engine)?;
+    ) = args.engine.open_with_progress()?;
     let options = ScoreOptions {
         raw_scores: args.raw_scores,
         ..ScoreOptions::default()

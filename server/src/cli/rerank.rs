@@ -3,7 +3,6 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
@@ -36,25 +35,6 @@ struct RankLine {
     score: f32,
 }
 
-/// Opens the engine the flags name, with a progress bar over the layers
-/// while they stream in on a cold start (hidden when stderr is not a
-/// terminal). The bar is for the caller to clear.
-pub fn open_with_progress(
-    args: &EngineArgs,
-) -> anyhow::Result<(OpenedEngine, indicatif::ProgressBar)> {
-    let progress = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_message("streaming weights");
-    let bar = progress.clone();
-    let builder = args
-        .builder()
-        .on_layer_fetched(Arc::new(move |_layer, _bytes| bar.inc(1)));
-    let opened = args.open(builder)?;
-    Ok((opened, progress))
-}
-
 /// Reads a file of inputs, refusing one with none.
 pub fn read_inputs(path: &std::path::Path) -> Result<Vec<String>, EngineError> {
     let lines = read_lines(path)?;
@@ -76,7 +56,7 @@ pub fn run(args: RerankArgs) -> anyhow::Result<()> {
             embedded_server: _embedded,
         },
         progress,
-    ) = open_with_progress(&args.engine)?;
+    ) = args.engine.open_with_progress()?;
     let refs: Vec<&str> = passages.iter().map(String::as_str).collect();
     let options = ScoreOptions {
         raw_scores: args.raw_scores,

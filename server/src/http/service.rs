@@ -67,6 +67,16 @@ pub enum ClassifierItem {
     Pair(String, String),
 }
 
+impl ClassifierItem {
+    /// Characters of the input, for `x-compute-characters`.
+    fn characters(&self) -> usize {
+        match self {
+            ClassifierItem::Text(text) => text.chars().count(),
+            ClassifierItem::Pair(first, second) => first.chars().count() + second.chars().count(),
+        }
+    }
+}
+
 /// Vectors in input order, and where the request's time went. For a
 /// scoring request, each vector holds the input's scores, one per label.
 #[derive(Debug)]
@@ -238,26 +248,12 @@ impl EmbedService {
         options: ScoreRequestOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
-        let started = Instant::now();
-        let _permit = self.admit()?;
         self.require_kind(&[ModelKind::Reranker], "model is not a re-ranker model")?;
-        self.check_count(texts.len(), param)?;
-        let query_characters = query.chars().count();
-        let characters = texts
-            .iter()
-            .map(|text| query_characters + text.chars().count())
-            .sum();
-        let truncation = self.truncation(options);
         let items = texts
             .into_iter()
             .map(|text| ClassifierItem::Pair(query.clone(), text))
             .collect();
-        let answer = self
-            .run_queued(started, characters, move |engine| {
-                tokenize_classifier(engine, items, truncation, param)
-            })
-            .await?;
-        Ok(activate_all(answer, options.raw_scores))
+        self.score(items, options, param).await
     }
 
     /// Every label's score for each text or pair, in input order.
@@ -267,22 +263,24 @@ impl EmbedService {
         options: ScoreRequestOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
-        let started = Instant::now();
-        let _permit = self.admit()?;
         self.require_kind(
             &[ModelKind::Reranker, ModelKind::Classifier],
             "model is not a classifier model",
         )?;
+        self.score(items, options, param).await
+    }
+
+    /// Runs a classifier's inputs and turns its logits into scores.
+    async fn score(
+        &self,
+        items: Vec<ClassifierItem>,
+        options: ScoreRequestOptions,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        let started = Instant::now();
+        let _permit = self.admit()?;
         self.check_count(items.len(), param)?;
-        let characters = items
-            .iter()
-            .map(|item| match item {
-                ClassifierItem::Text(text) => text.chars().count(),
-                ClassifierItem::Pair(first, second) => {
-                    first.chars().count() + second.chars().count()
-                }
-            })
-            .sum();
+        let characters = items.iter().map(ClassifierItem::characters).sum();
         let truncation = self.truncation(options);
         let answer = self
             .run_queued(started, characters, move |engine| {
