@@ -11,13 +11,30 @@ has_vulkan_driver() {
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
+apt_install() {
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
 if ! has_vulkan_driver; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "installing mesa-vulkan-drivers (no Vulkan driver found) ..." >&2
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq mesa-vulkan-drivers >/dev/null
+    apt_install mesa-vulkan-drivers
   else
     echo "error: no Vulkan driver found; install your GPU's Vulkan driver or Mesa's (mesa-vulkan-drivers)" >&2
+    exit 1
+  fi
+fi
+
+# The Khronos validation layer, for CI's run of the GPU tests under it
+# (`.ci/run` asks for it; an everyday set-up does not need it).
+if [ "${SURF_SETUP_VALIDATION_LAYERS:-0}" = 1 ] &&
+  ! compgen -G "/usr/share/vulkan/explicit_layer.d/VkLayer_khronos_validation.json" >/dev/null; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "installing vulkan-validationlayers ..." >&2
+    apt_install vulkan-validationlayers
+  else
+    echo "error: the Vulkan validation layer is missing and apt-get is not here" >&2
     exit 1
   fi
 fi
@@ -27,8 +44,7 @@ fi
 if ! command -v redis-server >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     echo "installing redis-server ..." >&2
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq redis-server >/dev/null
+    apt_install redis-server
   else
     echo "warning: redis-server is missing and apt-get is not here; the Redis tests will be skipped" >&2
   fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The check to run on a machine with a real GPU: the kernel tests and the
-# golden tests on its adapter, then the kernels, embed and streaming benches
-# in quick form, ending with one short table. Aimed at under 8 minutes.
+# The check to run on a machine with a real GPU: it picks the card (and fails
+# at once on a software adapter), runs the kernel tests and the golden tests
+# on it, then the kernels, embed and streaming benches in quick form, ending
+# with one short table. Aimed at under 8 minutes.
 #
 # Such machines (the `device` tool's) have no Rust toolchain and take at most
 # 64 MiB of files a call, so the work is split in two:
@@ -29,7 +30,8 @@ model=assets/models/all-MiniLM-L6-v2
 
 prepare() {
     bash assets/fetch-model.sh
-    grep -qx "/$pack/" .git/info/exclude 2>/dev/null || echo "/$pack/" >>.git/info/exclude
+    # `.gitignore` lists $pack/, so a checkout without `.git/info` (a
+    # worktree, an unpacked archive) needs nothing written here.
     rm -rf "$pack"
     mkdir -p "$pack/bin" "$pack/model-1" "$pack/model-2"
     # The executables, as cargo builds them for `cargo test` and `cargo bench`
@@ -40,12 +42,14 @@ prepare() {
     cargo test --release --locked --no-run --message-format=json \
         -p surf-engine --test kernels -p surf-tests --test golden --test f16 >"$messages" &&
         cargo bench --locked --no-run --message-format=json \
-            -p surf-benches --bench kernels --bench embed --bench streaming >>"$messages" ||
+            -p surf-benches --bench kernels --bench embed --bench streaming >>"$messages" &&
+        cargo build --release --locked --message-format=json \
+            -p surf-server --bin surf >>"$messages" ||
         built=$?
     python3 - "$messages" "$pack/bin" <<'PY'
 import json, shutil, sys
 messages, dest = sys.argv[1], sys.argv[2]
-wanted = {"test-kernels", "test-golden", "test-f16", "bench-kernels", "bench-embed", "bench-streaming"}
+wanted = {"test-kernels", "test-golden", "test-f16", "bench-kernels", "bench-embed", "bench-streaming", "bin-surf"}
 for line in open(messages):
     try:
         m = json.loads(line)
@@ -54,7 +58,8 @@ for line in open(messages):
     if m.get("reason") == "compiler-message" and m["message"].get("level") == "error":
         print(m["message"].get("rendered", ""), file=sys.stderr)
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        kind = "bench" if "bench" in m["target"]["kind"] else "test"
+        kinds = m["target"]["kind"]
+        kind = "bench" if "bench" in kinds else "bin" if "bin" in kinds else "test"
         name = f'{kind}-{m["target"]["name"]}'
         if name not in wanted:
             continue
@@ -76,6 +81,53 @@ PY
     mkdir -p "$pack/bin/golden"
     cp ../shared/golden/dev-sentences.txt ../shared/golden/minilm-dev.*.json "$pack/bin/golden/"
     du -sh "$pack"/*
+}
+
+# The maker of this machine's GPU, by the PCI vendor of its display devices
+# (NVIDIA also by its device node, which containers show without DRM cards).
+card_vendor() {
+    local id
+    for id in $(cat /sys/class/drm/card*/device/vendor 2>/dev/null); do
+        case $id in
+            0x10de) echo NVIDIA && return ;;
+            0x1002) echo AMD && return ;;
+            0x8086) echo Intel && return ;;
+        esac
+    done
+    [[ -e /dev/nvidia0 ]] && echo NVIDIA
+    return 0
+}
+
+# Picks the adapter every step then uses and writes `surf info --json` (backend,
+# device type, driver, subgroup sizes, limits) to $2. Prefers the card:
+# SURF_ADAPTER defaults to its maker's name. When Vulkan shows no GPU, tries
+# wgpu's GL backend. Fails at once on a software adapter: this check measures
+# GPUs, and llvmpipe's figures are in BENCHMARKS.md already.
+choose_adapter() {
+    local surf=$1 report=$2 vendor
+    vendor=$(card_vendor)
+    if [[ -z "${SURF_ADAPTER:-}" && -n "$vendor" ]]; then
+        export SURF_ADAPTER=$vendor
+    fi
+    echo "card: ${vendor:-none seen}; SURF_ADAPTER=${SURF_ADAPTER:-} " | tee -a "$log"
+    local backend
+    for backend in "${WGPU_BACKEND:-vulkan}" gl; do
+        if WGPU_BACKEND=$backend SURF_KERNELS=portable "$surf" info --json >"$report" 2>>"$log"; then
+            local kind
+            kind=$(python3 -c 'import json,sys; a=json.load(open(sys.argv[1]))["adapter"]; print(a["device_type"])' "$report")
+            if [[ "$kind" != Cpu ]]; then
+                export WGPU_BACKEND=$backend
+                python3 -c 'import json,sys; a=json.load(open(sys.argv[1]))["adapter"]; print("adapter:", a["name"], a["backend"], a["device_type"], a["driver"], a["driver_info"], "subgroups", a["subgroup_min_size"], "to", a["subgroup_max_size"])' "$report" | tee -a "$log"
+                return 0
+            fi
+            echo "the $backend backend chose a software adapter" | tee -a "$log"
+        else
+            echo "the $backend backend found no usable GPU adapter (see $log)" | tee -a "$log"
+        fi
+        [[ "$backend" == gl ]] && break
+    done
+    echo "FAILED: no GPU adapter on Vulkan or GL, only a software one or none; this check measures GPUs" | tee -a "$log"
+    return 1
 }
 
 run() {
@@ -110,6 +162,7 @@ run() {
     export CI=true
     local log=$out/gpu-check.log
     : >"$log"
+    choose_adapter "$bin/bin-surf" "$out/adapter.json" || return 1
     local status=0
     step() {
         echo "== $*" | tee -a "$log"
@@ -128,7 +181,7 @@ run() {
     step "$bin/bench-embed" --bench
     step "$bin/bench-streaming" --bench
     cp bench-out/*.json "$out/" 2>/dev/null || true
-    python3 - "$root/bench-out" <<'PY' | tee "$out/gpu-check-table.txt"
+    python3 - "$root/bench-out" "$out" <<'PY' | tee "$out/gpu-check-table.txt"
 import json, os, sys
 out = sys.argv[1]
 def load(name):
@@ -139,6 +192,13 @@ def load(name):
 k, e, s = load("kernels"), load("embed"), load("streaming")
 print("| what | figure |")
 print("| --- | --- |")
+try:
+    a = json.load(open(os.path.join(sys.argv[2], "adapter.json")))["adapter"]
+    print(f'| adapter | {a["name"]} ({a["backend"]}, {a["device_type"]}), driver {a["driver"]} {a["driver_info"]} |')
+    print(f'| subgroups, timestamps, limits | {a["subgroup_min_size"]} to {a["subgroup_max_size"]} lanes, '
+          f'timestamps {a.get("timestamps")}, {a["max_storage_buffer_binding_size"] >> 20} MiB a binding |')
+except (OSError, ValueError, KeyError):
+    pass
 if k:
     print(f'| adapter | {k["adapter"]} |')
     print(f'| FMA peak | {k["fma_peak_gflop_s"]:.0f} GFLOP/s |')
@@ -151,8 +211,10 @@ if k:
         print(f'| engine, batches of 32 short sentences | {k["engine_per_s_32_short"]:.0f} embeddings/s |')
 if e:
     for row in e.get("rows", []):
-        print(f'| embed {row["input"]} batch {row.get("batch")} | {row["ours_per_s"]:.0f}/s, '
-              f'candle (CPU) {row["candle_per_s"]:.0f}/s, ratio {row["ratio"]:.2f} |')
+        model = row.get("model", e.get("model", ""))
+        versus = (f', candle (CPU) {row["candle_per_s"]:.0f}/s, ratio {row["ratio"]:.2f}'
+                  if row.get("candle_per_s") is not None else ', no candle model of this family')
+        print(f'| embed {model} {row["input"]} batch {row.get("batch")} | {row["ours_per_s"]:.0f}/s{versus} |')
 if s:
     print(f'| streaming overlap ratio (target <= 1.10 on a GPU) | {s.get("overlap_ratio", float("nan")):.3f} |')
 PY

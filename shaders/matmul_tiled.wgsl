@@ -8,10 +8,18 @@
 // and four consecutive columns. Per step of 16 along k the workgroup stages
 // a 64x16 block of A and a 16x64 block of B in workgroup memory, one vec4
 // load of each per invocation, so every element fetched from the storage
-// buffers is reused 64 times from on-chip memory. A is staged k-major so that
-// one vec4 read gives an invocation its four rows at one k, and B row-major
-// so that one vec4 read gives it its four columns; the 16 invocations that
-// share a row block read the same A vec4, which the hardware broadcasts.
+// buffers is reused 64 times from on-chip memory. Both blocks are staged as
+// they lie in memory: A row-major (a vec4 holds four k of one row) and B
+// row-major (a vec4 holds four columns of one k). Per four k an invocation
+// reads the A vec4s of its four rows and the four B vec4s of its columns; the
+// 16 invocations that share a row block read the same A vec4s, which the
+// hardware broadcasts.
+//
+// Every store to workgroup memory writes one whole element, by one
+// invocation. WGSL allows a write to one component of a vector to touch the
+// whole vector, and Metal (and D3D) compile it as a read-modify-write of
+// it: four invocations each writing one component of a shared vec4, as an
+// earlier version transposing A on the way in did, race and lose values.
 
 // `params` (binding 0) is declared in activation.wgsl, which comes first.
 @group(0) @binding(1) var<storage, read> lhs: array<vec4<f32>>;
@@ -21,8 +29,9 @@
 const TILE: u32 = 64u;
 const TILE4: u32 = 16u;
 const K_STEP: u32 = 16u;
+const K_STEP4: u32 = 4u;
 
-// tile_a[kk * TILE4 + r4] holds rows 4 r4 .. 4 r4 + 3 of the block at step kk.
+// tile_a[row * K_STEP4 + kq] holds k 4 kq .. 4 kq + 3 of the block's row `row`.
 var<workgroup> tile_a: array<vec4<f32>, 256>;
 // tile_b[kk * TILE4 + c4] holds columns 4 c4 .. 4 c4 + 3 at step kk.
 var<workgroup> tile_b: array<vec4<f32>, 256>;
@@ -33,6 +42,11 @@ fn epilogue(acc: vec4<f32>, col4: u32) -> vec4<f32> {
         return v;
     }
     return vec4<f32>(activate(v.x), activate(v.y), activate(v.z), activate(v.w));
+}
+
+// acc += a.x * b0 + a.y * b1 + a.z * b2 + a.w * b3: four k steps of one row.
+fn mac(acc: vec4<f32>, a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(a.w), b3, fma(vec4<f32>(a.z), b2, fma(vec4<f32>(a.y), b1, fma(vec4<f32>(a.x), b0, acc))));
 }
 
 fn store(row: u32, col4: u32, acc: vec4<f32>) {
@@ -75,13 +89,8 @@ fn main(
         if (a_row < m && a_k4 < k4) {
             a = lhs[a_base + a_k4];
         }
-        // Transposed on the way in: element j of the vec4 is k = 4 load_k4 + j.
-        let r4 = load_row / 4u;
-        let ri = load_row % 4u;
-        tile_a[(4u * load_k4 + 0u) * TILE4 + r4][ri] = a.x;
-        tile_a[(4u * load_k4 + 1u) * TILE4 + r4][ri] = a.y;
-        tile_a[(4u * load_k4 + 2u) * TILE4 + r4][ri] = a.z;
-        tile_a[(4u * load_k4 + 3u) * TILE4 + r4][ri] = a.w;
+        // One whole vec4 per invocation (see the top of the file).
+        tile_a[load_row * K_STEP4 + load_k4] = a;
 
         let b_k = k0 + load_kk;
         var b = vec4<f32>(0.0);
@@ -91,13 +100,21 @@ fn main(
         tile_b[load_kk * TILE4 + load_c4] = b;
         workgroupBarrier();
 
-        for (var kk = 0u; kk < K_STEP; kk++) {
-            let rows = tile_a[kk * TILE4 + local.y];
-            let cols = tile_b[kk * TILE4 + local.x];
-            acc0 = fma(vec4<f32>(rows.x), cols, acc0);
-            acc1 = fma(vec4<f32>(rows.y), cols, acc1);
-            acc2 = fma(vec4<f32>(rows.z), cols, acc2);
-            acc3 = fma(vec4<f32>(rows.w), cols, acc3);
+        let own_rows = 4u * local.y * K_STEP4;
+        for (var kq = 0u; kq < K_STEP4; kq++) {
+            let a0 = tile_a[own_rows + kq];
+            let a1 = tile_a[own_rows + K_STEP4 + kq];
+            let a2 = tile_a[own_rows + 2u * K_STEP4 + kq];
+            let a3 = tile_a[own_rows + 3u * K_STEP4 + kq];
+            let b_row = 4u * kq * TILE4 + local.x;
+            let b0 = tile_b[b_row];
+            let b1 = tile_b[b_row + TILE4];
+            let b2 = tile_b[b_row + 2u * TILE4];
+            let b3 = tile_b[b_row + 3u * TILE4];
+            acc0 = mac(acc0, a0, b0, b1, b2, b3);
+            acc1 = mac(acc1, a1, b0, b1, b2, b3);
+            acc2 = mac(acc2, a2, b0, b1, b2, b3);
+            acc3 = mac(acc3, a3, b0, b1, b2, b3);
         }
         workgroupBarrier();
     }

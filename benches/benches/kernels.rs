@@ -24,7 +24,9 @@ use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };
-use surf_engine::kernels::selection::{ModelShapes, Selection, Shape, TunedOp, kernel_owner};
+use surf_engine::kernels::selection::{
+    ModelShapes, Selection, Shape, TimingSource, TunedOp, kernel_owner,
+};
 
 /// (m, k, n) of the layer's matmuls at 256 tokens: FFN up, FFN down, and the
 /// attention output projection at 2048 tokens.
@@ -292,6 +294,9 @@ struct FamilyRow {
     rates: Vec<(KernelFamily, f64)>,
     fixed: KernelFamily,
     autotuned: KernelFamily,
+    /// How the engine's measuring timed this shape; `None` when a family
+    /// was forced.
+    timing: Option<TimingSource>,
 }
 
 impl FamilyRow {
@@ -367,6 +372,11 @@ fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<Family
             rates,
             fixed,
             autotuned: selection.family(op, m, k, n),
+            timing: selection
+                .tuned()
+                .iter()
+                .find(|tuned| tuned.shape == shape)
+                .map(|tuned| tuned.timing),
         });
     }
     group.finish();
@@ -505,7 +515,7 @@ fn embeddings(criterion: &mut Criterion, gpu: &Gpu, quick: bool) -> Option<f64> 
 
 /// One row of the per-family table as JSON: the shape, a column per family,
 /// the fixed and the autotuned choice and the ratio of their rates.
-fn family_json(row: &FamilyRow) -> serde_json::Value {
+fn family_json(row: &FamilyRow, peak_gflops: f64) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     map.insert(
         "op".into(),
@@ -529,21 +539,39 @@ fn family_json(row: &FamilyRow) -> serde_json::Value {
         "autotuned_over_fixed".into(),
         (row.rate(row.autotuned) / row.rate(row.fixed)).into(),
     );
+    if row.shape.op != TunedOp::LayerNorm {
+        map.insert(
+            "autotuned_share_of_peak".into(),
+            (row.rate(row.autotuned) / peak_gflops).into(),
+        );
+    }
+    map.insert(
+        "timing".into(),
+        row.timing.map_or("forced", TimingSource::name).into(),
+    );
     serde_json::Value::Object(map)
 }
 
 /// The per-family table: every family's rate per shape, the fixed and the
 /// autotuned choice, and the autotuned choice's rate over the fixed one's.
-fn print_families(rows: &[FamilyRow]) {
+fn print_families(rows: &[FamilyRow], peak_gflops: f64) {
     let Some(first) = rows.first() else {
         return;
     };
-    println!("kernel families at MiniLM's shapes (GFLOP/s; LayerNorm in GB/s):");
+    let timing = first
+        .timing
+        .map_or("none (a family is forced)", TimingSource::name);
+    println!(
+        "kernel families at MiniLM's shapes (GFLOP/s; LayerNorm in GB/s; FMA peak {peak_gflops:.1} GFLOP/s; the choice timed by {timing}):"
+    );
     print!("  {:<10} {:>5} {:>5} {:>5}", "op", "rows", "k", "n");
     for (family, _) in &first.rates {
         print!(" {:>10}", family.name());
     }
-    println!(" {:>10} {:>10} {:>8}", "fixed", "autotuned", "ratio");
+    println!(
+        " {:>10} {:>10} {:>8} {:>8}",
+        "fixed", "autotuned", "ratio", "of peak"
+    );
     for row in rows {
         let Shape { op, rows: m, k, n } = row.shape;
         print!(
@@ -553,8 +581,13 @@ fn print_families(rows: &[FamilyRow]) {
         for (_, rate) in &row.rates {
             print!(" {rate:>10.2}");
         }
+        let share = if op == TunedOp::LayerNorm {
+            String::from("-")
+        } else {
+            format!("{:.1}%", 100.0 * row.rate(row.autotuned) / peak_gflops)
+        };
         println!(
-            " {:>10} {:>10} {:>8.3}",
+            " {:>10} {:>10} {:>8.3} {share:>8}",
             row.fixed.name(),
             row.autotuned.name(),
             row.rate(row.autotuned) / row.rate(row.fixed)
@@ -623,7 +656,7 @@ fn main() {
         }
         println!();
     }
-    print_families(&family_rows);
+    print_families(&family_rows, peak_gflops);
     for ((sequences, seq), gflops) in ATTENTION_SHAPES.iter().zip(&attention_rates) {
         println!(
             "attention {sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}: {gflops:8.2} GFLOP/s  {:5.1}% of peak",
@@ -677,7 +710,10 @@ fn main() {
             "layernorm_shape": format!("{layernorm_rows} x {}", HEADS * HEAD_DIM),
             "engine_per_s_32_short": per_second,
             "kernels": kernels,
-            "families": family_rows.iter().map(family_json).collect::<Vec<_>>(),
+            "families": family_rows
+                .iter()
+                .map(|row| family_json(row, peak_gflops))
+                .collect::<Vec<_>>(),
         }),
     );
 }

@@ -45,11 +45,8 @@ pub enum Error {
     InvalidInput(String),
     #[error("{path}: {problem}")]
     InputFile { path: PathBuf, problem: String },
-    #[error(
-        "no GPU adapter found{detail}. On Linux without a GPU, install a software Vulkan driver: \
-         `apt-get install -y mesa-vulkan-drivers`"
-    )]
-    NoAdapter { detail: String },
+    #[error("no GPU adapter found{detail}. {hint}")]
+    NoAdapter { detail: String, hint: String },
     #[error("the GPU device could not be created on {adapter}: {message}")]
     Device { adapter: String, message: String },
     #[error("the model needs {what} of {needed}, but the adapter {adapter} allows at most {limit}")]
@@ -67,6 +64,8 @@ pub enum Error {
     },
     #[error("unknown kernel choice `{value}` in SURF_KERNELS (accepted: {accepted})")]
     KernelChoice { value: String, accepted: String },
+    #[error("unknown device limits `{value}` in SURF_LIMITS (accepted: {accepted})")]
+    LimitsChoice { value: String, accepted: String },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("weight source: {0}")]
@@ -123,7 +122,8 @@ impl Error {
             | Error::InvalidInput(_)
             | Error::InputFile { .. }
             | Error::KernelFamily { .. }
-            | Error::KernelChoice { .. } => ErrorKind::BadInput,
+            | Error::KernelChoice { .. }
+            | Error::LimitsChoice { .. } => ErrorKind::BadInput,
             Error::NoAdapter { .. }
             | Error::Device { .. }
             | Error::AdapterLimit { .. }

@@ -9,16 +9,92 @@ pub use wgpu::Features;
 /// Environment variable naming a substring of the adapter to use.
 pub const ADAPTER_ENV: &str = "SURF_ADAPTER";
 
+/// Environment variable choosing the limits the device is created with:
+/// `adapter` (the default: everything the adapter offers) or `default`
+/// (wgpu's defaults, the limits every desktop GPU and WebGPU have).
+pub const LIMITS_ENV: &str = "SURF_LIMITS";
+
+/// Which limits the device asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LimitsRequest {
+    /// Everything the adapter offers: big models need large bindings.
+    #[default]
+    Adapter,
+    /// wgpu's default limits only (128 MiB storage bindings, 256 MiB
+    /// buffers, 16 KiB of workgroup memory, 256 invocations), to check that
+    /// the engine runs within what any desktop GPU allows.
+    Default,
+}
+
+impl LimitsRequest {
+    const NAMES: [(&'static str, LimitsRequest); 2] = [
+        ("adapter", LimitsRequest::Adapter),
+        ("default", LimitsRequest::Default),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitsRequest::Adapter => "adapter",
+            LimitsRequest::Default => "default",
+        }
+    }
+
+    /// Parses a `SURF_LIMITS` value; empty means `adapter`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(LimitsRequest::Adapter);
+        }
+        Self::NAMES
+            .iter()
+            .find_map(|(name, request)| (*name == text).then_some(*request))
+            .ok_or_else(|| Error::LimitsChoice {
+                value: text.to_string(),
+                accepted: Self::NAMES.map(|(name, _)| name).join(", "),
+            })
+    }
+
+    /// The request `SURF_LIMITS` makes; `Adapter` when it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(LIMITS_ENV) {
+            Ok(value) => Self::parse(&value),
+            Err(_) => Ok(LimitsRequest::Adapter),
+        }
+    }
+
+    /// The limits to create the device with on an adapter offering
+    /// `adapter`. wgpu's defaults keep the adapter's buffer alignments,
+    /// which are requirements, not allowances.
+    pub fn limits(self, adapter: &wgpu::Limits) -> wgpu::Limits {
+        match self {
+            LimitsRequest::Adapter => adapter.clone(),
+            LimitsRequest::Default => wgpu::Limits::default().using_alignment(adapter.clone()),
+        }
+    }
+}
+
+/// The size a buffer of `bytes` bytes is created with: storage and uniform
+/// buffers are padded to whole 16-byte vec4s.
+pub fn padded_size(bytes: u64) -> u64 {
+    bytes.max(16).next_multiple_of(16)
+}
+
 /// One GPU device and queue, shared by every kernel launcher.
 #[derive(Clone)]
 pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: Arc<wgpu::AdapterInfo>,
+    /// The limits the device was created with (see `LimitsRequest`).
     pub limits: wgpu::Limits,
+    /// Which limits were asked for.
+    pub limits_request: LimitsRequest,
     /// What the adapter offers, whether or not the device asked for it.
     pub adapter_features: wgpu::Features,
     pub subgroups: bool,
+    /// Whether the device was created with timestamp queries, which time
+    /// kernels on the GPU's own clock.
+    pub timestamps: bool,
     /// Validation and out-of-memory errors the device raised since the last
     /// `check_errors`; wgpu would otherwise panic on them.
     errors: Arc<std::sync::Mutex<Vec<String>>>,
@@ -74,12 +150,17 @@ impl Gpu {
     /// `SURF_ADAPTER` (a case-insensitive name substring) overrides the order.
     pub fn new() -> Result<Self> {
         let wanted = std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty());
-        pollster::block_on(Self::open(wanted.as_deref()))
+        let limits = LimitsRequest::from_env()?;
+        pollster::block_on(Self::open(wanted.as_deref(), limits))
     }
 
-    async fn open(wanted: Option<&str>) -> Result<Self> {
+    async fn open(wanted: Option<&str>, limits_request: LimitsRequest) -> Result<Self> {
         let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
         descriptor.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+        // `WGPU_DEBUG=0` and the like override the build's defaults: CI's
+        // validation-layer run turns off the shader debug info that Debian's
+        // layer (1.3.239) is too old to parse.
+        descriptor.flags = descriptor.flags.with_env();
         let instance = wgpu::Instance::new(descriptor);
         let mut adapters = instance.enumerate_adapters(descriptor_backends()).await;
         adapters
@@ -87,6 +168,7 @@ impl Gpu {
         if adapters.is_empty() {
             return Err(Error::NoAdapter {
                 detail: String::new(),
+                hint: no_adapter_hint(&gpu_vendors_present()),
             });
         }
         let adapter = match wanted {
@@ -101,6 +183,7 @@ impl Gpu {
                             " whose name contains `{name}` ({ADAPTER_ENV}); available: {}",
                             names.join(", ")
                         ),
+                        hint: no_adapter_hint(&gpu_vendors_present()),
                     })?
             }
             None => {
@@ -122,18 +205,21 @@ impl Gpu {
         if subgroups {
             required_features |= wgpu::Features::SUBGROUP;
         }
+        let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        if timestamps {
+            required_features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         let cache_file = wgpu::util::pipeline_cache_key(&info)
             .filter(|_| adapter.features().contains(wgpu::Features::PIPELINE_CACHE))
             .and_then(|key| Some(crate::kernels::tuning_cache::cache_dir()?.join(key)));
         if cache_file.is_some() {
             required_features |= wgpu::Features::PIPELINE_CACHE;
         }
-        // Ask for everything the adapter offers: big models need large bindings.
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("surf"),
                 required_features,
-                required_limits: adapter_limits.clone(),
+                required_limits: limits_request.limits(&adapter_limits),
                 experimental_features: wgpu::ExperimentalFeatures::disabled(),
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
@@ -153,14 +239,22 @@ impl Gpu {
             }
         }));
         let pipeline_cache = cache_file.map(|path| Arc::new(load_pipeline_cache(&device, path)));
-        tracing::info!(adapter = %info.name, backend = ?info.backend, subgroups, "GPU device ready");
+        tracing::info!(
+            adapter = %info.name,
+            backend = ?info.backend,
+            subgroups,
+            limits = limits_request.name(),
+            "GPU device ready"
+        );
         Ok(Self {
             device,
             queue,
             info: Arc::new(info),
             limits,
+            limits_request,
             adapter_features: adapter.features(),
             subgroups,
+            timestamps,
             errors,
             pipeline_cache,
         })
@@ -233,17 +327,20 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
-    /// Fails unless one binding of `bytes` fits the device.
+    /// Fails unless one binding of `bytes` fits the device, at the padded
+    /// size `storage_buffer` creates it with: a binding within the limit by
+    /// less than its padding would otherwise pass here and fail in wgpu.
     pub fn check_binding_size(&self, what: &'static str, bytes: u64) -> Result<()> {
         let limit = self
             .limits
             .max_storage_buffer_binding_size
             .min(self.limits.max_buffer_size);
-        if bytes > limit {
+        let needed = padded_size(bytes);
+        if needed > limit {
             return Err(Error::AdapterLimit {
                 adapter: self.info.name.clone(),
                 what,
-                needed: bytes,
+                needed,
                 limit,
             });
         }
@@ -253,7 +350,7 @@ impl Gpu {
     pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: bytes.max(16).next_multiple_of(16),
+            size: padded_size(bytes),
             usage: wgpu::BufferUsages::STORAGE
                 | wgpu::BufferUsages::COPY_DST
                 | wgpu::BufferUsages::COPY_SRC,
@@ -270,7 +367,7 @@ impl Gpu {
     pub fn uniform_buffer(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: (data.len() as u64).max(16).next_multiple_of(16),
+            size: padded_size(data.len() as u64),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
@@ -348,6 +445,59 @@ impl GpuErrorScope {
     }
 }
 
+/// PCI vendor ids of the display devices this machine shows (Linux: DRM
+/// cards, and NVIDIA's device node where its driver's container runtime
+/// exposes no DRM card).
+fn gpu_vendors_present() -> Vec<u32> {
+    let mut vendors: Vec<u32> = std::fs::read_dir("/sys/class/drm")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|card| std::fs::read_to_string(card.path().join("device/vendor")).ok())
+        .filter_map(|id| u32::from_str_radix(id.trim().trim_start_matches("0x"), 16).ok())
+        .collect();
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        vendors.push(NVIDIA);
+    }
+    vendors.sort_unstable();
+    vendors.dedup();
+    vendors
+}
+
+const NVIDIA: u32 = 0x10de;
+
+/// The vendor's name for a PCI vendor id of a GPU maker.
+fn gpu_vendor_name(vendor: u32) -> Option<&'static str> {
+    match vendor {
+        NVIDIA => Some("NVIDIA"),
+        0x1002 => Some("AMD"),
+        0x8086 => Some("Intel"),
+        0x5143 => Some("Qualcomm"),
+        0x13b5 => Some("Arm"),
+        _ => None,
+    }
+}
+
+/// What to do when no adapter was found, given the GPU makers' devices the
+/// machine shows: with a GPU, its driver is missing (recommending a software
+/// rasterizer there would hide the card); without one, a software Vulkan
+/// driver runs everything.
+fn no_adapter_hint(vendors: &[u32]) -> String {
+    let makers: Vec<&str> = vendors.iter().filter_map(|&v| gpu_vendor_name(v)).collect();
+    if makers.is_empty() {
+        "On Linux without a GPU, install a software Vulkan driver: \
+         `apt-get install -y mesa-vulkan-drivers`"
+            .into()
+    } else {
+        format!(
+            "This machine has a GPU ({}) that no driver exposes: install its Vulkan driver \
+             (an ICD file under /usr/share/vulkan/icd.d or /etc/vulkan/icd.d, e.g. the \
+             driver's nvidia_icd.json), or try the GL backend with WGPU_BACKEND=gl",
+            makers.join(", ")
+        )
+    }
+}
+
 fn descriptor_backends() -> wgpu::Backends {
     wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY)
 }
@@ -365,5 +515,67 @@ pub fn gpu_for_tests() -> Option<Gpu> {
             eprintln!("skipping GPU test: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LimitsRequest, padded_size};
+
+    #[test]
+    fn limits_parse_by_name_and_reject_others_listing_the_accepted() {
+        assert_eq!(LimitsRequest::parse("").ok(), Some(LimitsRequest::Adapter));
+        assert_eq!(
+            LimitsRequest::parse("default").ok(),
+            Some(LimitsRequest::Default)
+        );
+        assert_eq!(
+            LimitsRequest::parse(" adapter ").ok(),
+            Some(LimitsRequest::Adapter)
+        );
+        let error = LimitsRequest::parse("webgl").expect_err("unknown");
+        assert!(error.is_bad_input());
+        let message = error.to_string();
+        assert!(message.contains("`webgl`"), "{message}");
+        assert!(message.contains("adapter, default"), "{message}");
+    }
+
+    #[test]
+    fn default_limits_are_wgpus_with_the_adapters_alignments() {
+        let adapter = wgpu::Limits {
+            max_storage_buffer_binding_size: 4 << 30,
+            min_uniform_buffer_offset_alignment: 64,
+            ..wgpu::Limits::default()
+        };
+        let asked = LimitsRequest::Default.limits(&adapter);
+        assert_eq!(asked.max_storage_buffer_binding_size, 128 << 20);
+        assert_eq!(asked.max_buffer_size, 256 << 20);
+        assert_eq!(asked.max_compute_workgroup_storage_size, 16 << 10);
+        assert_eq!(asked.max_compute_invocations_per_workgroup, 256);
+        assert_eq!(asked.min_uniform_buffer_offset_alignment, 64);
+        assert_eq!(LimitsRequest::Adapter.limits(&adapter), adapter);
+    }
+
+    #[test]
+    fn without_an_adapter_a_machine_with_a_gpu_is_told_to_install_its_driver() {
+        use super::no_adapter_hint;
+        let software = no_adapter_hint(&[]);
+        assert!(software.contains("mesa-vulkan-drivers"), "{software}");
+        // A virtual display device (e.g. 0x1234, QEMU) is no GPU maker's.
+        assert!(no_adapter_hint(&[0x1234]).contains("mesa-vulkan-drivers"));
+        let nvidia = no_adapter_hint(&[0x10de]);
+        assert!(!nvidia.contains("mesa"), "{nvidia}");
+        assert!(nvidia.contains("NVIDIA"), "{nvidia}");
+        assert!(nvidia.contains("WGPU_BACKEND=gl"), "{nvidia}");
+        assert!(no_adapter_hint(&[0x1002, 0x8086]).contains("AMD, Intel"));
+    }
+
+    #[test]
+    fn bindings_are_padded_to_whole_vec4s() {
+        assert_eq!(padded_size(0), 16);
+        assert_eq!(padded_size(17), 32);
+        assert_eq!(padded_size(128 << 20), 128 << 20);
+        assert_eq!(padded_size((128 << 20) - 4), 128 << 20);
+        assert_eq!(padded_size((128 << 20) + 4), (128 << 20) + 16);
     }
 }

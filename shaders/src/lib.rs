@@ -248,6 +248,102 @@ mod tests {
         }
     }
 
+    /// The lines of `source` that assign to part of an element of a
+    /// workgroup array (`tile[i][j] = ..`, `tile[i].x += ..`).
+    fn component_stores_to_workgroup_memory(source: &str) -> Vec<String> {
+        let code: Vec<&str> = source
+            .lines()
+            .map(|line| line.split("//").next().unwrap_or(""))
+            .collect();
+        let names: Vec<&str> = code
+            .iter()
+            .filter_map(|line| line.trim().strip_prefix("var<workgroup>"))
+            .filter_map(|rest| rest.split(':').next())
+            .map(str::trim)
+            .collect();
+        let mut found = Vec::new();
+        for line in &code {
+            for name in &names {
+                let mut rest = *line;
+                while let Some(at) = rest.find(&format!("{name}[")) {
+                    let after = &rest[at + name.len()..];
+                    // The end of the element's index, brackets balanced.
+                    let mut depth = 0;
+                    let close = after.char_indices().find_map(|(i, c)| {
+                        match c {
+                            '[' => depth += 1,
+                            ']' => depth -= 1,
+                            _ => {}
+                        }
+                        (depth == 0).then_some(i)
+                    });
+                    let Some(close) = close else { break };
+                    let tail = after[close + 1..].trim_start();
+                    let is_store = |t: &str| {
+                        let t = t.trim_start();
+                        (t.starts_with('=') && !t.starts_with("=="))
+                            || ["+=", "-=", "*=", "/="].iter().any(|op| t.starts_with(op))
+                    };
+                    let component = if let Some(swizzle) = tail.strip_prefix('.') {
+                        let end = swizzle
+                            .find(|c: char| !c.is_ascii_alphanumeric())
+                            .unwrap_or(swizzle.len());
+                        is_store(&swizzle[end..])
+                    } else if tail.starts_with('[') {
+                        let end = tail.find(']').map_or(tail.len(), |i| i + 1);
+                        is_store(&tail[end..])
+                    } else {
+                        false
+                    };
+                    if component {
+                        found.push(line.trim().to_string());
+                    }
+                    rest = &after[close + 1..];
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_workgroup_store_check_finds_component_stores() {
+        let racy = "var<workgroup> tile: array<vec4<f32>, 4>;\n\
+                    tile[i][j] = a.x;\n\
+                    tile[f(i)].y += 1.0;\n\
+                    tile[i] = a;\n\
+                    let x = tile[i].x == 0.0;\n";
+        assert_eq!(
+            component_stores_to_workgroup_memory(racy),
+            ["tile[i][j] = a.x;", "tile[f(i)].y += 1.0;"]
+        );
+    }
+
+    /// WGSL lets a store to one component of a vector touch the whole
+    /// vector, and Metal and D3D compile it as a read-modify-write: two
+    /// invocations writing components of one workgroup vector race. Every
+    /// kernel stores whole elements to workgroup memory.
+    #[test]
+    fn no_kernel_stores_part_of_a_workgroup_element() {
+        let sources = [
+            MATMUL,
+            MATMUL_TILED,
+            EMBED,
+            LAYERNORM,
+            ATTENTION,
+            super::POOL,
+            super::NORMALIZE,
+            super::FMA_PEAK,
+            super::GATE,
+        ]
+        .into_iter()
+        .chain(MATMUL_SUBGROUPS.iter().map(|(_, source)| *source))
+        .chain(ATTENTION_SUBGROUPS.iter().map(|(_, source)| *source));
+        for source in sources {
+            let stores = component_stores_to_workgroup_memory(source);
+            assert!(stores.is_empty(), "component stores: {stores:?}");
+        }
+    }
+
     #[test]
     fn every_matmul_tile_unrolls_all_its_rows_and_no_more() {
         for (rows, source) in MATMUL_SUBGROUPS {

@@ -63,6 +63,20 @@ fn tiled_key_block(head_dim: usize) -> u32 {
     (1024 / head_dim as u32).min(QUERIES_PER_GROUP)
 }
 
+/// The tiled family's attention for heads of `head_dim`: the portable
+/// kernel specialized to that head size.
+pub fn tiled_source(head_dim: usize) -> String {
+    let dim4 = head_dim as u32 / 4;
+    surf_shaders::specialize(
+        surf_shaders::ATTENTION,
+        &[
+            ("KEY_BLOCK", tiled_key_block(head_dim)),
+            ("MAX_DIM4", dim4),
+            ("HEAD_DIM4", dim4),
+        ],
+    )
+}
+
 pub struct Attention {
     kernel: LazyKernel,
     /// `(head_dim, kernel)` of the subgroup kernels this adapter can run.
@@ -87,15 +101,7 @@ impl Attention {
             .into_iter()
             .filter(|_| KernelFamily::Tiled.unsupported_reason(gpu).is_none())
             .map(|head_dim| {
-                let dim4 = head_dim as u32 / 4;
-                let source = surf_shaders::specialize(
-                    surf_shaders::ATTENTION,
-                    &[
-                        ("KEY_BLOCK", tiled_key_block(head_dim)),
-                        ("MAX_DIM4", dim4),
-                        ("HEAD_DIM4", dim4),
-                    ],
-                );
+                let source = tiled_source(head_dim);
                 let kernel = LazyKernel::new(gpu, "attention_tiled", &source, &storage);
                 (head_dim, kernel)
             })

@@ -1,16 +1,22 @@
 //! Measures the kernel families on the adapter at hand and keeps the fastest
-//! per shape. The decisions (which shapes, which bucket a launch takes) are
-//! in `selection`; this module only runs and times launches.
+//! per shape. The decisions (which shapes, which bucket a launch takes, which
+//! family wins on which timings) are in `selection` and `family`; this module
+//! only runs and times launches.
 //!
-//! Launches are repeated until they add up to `TARGET_FLOPS`, so that a small
-//! shape is not timed as the cost of one submission. Each family first runs
-//! once untimed at each row bucket of each op (software adapters compile a
+//! Where the device has timestamp queries, a submission is timed by the
+//! GPU's own clock at the start and end of its compute pass; elsewhere by
+//! the host's clock around the submission and the wait. Either way the
+//! launches of a shape are repeated until they take about `TARGET_SECONDS`,
+//! judged by one timed launch of the incumbent: on a desktop GPU a launch
+//! takes microseconds, and one launch per submission would time the
+//! submission's latency instead of the kernel. Each family first runs once
+//! untimed at each row bucket of each op (software adapters compile a
 //! pipeline on its first dispatch, and tile heights change with the rows).
-//! The family that ran before measuring goes first; any other family whose
-//! first launch alone takes longer than `DROP_FACTOR` times the best family's
-//! whole run is dropped there, since it cannot win, which keeps a slow family
-//! from costing seconds on a software adapter. The rest are timed `ROUNDS`
-//! times, keeping their best.
+//! The incumbent (`KernelFamily::incumbent_first`) goes first; any other
+//! family whose first launch alone takes longer than `DROP_FACTOR` times the
+//! best family's whole run is dropped there, since it cannot win, which
+//! keeps a slow family from costing seconds on a software adapter. The rest
+//! are timed `ROUNDS` times, keeping their best.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -20,8 +26,8 @@ use super::attention::Attention;
 use super::family::KernelFamily;
 use super::layernorm::{LayerNorm, LayerNormOperands};
 use super::matmul::{Epilogue, Matmul, MatmulOperands};
-use super::selection::{Shape, TunedOp, TunedShape, kernel_owner};
-use crate::error::Result;
+use super::selection::{Shape, TimingSource, TunedOp, TunedShape, kernel_owner};
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
 /// A family slower than the best by more than this after its first timed
@@ -29,11 +35,86 @@ use crate::gpu::Gpu;
 const DROP_FACTOR: f64 = 1.5;
 /// Timed runs of the families that stay.
 const ROUNDS: usize = 3;
-/// Work per timed submission, in floating-point operations.
-const TARGET_FLOPS: f64 = 64e6;
-const MAX_REPEATS: usize = 32;
+/// GPU time per timed submission.
+const TARGET_SECONDS: f64 = 1e-3;
+const MAX_REPEATS: usize = 256;
 /// Tokens per sequence of the attention measured at a row bucket.
 const ATTENTION_SEQ: usize = 128;
+
+/// Launches per timed submission: enough that one launch of `probe_seconds`
+/// repeated adds up to `TARGET_SECONDS`.
+fn repeats_for(probe_seconds: f64) -> usize {
+    ((TARGET_SECONDS / probe_seconds.max(1e-9)).ceil() as usize).clamp(1, MAX_REPEATS)
+}
+
+/// Times submissions by the GPU's timestamps where the device has them,
+/// else by the host's clock.
+pub struct Clock {
+    source: TimingSource,
+    /// Queries for the start and end of a pass, and the buffer they are
+    /// resolved into.
+    queries: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+}
+
+impl Clock {
+    pub fn new(gpu: &Gpu) -> Self {
+        let queries = gpu.timestamps.then(|| {
+            let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("tune timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolved = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tune timestamps"),
+                size: 2 * wgpu::QUERY_SIZE as u64,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            (set, resolved)
+        });
+        let source = match queries {
+            Some(_) => TimingSource::GpuTimestamps,
+            None => TimingSource::HostClock,
+        };
+        Self { source, queries }
+    }
+
+    pub fn source(&self) -> TimingSource {
+        self.source
+    }
+
+    /// Seconds that `plan` takes: its compute pass by the GPU's clock, or
+    /// its submission until the device is idle by the host's.
+    pub fn time(&self, gpu: &Gpu, plan: DispatchPlan) -> Result<f64> {
+        let Some((set, resolved)) = &self.queries else {
+            let start = Instant::now();
+            plan.submit(gpu);
+            gpu.wait_idle()?;
+            return Ok(start.elapsed().as_secs_f64());
+        };
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("tune"),
+            });
+        plan.record_timed(gpu, &mut encoder, set);
+        encoder.resolve_query_set(set, 0..2, resolved, 0);
+        gpu.queue.submit([encoder.finish()]);
+        let bytes = gpu.read_buffer(resolved, 2 * wgpu::QUERY_SIZE as u64)?;
+        let ticks: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|word| u64::from_le_bytes(word.try_into().unwrap_or_default()))
+            .collect();
+        let (start, end) = (ticks[0], ticks[1]);
+        if end < start {
+            return Err(Error::Gpu(format!(
+                "the GPU's timestamps ran backwards ({start} then {end})"
+            )));
+        }
+        let period_ns = f64::from(gpu.queue.get_timestamp_period());
+        Ok((end - start) as f64 * period_ns * 1e-9)
+    }
+}
 
 /// The launchers the measured ops run on.
 #[derive(Clone, Copy)]
@@ -55,19 +136,6 @@ struct ShapeBuffers {
 fn sequences_of(rows: usize) -> (usize, usize) {
     let seq = rows.clamp(1, ATTENTION_SEQ);
     (rows.div_ceil(seq), seq)
-}
-
-/// Floating-point operations of one launch, roughly for LayerNorm.
-fn flops(shape: &Shape) -> f64 {
-    let Shape { op, rows, k, n } = *shape;
-    match op {
-        TunedOp::Matmul => 2.0 * (rows * k * n) as f64,
-        TunedOp::Attention => {
-            let (sequences, seq) = sequences_of(rows);
-            4.0 * (sequences * seq * seq * k * n) as f64
-        }
-        TunedOp::LayerNorm => 10.0 * (rows * k) as f64,
-    }
 }
 
 fn buffers(gpu: &Gpu, launchers: &Launchers<'_>, shape: &Shape) -> ShapeBuffers {
@@ -157,6 +225,7 @@ fn push(
 /// Seconds to run `count` launches in one submission.
 fn run_launches(
     gpu: &Gpu,
+    clock: &Clock,
     launchers: &Launchers<'_>,
     family: KernelFamily,
     shape: &Shape,
@@ -167,17 +236,16 @@ fn run_launches(
     for _ in 0..count {
         push(gpu, launchers, &mut plan, family, shape, b);
     }
-    let start = Instant::now();
-    plan.submit(gpu);
-    gpu.wait_idle()?;
-    Ok(start.elapsed().as_secs_f64())
+    clock.time(gpu, plan)
 }
 
 /// Microseconds per launch over `repeats` launches, or `Err(first)` with the
 /// first launch's microseconds when that launch alone took longer than
 /// `give_up_after` seconds.
+#[allow(clippy::too_many_arguments)]
 fn time_family(
     gpu: &Gpu,
+    clock: &Clock,
     launchers: &Launchers<'_>,
     family: KernelFamily,
     shape: &Shape,
@@ -185,12 +253,12 @@ fn time_family(
     repeats: usize,
     give_up_after: f64,
 ) -> Result<Result<f64, f64>> {
-    let first = run_launches(gpu, launchers, family, shape, b, 1)?;
+    let first = run_launches(gpu, clock, launchers, family, shape, b, 1)?;
     if first > give_up_after {
         return Ok(Err(first * 1e6));
     }
     let rest = if repeats > 1 {
-        run_launches(gpu, launchers, family, shape, b, repeats - 1)?
+        run_launches(gpu, clock, launchers, family, shape, b, repeats - 1)?
     } else {
         0.0
     };
@@ -208,7 +276,7 @@ pub fn measure_shape(
     warm: bool,
 ) -> Result<Option<TunedShape>> {
     let b = buffers(gpu, launchers, shape);
-    let repeats = ((TARGET_FLOPS / flops(shape).max(1.0)).ceil() as usize).clamp(1, MAX_REPEATS);
+    let clock = Clock::new(gpu);
     let owners: Vec<KernelFamily> = families
         .iter()
         .map(|&family| kernel_owner(shape.op, shape.k, family))
@@ -222,15 +290,32 @@ pub fn measure_shape(
     }
     if !warm {
         for &family in &distinct {
-            run_launches(gpu, launchers, family, shape, &b, 1)?;
+            run_launches(gpu, &clock, launchers, family, shape, &b, 1)?;
         }
     }
+    let Some(&incumbent) = families.first() else {
+        return Ok(None);
+    };
+    let probe = run_launches(gpu, &clock, launchers, owners[0], shape, &b, 1)?;
+    let repeats = repeats_for(probe);
+    let time = |family, give_up_after| {
+        time_family(
+            gpu,
+            &clock,
+            launchers,
+            family,
+            shape,
+            &b,
+            repeats,
+            give_up_after,
+        )
+    };
     let mut best: BTreeMap<KernelFamily, f64> = BTreeMap::new();
     let mut staying = Vec::new();
     for &family in &distinct {
         let fastest_run = best.values().copied().fold(f64::INFINITY, f64::min) * repeats as f64;
         let give_up_after = fastest_run * DROP_FACTOR / 1e6;
-        match time_family(gpu, launchers, family, shape, &b, repeats, give_up_after)? {
+        match time(family, give_up_after)? {
             Ok(time) => {
                 best.insert(family, time);
                 staying.push(family);
@@ -242,11 +327,9 @@ pub fn measure_shape(
     }
     for _ in 1..ROUNDS {
         for &family in &staying {
-            if let Ok(time) =
-                time_family(gpu, launchers, family, shape, &b, repeats, f64::INFINITY)?
-            {
-                let entry = best.entry(family).or_insert(time);
-                *entry = entry.min(time);
+            if let Ok(us) = time(family, f64::INFINITY)? {
+                let entry = best.entry(family).or_insert(us);
+                *entry = entry.min(us);
             }
         }
     }
@@ -257,7 +340,12 @@ pub fn measure_shape(
             best.insert(family, time);
         }
     }
-    Ok(TunedShape::from_timings(*shape, best))
+    Ok(TunedShape::from_timings(
+        *shape,
+        incumbent,
+        best,
+        clock.source(),
+    ))
 }
 
 /// Times `families` on every shape; `families` starts with the one to beat.
@@ -279,4 +367,20 @@ pub fn measure(
         }
     }
     Ok(tuned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_REPEATS, repeats_for};
+
+    #[test]
+    fn launches_repeat_until_about_a_millisecond() {
+        // A desktop GPU's 10-microsecond launch: 100 to a submission.
+        assert_eq!(repeats_for(10e-6), 100);
+        // A software adapter's 5-millisecond launch: one is enough.
+        assert_eq!(repeats_for(5e-3), 1);
+        // Bounded both ways, even for a clock that reads zero.
+        assert_eq!(repeats_for(0.0), MAX_REPEATS);
+        assert_eq!(repeats_for(1e-7), MAX_REPEATS);
+    }
 }

@@ -45,6 +45,20 @@ pub struct LayerNormOperands<'a> {
     pub out: &'a wgpu::Buffer,
 }
 
+/// The 8-lane LayerNorm (portable and subgroup8 families) for weights stored
+/// as `dtype`.
+pub fn portable_source(dtype: WeightDtype) -> String {
+    surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words())
+}
+
+/// The tiled family's LayerNorm: the same kernel with wider workgroups.
+pub fn tiled_source(dtype: WeightDtype) -> String {
+    surf_shaders::specialize(
+        &portable_source(dtype),
+        &[("THREADS", TILED_LAYERNORM_THREADS)],
+    )
+}
+
 /// One kernel of 8 lanes (the portable and subgroup8 families) and one of
 /// `TILED_LAYERNORM_THREADS` (the tiled family).
 pub struct LayerNorm {
@@ -63,17 +77,12 @@ impl LayerNorm {
             Access::Read,
             Access::ReadWrite,
         ];
-        let source = surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words());
         let tiled = KernelFamily::Tiled
             .unsupported_reason(gpu)
             .is_none()
-            .then(|| {
-                let wide =
-                    surf_shaders::specialize(&source, &[("THREADS", TILED_LAYERNORM_THREADS)]);
-                LazyKernel::new(gpu, "layernorm_tiled", &wide, &storage)
-            });
+            .then(|| LazyKernel::new(gpu, "layernorm_tiled", &tiled_source(dtype), &storage));
         Self {
-            kernel: LazyKernel::new(gpu, "layernorm", &source, &storage),
+            kernel: LazyKernel::new(gpu, "layernorm", &portable_source(dtype), &storage),
             tiled,
             no_residual: gpu.storage_buffer("no residual", 16),
         }

@@ -153,6 +153,26 @@ pub fn subgroup_parts(m: usize, tiles: &[u32]) -> Vec<(u32, usize, usize)> {
 /// runs one probe of each length at start-up.
 pub const PRIMING_ROWS: [usize; 4] = [1, 17, 33, 128];
 
+/// The portable matmul for weights stored as `dtype`. The epilogue is chosen
+/// by a parameter at launch, so one source serves every activation.
+pub fn general_source(dtype: WeightDtype) -> String {
+    surf_shaders::with_weights(surf_shaders::MATMUL, dtype.words())
+}
+
+/// The subgroup matmul for weights stored as `dtype`, one source per tile
+/// height, shortest first.
+pub fn subgroup_sources(dtype: WeightDtype) -> Vec<(u32, String)> {
+    surf_shaders::MATMUL_SUBGROUPS
+        .iter()
+        .map(|&(rows, source)| (rows, surf_shaders::with_weights(source, dtype.words())))
+        .collect()
+}
+
+/// The tiled matmul for weights stored as `dtype`.
+pub fn tiled_source(dtype: WeightDtype) -> String {
+    surf_shaders::with_weights(surf_shaders::MATMUL_TILED, dtype.words())
+}
+
 pub struct Matmul {
     dtype: WeightDtype,
     general: LazyKernel,
@@ -166,27 +186,19 @@ impl Matmul {
     /// The pipelines for weights stored as `dtype`.
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         let storage = [Access::Read, Access::Read, Access::ReadWrite];
-        let words = dtype.words();
-        let sources: Vec<(u32, String)> = surf_shaders::MATMUL_SUBGROUPS
-            .iter()
-            .map(|&(rows, source)| (rows, surf_shaders::with_weights(source, words)))
-            .collect();
+        let sources = subgroup_sources(dtype);
         let sources: Vec<(u32, &str)> = sources
             .iter()
             .map(|(rows, source)| (*rows, source.as_str()))
             .collect();
         let subgroups = subgroup_kernels(gpu, "matmul_subgroups", &sources, &storage);
-        let general = surf_shaders::with_weights(surf_shaders::MATMUL, words);
         let tiled = KernelFamily::Tiled
             .unsupported_reason(gpu)
             .is_none()
-            .then(|| {
-                let source = surf_shaders::with_weights(surf_shaders::MATMUL_TILED, words);
-                LazyKernel::new(gpu, "matmul_tiled", &source, &storage)
-            });
+            .then(|| LazyKernel::new(gpu, "matmul_tiled", &tiled_source(dtype), &storage));
         Self {
             dtype,
-            general: LazyKernel::new(gpu, "matmul", &general, &storage),
+            general: LazyKernel::new(gpu, "matmul", &general_source(dtype), &storage),
             subgroups,
             tiled,
         }

@@ -14,6 +14,7 @@ pub mod matmul;
 pub mod normalize;
 pub mod pool;
 pub mod selection;
+pub mod sources;
 pub mod tuning_cache;
 
 use crate::gpu::Gpu;
@@ -200,7 +201,18 @@ impl DispatchPlan {
 
     /// Records every launch, in order, into one compute pass of `encoder`.
     pub fn record(self, gpu: &Gpu, encoder: &mut wgpu::CommandEncoder) {
-        self.record_with(gpu, encoder, None);
+        self.record_with(gpu, encoder, None, None);
+    }
+
+    /// Like `record`, with the GPU writing its clock at the start and end of
+    /// the pass to queries 0 and 1 of `timestamps` (`TIMESTAMP_QUERY`).
+    pub fn record_timed(
+        self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        timestamps: &wgpu::QuerySet,
+    ) {
+        self.record_with(gpu, encoder, None, Some(timestamps));
     }
 
     /// Like `record`, taking the uniform buffer and bind groups from `cache`
@@ -211,7 +223,7 @@ impl DispatchPlan {
         encoder: &mut wgpu::CommandEncoder,
         cache: &mut BindingCache,
     ) {
-        self.record_with(gpu, encoder, Some(cache));
+        self.record_with(gpu, encoder, Some(cache), None);
     }
 
     fn record_with(
@@ -219,6 +231,7 @@ impl DispatchPlan {
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         mut cache: Option<&mut BindingCache>,
+        timestamps: Option<&wgpu::QuerySet>,
     ) {
         if self.dispatches.is_empty() {
             return;
@@ -265,7 +278,11 @@ impl DispatchPlan {
         }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("surf"),
-            timestamp_writes: None,
+            timestamp_writes: timestamps.map(|query_set| wgpu::ComputePassTimestampWrites {
+                query_set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            }),
         });
         for (d, bind_group) in self.dispatches.iter().zip(&bind_groups) {
             pass.set_pipeline(&d.kernel.pipeline);

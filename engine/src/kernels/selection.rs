@@ -33,6 +33,29 @@ pub struct Shape {
     pub n: usize,
 }
 
+/// How launches were timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimingSource {
+    /// Timestamps written by the GPU at the start and end of the compute
+    /// pass (`TIMESTAMP_QUERY`): the kernels' time alone.
+    GpuTimestamps,
+    /// The host's clock around a submission and the wait for it, with the
+    /// launches repeated until they take about a millisecond so that the
+    /// submission's latency does not decide.
+    #[default]
+    HostClock,
+}
+
+impl TimingSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            TimingSource::GpuTimestamps => "gpu_timestamps",
+            TimingSource::HostClock => "host_clock",
+        }
+    }
+}
+
 /// What the measurement of one shape found.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TunedShape {
@@ -42,19 +65,48 @@ pub struct TunedShape {
     /// Best time per family, in microseconds per launch. A family dropped
     /// after one clearly slower run keeps that run's time.
     pub timings_us: BTreeMap<KernelFamily, f64>,
+    /// How the timings were taken.
+    #[serde(default)]
+    pub timing: TimingSource,
+}
+
+/// A challenger must beat the incumbent by more than this fraction of the
+/// incumbent's time to take a shape from it: closer than that is within the
+/// noise of a few timed runs, and the incumbent is the family shaped for the
+/// adapter.
+pub const INCUMBENT_MARGIN: f64 = 0.03;
+
+/// The family that runs a shape, from the timings of the families measured:
+/// the fastest, except that `incumbent` keeps the shape unless another is
+/// faster by more than `INCUMBENT_MARGIN`. Ties among the others go to the
+/// earlier family. `None` without timings.
+pub fn choose_family(
+    incumbent: KernelFamily,
+    timings_us: &BTreeMap<KernelFamily, f64>,
+) -> Option<KernelFamily> {
+    let (&fastest, &best) = timings_us
+        .iter()
+        .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))?;
+    match timings_us.get(&incumbent) {
+        Some(&held) if best >= held * (1.0 - INCUMBENT_MARGIN) => Some(incumbent),
+        _ => Some(fastest),
+    }
 }
 
 impl TunedShape {
-    /// The fastest family of `timings_us`; ties go to the earlier family.
-    pub fn from_timings(shape: Shape, timings_us: BTreeMap<KernelFamily, f64>) -> Option<Self> {
-        let family = timings_us
-            .iter()
-            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(b.0)))
-            .map(|(family, _)| *family)?;
+    /// The shape's choice among `timings_us` (see `choose_family`).
+    pub fn from_timings(
+        shape: Shape,
+        incumbent: KernelFamily,
+        timings_us: BTreeMap<KernelFamily, f64>,
+        timing: TimingSource,
+    ) -> Option<Self> {
+        let family = choose_family(incumbent, &timings_us)?;
         Some(TunedShape {
             shape,
             family,
             timings_us,
+            timing,
         })
     }
 }
@@ -173,6 +225,7 @@ mod tests {
             shape: Shape { op, rows, k, n },
             family,
             timings_us: BTreeMap::from([(family, 1.0)]),
+            timing: TimingSource::HostClock,
         }
     }
 
@@ -243,9 +296,63 @@ mod tests {
             (KernelFamily::Subgroup8, 10.0),
             (KernelFamily::Tiled, 10.0),
         ]);
-        let best = TunedShape::from_timings(shape, timings).expect("timings");
+        let best = TunedShape::from_timings(
+            shape,
+            KernelFamily::Portable,
+            timings,
+            TimingSource::HostClock,
+        )
+        .expect("timings");
         assert_eq!(best.family, KernelFamily::Subgroup8);
-        assert!(TunedShape::from_timings(shape, BTreeMap::new()).is_none());
+        assert!(
+            TunedShape::from_timings(
+                shape,
+                KernelFamily::Portable,
+                BTreeMap::new(),
+                TimingSource::HostClock
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn the_incumbent_keeps_a_shape_unless_clearly_beaten() {
+        use super::super::family::{AdapterFacts, KernelFamily::*};
+        let gpu = AdapterFacts {
+            device_type: wgpu::DeviceType::DiscreteGpu,
+            subgroups: true,
+            subgroup_min_size: 32,
+            subgroup_max_size: 32,
+            max_invocations_per_workgroup: 1024,
+            max_workgroup_storage: 49152,
+            timestamps: true,
+        };
+        let incumbent = KernelFamily::default_on(&gpu);
+        assert_eq!(incumbent, Tiled);
+        // Within the margin, even a faster subgroup kernel leaves it alone.
+        let close = BTreeMap::from([(Tiled, 100.0), (Subgroup8, 98.0), (Portable, 150.0)]);
+        assert_eq!(choose_family(incumbent, &close), Some(Tiled));
+        // Clearly faster by measurement, another family takes the shape.
+        let clear = BTreeMap::from([(Tiled, 100.0), (Subgroup8, 120.0), (Portable, 80.0)]);
+        assert_eq!(choose_family(incumbent, &clear), Some(Portable));
+        // An incumbent that was not timed (dropped) has no say.
+        let without = BTreeMap::from([(Subgroup8, 120.0), (Portable, 80.0)]);
+        assert_eq!(choose_family(incumbent, &without), Some(Portable));
+        assert_eq!(choose_family(incumbent, &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn old_cached_choices_read_as_host_clock_timings() {
+        let json =
+            r#"{"op":"matmul","rows":16,"k":4,"n":4,"family":"tiled","timings_us":{"tiled":1.0}}"#;
+        let shape: TunedShape = serde_json::from_str(json).expect("parses");
+        assert_eq!(shape.timing, TimingSource::HostClock);
+        let json = serde_json::to_string(&TunedShape {
+            timing: TimingSource::GpuTimestamps,
+            ..shape
+        })
+        .expect("serializes");
+        assert!(json.contains(r#""timing":"gpu_timestamps""#), "{json}");
     }
 
     #[test]

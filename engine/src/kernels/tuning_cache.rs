@@ -49,31 +49,29 @@ fn fnv1a(parts: &[&str]) -> u64 {
     hash
 }
 
-/// A hash of every kernel source that the measured families run.
+/// A hash of every kernel source the engine compiles, after expansion and
+/// specialization.
 fn kernel_sources_hash() -> u64 {
-    let mut parts = vec![
-        surf_shaders::MATMUL,
-        surf_shaders::MATMUL_TILED,
-        surf_shaders::ATTENTION,
-        surf_shaders::LAYERNORM,
-    ];
-    parts.extend(surf_shaders::MATMUL_SUBGROUPS.iter().map(|(_, s)| *s));
-    parts.extend(surf_shaders::ATTENTION_SUBGROUPS.iter().map(|(_, s)| *s));
+    let sources = super::sources::every_source();
+    let parts: Vec<&str> = sources.iter().map(|s| s.text.as_str()).collect();
     fnv1a(&parts)
 }
 
-/// What a measured choice is valid for: this adapter and driver, this wgpu,
+/// What a measured choice is valid for: this adapter and driver, its
+/// subgroup sizes (llvmpipe's follow `LP_NATIVE_VECTOR_WIDTH`), this wgpu,
 /// these kernels, and the weights' dtype.
 pub fn device_key(gpu: &Gpu, dtype: &str) -> String {
     let info = &gpu.info;
     format!(
-        "{} [{:04x}:{:04x}] {:?} driver `{}` `{}` | wgpu {} | kernels {:016x} | {dtype}",
+        "{} [{:04x}:{:04x}] {:?} driver `{}` `{}` subgroups {}-{} | wgpu {} | kernels {:016x} | {dtype}",
         info.name,
         info.vendor,
         info.device,
         info.backend,
         info.driver,
         info.driver_info,
+        info.subgroup_min_size,
+        info.subgroup_max_size,
         env!("SURF_WGPU_VERSION"),
         kernel_sources_hash(),
     )
@@ -183,6 +181,7 @@ mod tests {
             },
             family,
             timings_us: BTreeMap::from([(family, 10.0), (KernelFamily::Portable, 40.5)]),
+            timing: super::super::selection::TimingSource::HostClock,
         }
     }
 

@@ -40,7 +40,12 @@ struct AdapterReport {
     subgroup_min_size: u32,
     subgroup_max_size: u32,
     shader_f16: bool,
+    /// Whether autotuning times kernels by GPU timestamps (else the host clock).
+    timestamps: bool,
     pipeline_cache: bool,
+    /// Which limits the device asked for (`SURF_LIMITS`): `adapter` or
+    /// `default`. The limits below are the ones it was created with.
+    limits: &'static str,
     max_compute_invocations_per_workgroup: u32,
     max_compute_workgroup_storage_size: u32,
     max_storage_buffer_binding_size: u64,
@@ -84,7 +89,9 @@ fn adapter_report(gpu: &Gpu) -> AdapterReport {
         shader_f16: gpu
             .adapter_features
             .contains(surf_engine::gpu::Features::SHADER_F16),
+        timestamps: gpu.timestamps,
         pipeline_cache: gpu.pipeline_cache().is_some(),
+        limits: gpu.limits_request.name(),
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
@@ -133,14 +140,21 @@ fn print_text(report: &InfoReport) {
     println!("adapter   {} ({}, {})", a.name, a.backend, a.device_type);
     println!("driver    {} {}", a.driver, a.driver_info);
     println!(
-        "subgroups {} (sizes {} to {}), shader-f16 {}, pipeline cache {}",
-        a.subgroups, a.subgroup_min_size, a.subgroup_max_size, a.shader_f16, a.pipeline_cache
+        "subgroups {} (sizes {} to {}), shader-f16 {}, timestamps {}, pipeline cache {}",
+        a.subgroups,
+        a.subgroup_min_size,
+        a.subgroup_max_size,
+        a.shader_f16,
+        a.timestamps,
+        a.pipeline_cache
     );
     println!(
-        "limits    {} invocations and {} bytes of workgroup memory a workgroup, {} MiB a storage binding",
+        "limits    {} invocations and {} bytes of workgroup memory a workgroup, {} MiB a storage binding, {} MiB a buffer ({} limits, SURF_LIMITS)",
         a.max_compute_invocations_per_workgroup,
         a.max_compute_workgroup_storage_size,
-        a.max_storage_buffer_binding_size >> 20
+        a.max_storage_buffer_binding_size >> 20,
+        a.max_buffer_size >> 20,
+        a.limits
     );
     println!();
     println!("kernel families");

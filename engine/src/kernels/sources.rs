@@ -1,0 +1,152 @@
+//! Every WGSL source the engine can compile, whatever the adapter: each
+//! family, tile height, head size and weight dtype, after template expansion
+//! and specialization. The launchers build their pipelines from the same
+//! functions, so a kernel added there is listed here by construction; the
+//! translation test (`engine/tests/translate.rs`) runs each one through
+//! naga's Metal, HLSL and SPIR-V writers without a GPU.
+//!
+//! Epilogues (bias, activation) and the pooling mode are parameters read at
+//! launch, not compile-time variants, so one source covers all of them.
+
+use super::{attention, layernorm, matmul};
+use crate::dtype::WeightDtype;
+
+/// One source, named after its pipeline, with the adapter features it needs.
+#[derive(Debug, Clone)]
+pub struct KernelSource {
+    /// The pipeline's label, then what distinguishes this variant.
+    pub name: String,
+    /// Features a device must have to compile it (`SUBGROUP` for the
+    /// subgroup8 family).
+    pub features: wgpu::Features,
+    /// Downlevel capabilities it needs: `SHADER_F16_IN_F32` for the
+    /// `unpack2x16float` that reads f16 weights (core WebGPU, but absent from
+    /// Mesa's Vulkan drivers on devices without 16-bit floats).
+    pub downlevel: wgpu::DownlevelFlags,
+    pub text: String,
+}
+
+fn source(name: String, features: wgpu::Features, text: String) -> KernelSource {
+    let downlevel = if text.contains("unpack2x16float") {
+        wgpu::DownlevelFlags::SHADER_F16_IN_F32
+    } else {
+        wgpu::DownlevelFlags::empty()
+    };
+    KernelSource {
+        name,
+        features,
+        downlevel,
+        text,
+    }
+}
+
+/// Every source the engine's launchers can compile, for every weight dtype.
+pub fn every_source() -> Vec<KernelSource> {
+    let plain = wgpu::Features::empty();
+    let subgroup = wgpu::Features::SUBGROUP;
+    let mut sources = Vec::new();
+    for dtype in [WeightDtype::F32, WeightDtype::F16] {
+        sources.push(source(
+            format!("matmul {dtype}"),
+            plain,
+            matmul::general_source(dtype),
+        ));
+        for (rows, text) in matmul::subgroup_sources(dtype) {
+            sources.push(source(
+                format!("matmul_subgroups rows={rows} {dtype}"),
+                subgroup,
+                text,
+            ));
+        }
+        sources.push(source(
+            format!("matmul_tiled {dtype}"),
+            plain,
+            matmul::tiled_source(dtype),
+        ));
+        sources.push(source(
+            format!("layernorm {dtype}"),
+            plain,
+            layernorm::portable_source(dtype),
+        ));
+        sources.push(source(
+            format!("layernorm_tiled {dtype}"),
+            plain,
+            layernorm::tiled_source(dtype),
+        ));
+        sources.push(source(
+            format!("embed {dtype}"),
+            plain,
+            surf_shaders::with_weights(surf_shaders::EMBED, dtype.words()),
+        ));
+    }
+    sources.push(source(
+        "attention".into(),
+        plain,
+        surf_shaders::ATTENTION.into(),
+    ));
+    for head_dim in attention::TILED_HEAD_DIMS {
+        sources.push(source(
+            format!("attention_tiled head_dim={head_dim}"),
+            plain,
+            attention::tiled_source(head_dim),
+        ));
+    }
+    for (head_dim, text) in surf_shaders::ATTENTION_SUBGROUPS {
+        sources.push(source(
+            format!("attention_subgroups head_dim={head_dim}"),
+            subgroup,
+            text.into(),
+        ));
+    }
+    for (name, text) in [
+        ("pool", surf_shaders::POOL),
+        ("normalize", surf_shaders::NORMALIZE),
+        ("gate", surf_shaders::GATE),
+        ("fma_peak", surf_shaders::FMA_PEAK),
+    ] {
+        sources.push(source(name.into(), plain, text.into()));
+    }
+    sources
+}
+
+#[cfg(test)]
+mod tests {
+    use super::every_source;
+
+    #[test]
+    fn every_family_dtype_and_head_size_is_listed_once() {
+        let sources = every_source();
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        for name in [
+            "matmul f32",
+            "matmul_subgroups rows=128 f16",
+            "matmul_tiled f16",
+            "layernorm_tiled f32",
+            "attention_tiled head_dim=64",
+            "attention_subgroups head_dim=32",
+            "embed f16",
+            "gate",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), names.len(), "{names:?}");
+        for s in &sources {
+            let uses_subgroups = [
+                "subgroupBroadcast(",
+                "subgroupAdd(",
+                "subgroup_invocation_id",
+            ]
+            .iter()
+            .any(|op| s.text.contains(op));
+            assert_eq!(
+                s.features.contains(wgpu::Features::SUBGROUP),
+                uses_subgroups,
+                "{}",
+                s.name
+            );
+        }
+    }
+}
