@@ -379,6 +379,11 @@ const TINY_HEADER: &str = concat!(
     r#""cls.predictions.bias":{"dtype":"F32","shape":[1],"data_offsets":[40,44]}}"#
 );
 
+/// A BERT `config.json`: the family decides which tensors make a component.
+const TINY_CONFIG: &[u8] = br#"{"model_type": "bert", "vocab_size": 2, "hidden_size": 4,
+    "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 4,
+    "max_position_embeddings": 2}"#;
+
 async fn bind_folder(dir: &Path) -> Result<RunningServer, surf_server::Error> {
     WeightServer::bind(ServerConfig::new(dir, loopback())).await
 }
@@ -425,6 +430,7 @@ async fn broken_model_folders_are_refused_at_start() {
         r#"{"classifier.weight":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
         &[0u8; 4],
     );
+    std::fs::write(dir.join("config.json"), TINY_CONFIG).expect("writes");
     let not_bert = bind_folder(dir).await.err().expect("no BERT tensors");
     assert!(
         matches!(not_bert, surf_server::Error::InvalidModel { .. }),
@@ -441,7 +447,7 @@ async fn bert_prefixed_checkpoints_are_served_under_plain_names() {
     let folder = tempfile::tempdir().expect("a temp dir");
     let data: Vec<u8> = (0..44u8).collect();
     write_safetensors(folder.path(), TINY_HEADER, &data);
-    std::fs::write(folder.path().join("config.json"), b"{}").expect("writes");
+    std::fs::write(folder.path().join("config.json"), TINY_CONFIG).expect("writes");
     let server = bind_folder(folder.path())
         .await
         .expect("a valid tiny model");
@@ -461,7 +467,7 @@ async fn bert_prefixed_checkpoints_are_served_under_plain_names() {
         .await
         .expect("arrives");
     assert_eq!(&bias[..], &data[32..40]);
-    assert_eq!(manifest.file("config.json"), Some(&b"{}"[..]));
+    assert_eq!(manifest.file("config.json"), Some(TINY_CONFIG));
     client.close().await;
     server.shutdown().await;
 }
@@ -471,7 +477,7 @@ async fn files_a_model_does_not_need_stay_on_the_server() {
     let folder = tempfile::tempdir().expect("a temp dir");
     let dir = folder.path();
     write_safetensors(dir, TINY_HEADER, &(0..44u8).collect::<Vec<_>>());
-    std::fs::write(dir.join("config.json"), b"{}").expect("writes");
+    std::fs::write(dir.join("config.json"), TINY_CONFIG).expect("writes");
     std::fs::write(dir.join("secret.txt"), b"hunter2").expect("writes");
     std::fs::write(dir.join("other.json"), b"{}").expect("writes");
     std::fs::create_dir(dir.join("1_Pooling")).expect("a module folder");
