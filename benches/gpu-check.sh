@@ -211,8 +211,10 @@ if k:
         print(f'| engine, batches of 32 short sentences | {k["engine_per_s_32_short"]:.0f} embeddings/s |')
 if e:
     for row in e.get("rows", []):
-        print(f'| embed {row["input"]} batch {row.get("batch")} | {row["ours_per_s"]:.0f}/s, '
-              f'candle (CPU) {row["candle_per_s"]:.0f}/s, ratio {row["ratio"]:.2f} |')
+        model = row.get("model", e.get("model", ""))
+        versus = (f', candle (CPU) {row["candle_per_s"]:.0f}/s, ratio {row["ratio"]:.2f}'
+                  if row.get("candle_per_s") is not None else ', no candle model of this family')
+        print(f'| embed {model} {row["input"]} batch {row.get("batch")} | {row["ours_per_s"]:.0f}/s{versus} |')
 if s:
     print(f'| streaming overlap ratio (target <= 1.10 on a GPU) | {s.get("overlap_ratio", float("nan")):.3f} |')
 PY

@@ -25,6 +25,11 @@
 //! requests. A table follows on stdout and the figures go to
 //! `bench-out/http.json`. `SURF_BENCH_QUICK=1` skips criterion and sends a
 //! few requests per level.
+//!
+//! Reranking follows: a BERT cross-encoder of MiniLM's shape (random weights,
+//! one label) scores 20 passages a call through `Engine::rerank` and 20 a
+//! request through `POST /rerank` at concurrency 1 and 32, in pairs per
+//! second, after the two are checked to rank alike.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -232,28 +237,22 @@ async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
     (value("surf_batch_size_sum"), value("surf_batch_size_count"))
 }
 
-/// `concurrency` closed-loop clients sending `requests` requests between them
-/// (texts from `offset` on): the wall time and each request's latency.
-async fn closed_loop(
-    client: &reqwest::Client,
-    url: &Arc<str>,
-    texts: &Arc<Vec<String>>,
-    concurrency: usize,
-    requests: usize,
-    offset: usize,
-) -> (Duration, Vec<Duration>) {
+/// `concurrency` closed-loop clients sending `requests` requests between
+/// them, request `i` being `send(i)`: the wall time and each request's
+/// latency.
+async fn clients<F, R>(concurrency: usize, requests: usize, send: F) -> (Duration, Vec<Duration>)
+where
+    F: Fn(usize) -> R + Send + Sync + 'static,
+    R: std::future::Future<Output = ()> + Send,
+{
     // Requests are handed out one at a time rather than split in advance, so
     // that no client idles while another still has a share to send.
     let next = Arc::new(AtomicUsize::new(0));
+    let send = Arc::new(send);
     let started = Instant::now();
-    let clients: Vec<_> = (0..concurrency)
+    let handles: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url, texts, next) = (
-                client.clone(),
-                Arc::clone(url),
-                Arc::clone(texts),
-                Arc::clone(&next),
-            );
+            let (next, send) = (Arc::clone(&next), Arc::clone(&send));
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 loop {
@@ -262,18 +261,38 @@ async fn closed_loop(
                         break latencies;
                     }
                     let sent = Instant::now();
-                    let vectors = embed(&client, &url, &texts[(offset + i) % texts.len()]).await;
+                    send(i).await;
                     latencies.push(sent.elapsed());
-                    assert_eq!(vectors.len(), 1, "one text, one vector");
                 }
             })
         })
         .collect();
     let mut latencies = Vec::with_capacity(requests);
-    for handle in clients {
+    for handle in handles {
         latencies.extend(handle.await.expect("a client task failed"));
     }
     (started.elapsed(), latencies)
+}
+
+/// `concurrency` clients sending `requests` one-text `/embed` requests
+/// between them (texts from `offset` on).
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &Arc<str>,
+    texts: &Arc<Vec<String>>,
+    concurrency: usize,
+    requests: usize,
+    offset: usize,
+) -> (Duration, Vec<Duration>) {
+    let (client, url, texts) = (client.clone(), Arc::clone(url), Arc::clone(texts));
+    clients(concurrency, requests, move |i| {
+        let (client, url, texts) = (client.clone(), Arc::clone(&url), Arc::clone(&texts));
+        async move {
+            let vectors = embed(&client, &url, &texts[(offset + i) % texts.len()]).await;
+            assert_eq!(vectors.len(), 1, "one text, one vector");
+        }
+    })
+    .await
 }
 
 struct Level {
@@ -460,6 +479,9 @@ fn main() {
     let _ = server.stop.send(());
     server.thread.join().expect("the server thread panicked");
     service.shutdown();
+    drop(service);
+
+    let (reranking, reranking_rows) = rerank_rows(&gpu, &runtime, &client, &texts, quick);
 
     let at = |c: usize| levels.iter().find(|l| l.concurrency == c);
     let throughput_ratio = at(32).map(|l| l.per_s / batch_per_s);
@@ -547,6 +569,200 @@ fn main() {
                 "p99_ms": ms(l.p99),
                 "inputs_per_batch": l.inputs_per_batch,
             })).collect::<Vec<_>>(),
+            "rerank": reranking,
+            "rerank_http": reranking_rows,
         }),
     );
+}
+
+/// Passages of one `/rerank` request.
+const PASSAGES: usize = 20;
+const RERANK_CONCURRENCY: [usize; 2] = [1, 32];
+
+/// The `PASSAGES` passages of request `i`.
+fn passages(texts: &[String], i: usize) -> Vec<String> {
+    (0..PASSAGES)
+        .map(|k| texts[(i * PASSAGES + k) % texts.len()].clone())
+        .collect()
+}
+
+/// What `POST /rerank` answers: (index, score), highest first.
+async fn rerank(
+    client: &reqwest::Client,
+    url: &str,
+    query: &str,
+    texts: &[String],
+) -> Vec<(usize, f32)> {
+    let response = client
+        .post(url)
+        .json(&json!({ "query": query, "texts": texts }))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let ranks: Vec<serde_json::Value> = response
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url} answered no list: {e}"));
+    ranks
+        .iter()
+        .map(
+            |rank| match (rank["index"].as_u64(), rank["score"].as_f64()) {
+                (Some(index), Some(score)) => (index as usize, score as f32),
+                _ => panic!("POST {url} answered {rank} for a rank"),
+            },
+        )
+        .collect()
+}
+
+/// `concurrency` clients sending `requests` rerank requests of `PASSAGES`
+/// passages between them: the wall time.
+async fn rerank_loop(
+    client: &reqwest::Client,
+    url: &Arc<str>,
+    texts: &Arc<Vec<String>>,
+    concurrency: usize,
+    requests: usize,
+) -> Duration {
+    let (client, url, texts) = (client.clone(), Arc::clone(url), Arc::clone(texts));
+    let (wall, _) = clients(concurrency, requests, move |i| {
+        let (client, url, texts) = (client.clone(), Arc::clone(&url), Arc::clone(&texts));
+        async move {
+            let ranks = rerank(&client, &url, RERANK_QUERY, &passages(&texts, i)).await;
+            assert_eq!(ranks.len(), PASSAGES, "one score a passage");
+        }
+    })
+    .await;
+    wall
+}
+
+const RERANK_QUERY: &str = "where does the sleepy cat wait";
+
+/// Pairs per second of a MiniLM-sized BERT cross-encoder (random weights,
+/// one label): `Engine::rerank` on 20 passages a call in process, and
+/// `POST /rerank` with 20 passages a request at concurrency 1 and 32.
+fn rerank_rows(
+    gpu: &surf_engine::Gpu,
+    runtime: &Runtime,
+    client: &reqwest::Client,
+    texts: &Arc<Vec<String>>,
+    quick: bool,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let dir = std::env::temp_dir().join(format!("surf-bench-reranker-{}", std::process::id()));
+    let mut spec = surf_engine::synth::SynthSpec::sized(6, 384, 12, 1536);
+    spec.labels = Some(1);
+    let tokenizer = std::fs::read(minilm_dir().join("tokenizer.json")).expect("the tokenizer");
+    surf_engine::synth::write_model(&dir, &spec, &tokenizer).expect("the reranker is written");
+    let engine = Arc::new(
+        Engine::builder()
+            .model_dir(&dir)
+            .gpu(gpu.clone())
+            .build()
+            .expect("loading the reranker"),
+    );
+    let service = Arc::new(
+        EmbedService::start(Arc::clone(&engine), ServiceSettings::default())
+            .expect("the reranking service starts"),
+    );
+    let server = serve(Arc::clone(&service));
+    let url: Arc<str> = format!("{}/rerank", server.base).into();
+
+    // Both sides must rank alike before their speeds are compared.
+    let first = passages(texts, 0);
+    let refs: Vec<&str> = first.iter().map(String::as_str).collect();
+    let ours = engine
+        .rerank(RERANK_QUERY, &refs)
+        .expect("reranking in process");
+    let theirs = runtime.block_on(rerank(client, &url, RERANK_QUERY, &first));
+    for ((i, mine), (j, answered)) in ours.iter().zip(&theirs) {
+        assert!(
+            i == j && (mine - answered).abs() < 1e-4,
+            "the service ranks ({j}, {answered}) where the engine ranks ({i}, {mine})"
+        );
+    }
+
+    let calls = if quick { 2 } else { 3 * PLAIN_CALLS };
+    let mut times: Vec<Duration> = (0..calls)
+        .map(|i| {
+            let batch = passages(texts, i + 1);
+            let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+            time(&mut || {
+                std::hint::black_box(engine.rerank(RERANK_QUERY, &refs).expect("reranking"));
+            })
+        })
+        .collect();
+    times.sort();
+    let in_process = PASSAGES as f64 / percentile(&times, 0.5).as_secs_f64();
+
+    let levels: Vec<(usize, usize, f64)> = RERANK_CONCURRENCY
+        .iter()
+        .map(|&concurrency| {
+            runtime.block_on(async {
+                let warm_up = if quick {
+                    concurrency
+                } else {
+                    (2 * concurrency).max(8)
+                };
+                let warm = rerank_loop(client, &url, texts, concurrency, warm_up).await;
+                let requests = if quick {
+                    concurrency.max(2)
+                } else {
+                    let rate = warm_up as f64 / warm.as_secs_f64();
+                    ((rate * LEVEL_SECONDS) as usize).clamp((4 * concurrency).max(16), 20_000)
+                };
+                let wall = rerank_loop(client, &url, texts, concurrency, requests).await;
+                let pairs_per_s = (requests * PASSAGES) as f64 / wall.as_secs_f64();
+                (concurrency, requests, pairs_per_s)
+            })
+        })
+        .collect();
+    let _ = server.stop.send(());
+    server.thread.join().expect("the server thread panicked");
+    service.shutdown();
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let ratio = levels.iter().find(|l| l.0 == 32).map(|l| l.2 / in_process);
+    println!();
+    println!(
+        "reranking: BERT cross-encoder of MiniLM's shape (6 layers, hidden 384), {PASSAGES} \
+         passages a call or request"
+    );
+    println!(
+        "{:<11} {:>5} {:>9} {:>11}",
+        "path", "conc", "requests", "pairs/s"
+    );
+    println!(
+        "{:<11} {:>5} {:>9} {:>11.1}",
+        "in-process",
+        "-",
+        times.len(),
+        in_process
+    );
+    for (concurrency, requests, pairs_per_s) in &levels {
+        println!(
+            "{:<11} {concurrency:>5} {requests:>9} {pairs_per_s:>11.1}",
+            "http"
+        );
+    }
+    if let Some(r) = ratio {
+        println!("HTTP pairs/s at concurrency 32 over in-process Engine::rerank: {r:.3}");
+    }
+    let figures = json!({
+        "passages_per_request": PASSAGES,
+        "in_process_calls": times.len(),
+        "in_process_pairs_per_s": in_process,
+        "http_c32_pairs_per_s_over_in_process": ratio,
+    });
+    let rows = levels
+        .iter()
+        .map(|(concurrency, requests, pairs_per_s)| {
+            json!({
+                "concurrency": concurrency,
+                "requests": requests,
+                "pairs_per_s": pairs_per_s,
+            })
+        })
+        .collect();
+    (figures, rows)
 }

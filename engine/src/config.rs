@@ -171,6 +171,9 @@ pub struct ModelSpec {
     /// A sequence classifier's labels in id order (rerankers have one);
     /// `None` for embedding models.
     pub labels: Option<Vec<String>>,
+    /// Whether the tokenizer hands token type ids to the model, from
+    /// `tokenizer_config.json` (see [`crate::tokenize::returns_token_types`]).
+    pub token_types: bool,
 }
 
 /// The weights file of a Dense module's folder.
@@ -213,6 +216,9 @@ impl ModelSpec {
         let labels = classifier_labels(&config_path, &config_json)?;
 
         let tokenizer_json = required(TOKENIZER_FILE)?;
+        let token_types = crate::tokenize::returns_token_types(
+            read(crate::tokenize::TOKENIZER_CONFIG_FILE)?.as_deref(),
+        );
 
         // T5 has no position table to bound the input; 512 is what its
         // sentence-transformers models use.
@@ -304,6 +310,7 @@ impl ModelSpec {
             max_seq_length,
             tokenizer_json,
             labels,
+            token_types,
         })
     }
 

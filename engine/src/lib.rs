@@ -23,7 +23,9 @@ pub mod weights;
 
 pub use config::{Activation, ModelSpec, Pooling};
 pub use dtype::WeightDtype;
-pub use engine::{Embedding, Engine, EngineBuilder};
+pub use engine::{
+    ClassifierInput, Embedding, Engine, EngineBuilder, ModelKind, Prediction, ScoreOptions,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::Gpu;
 pub use model::{BertConfig, Family, ModelConfig};

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    Encoding, PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::error::{Error, Result};
 
@@ -27,7 +29,37 @@ pub struct TextTokenizer {
     keep_last: Tokenizer,
     untruncated: Tokenizer,
     max_len: usize,
+    /// Whether token type ids reach the model; zeros otherwise.
+    token_types: bool,
     path: PathBuf,
+}
+
+/// The tokenizer's own settings, read by transformers beside `tokenizer.json`.
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// Classes that transformers 5 loads as its generic `tokenizer.json`
+/// backend, whose inputs to the model leave token type ids out.
+const GENERIC_TOKENIZER_CLASSES: [&str; 2] = ["PreTrainedTokenizerFast", "TokenizersBackend"];
+
+/// Whether transformers hands the model the token type ids of the
+/// tokenizer's template (1 on a BERT pair's second text), from
+/// `tokenizer_config.json`: what its `model_input_names` lists, else whether
+/// the class is a model's own tokenizer (`BertTokenizer`, as real BERT
+/// cross-encoders name) rather than the generic one, which gives the model
+/// none, so that it sees zeros. Without the file, the template's types.
+pub fn returns_token_types(tokenizer_config_json: Option<&[u8]>) -> bool {
+    let Some(config) = tokenizer_config_json
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(json).ok())
+    else {
+        return true;
+    };
+    if let Some(names) = config["model_input_names"].as_array() {
+        return names.iter().any(|name| name == "token_type_ids");
+    }
+    match config["tokenizer_class"].as_str() {
+        Some(class) => !GENERIC_TOKENIZER_CLASSES.contains(&class),
+        None => true,
+    }
 }
 
 /// The token ids of one text, `[CLS]` and `[SEP]` included.
@@ -90,8 +122,14 @@ impl TextTokenizer {
             keep_last: truncating(TruncationDirection::Left)?,
             untruncated,
             max_len,
+            token_types: true,
             path: path.into(),
         })
+    }
+
+    /// Feeds the model token type ids (the default), or zeros in their place.
+    pub fn set_token_types(&mut self, token_types: bool) {
+        self.token_types = token_types;
     }
 
     /// The most tokens one input may have, `[CLS]` and `[SEP]` included.
@@ -120,6 +158,54 @@ impl TextTokenizer {
                 type_ids: e.get_type_ids().to_vec(),
             })
             .collect())
+    }
+
+    /// Tokenizes (query, passage) pairs with the tokenizer's own pair
+    /// template (`[CLS] q [SEP] p [SEP]` with token types 0 then 1 for BERT,
+    /// `<s> q </s></s> p </s>` for XLM-RoBERTa). A pair longer than the
+    /// model's limit loses passage tokens first, from the side `truncation`
+    /// names, and query tokens only when the query alone is too long. An
+    /// empty passage still takes the pair template, as the model saw it in
+    /// sentence-transformers.
+    pub fn encode_pairs(
+        &self,
+        pairs: &[(&str, &str)],
+        truncation: Truncation,
+    ) -> Result<Vec<Tokens>> {
+        let fail = |e: tokenizers::Error| Error::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        };
+        let tokenizer = &self.untruncated;
+        let queries: Vec<&str> = pairs.iter().map(|(query, _)| *query).collect();
+        let passages: Vec<&str> = pairs.iter().map(|(_, passage)| *passage).collect();
+        let queries = tokenizer.encode_batch(queries, false).map_err(fail)?;
+        let passages = tokenizer.encode_batch(passages, false).map_err(fail)?;
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |processor| processor.added_tokens(true));
+        let room = self.max_len.saturating_sub(special);
+        queries
+            .into_iter()
+            .zip(passages)
+            .map(|(mut query, mut passage)| {
+                if let Some(direction) = truncation.direction() {
+                    let (keep_query, keep_passage) = pair_lengths(query.len(), passage.len(), room);
+                    cut(&mut query, keep_query, direction);
+                    cut(&mut passage, keep_passage, direction);
+                }
+                let joined = tokenizer
+                    .post_process(query, Some(passage), true)
+                    .map_err(fail)?;
+                let ids = joined.get_ids().to_vec();
+                let type_ids = if self.token_types {
+                    joined.get_type_ids().to_vec()
+                } else {
+                    vec![0; ids.len()]
+                };
+                Ok(Tokens { ids, type_ids })
+            })
+            .collect()
     }
 
     fn tokenizer_for(&self, truncation: Truncation) -> &Tokenizer {
@@ -163,6 +249,37 @@ impl TextTokenizer {
     }
 }
 
+impl Truncation {
+    /// The side tokens are cut from; `None` when nothing is cut.
+    fn direction(self) -> Option<TruncationDirection> {
+        match self {
+            Truncation::Right => Some(TruncationDirection::Right),
+            Truncation::Left => Some(TruncationDirection::Left),
+            Truncation::None => None,
+        }
+    }
+}
+
+/// How many tokens of a query and of a passage fit in `room` tokens: the
+/// passage gives way first, then the query.
+pub fn pair_lengths(query: usize, passage: usize, room: usize) -> (usize, usize) {
+    if query + passage <= room {
+        (query, passage)
+    } else if query <= room {
+        (query, room - query)
+    } else {
+        (room, 0)
+    }
+}
+
+fn cut(encoding: &mut Encoding, keep: usize, direction: TruncationDirection) {
+    if encoding.len() > keep {
+        encoding.truncate(keep, 0, direction);
+        // The cut-off parts would otherwise go through the template too.
+        drop(encoding.take_overflowing());
+    }
+}
+
 /// One token of a tokenized text, for `/tokenize`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenPiece {
@@ -172,4 +289,38 @@ pub struct TokenPiece {
     /// Byte offsets into the text.
     pub start: usize,
     pub stop: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_lengths;
+
+    #[test]
+    fn token_types_follow_what_transformers_hands_the_model() {
+        use super::returns_token_types;
+        assert!(returns_token_types(None));
+        assert!(returns_token_types(Some(
+            br#"{"tokenizer_class": "BertTokenizer"}"#
+        )));
+        assert!(returns_token_types(Some(b"{}")));
+        assert!(!returns_token_types(Some(
+            br#"{"tokenizer_class": "PreTrainedTokenizerFast"}"#
+        )));
+        assert!(returns_token_types(Some(
+            br#"{"tokenizer_class": "PreTrainedTokenizerFast",
+                 "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}"#
+        )));
+        assert!(!returns_token_types(Some(
+            br#"{"tokenizer_class": "BertTokenizer", "model_input_names": ["input_ids"]}"#
+        )));
+    }
+
+    #[test]
+    fn the_passage_gives_way_before_the_query() {
+        assert_eq!(pair_lengths(3, 4, 10), (3, 4));
+        assert_eq!(pair_lengths(3, 9, 10), (3, 7));
+        assert_eq!(pair_lengths(10, 9, 10), (10, 0));
+        assert_eq!(pair_lengths(12, 9, 10), (10, 0));
+        assert_eq!(pair_lengths(0, 0, 0), (0, 0));
+    }
 }

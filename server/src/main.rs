@@ -21,6 +21,12 @@ enum Command {
     /// Show the GPU adapter, the kernel families it runs, and the kernel
     /// measured fastest for each of the model's shapes.
     Info(cli::info::InfoArgs),
+    /// Score passages against a query with a cross-encoder and print them
+    /// as JSON Lines, highest score first.
+    Rerank(cli::rerank::RerankArgs),
+    /// Score texts or pairs with a sequence classifier and print each
+    /// input's labels as JSON Lines.
+    Predict(cli::predict::PredictArgs),
     /// Serve a model's weights over QUIC.
     Serve(cli::serve::ServeArgs),
     /// Write a BERT model folder with random weights, for benchmarks at scale.
@@ -44,6 +50,8 @@ fn main() {
         Command::Embed(args) => cli::embed::run(args),
         Command::Http(args) => cli::http::run(args),
         Command::Info(args) => cli::info::run(args),
+        Command::Rerank(args) => cli::rerank::run(args),
+        Command::Predict(args) => cli::predict::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Synth(args) => cli::synth::run(args),
     };

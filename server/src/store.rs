@@ -130,8 +130,10 @@ impl ModelStore {
                 dtype: weight_dtype,
             });
         }
-        let config = read_config(model_dir)?;
         let file = map_file(&weights_path)?;
+        // A broken checkpoint is named as such before its config is read.
+        read_tensors(&weights_path, &file)?;
+        let config = read_config(model_dir)?;
         let (components, layouts) =
             split_into_components(&weights_path, &file, weight_dtype, &config)?;
         let files = read_small_files(model_dir)?;

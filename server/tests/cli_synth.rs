@@ -390,11 +390,13 @@ fn a_vocabulary_of_250002_rows_runs_under_the_default_limits() {
     let info = Command::new(env!("CARGO_BIN_EXE_surf"))
         .args(["info", "--json"])
         .env("SURF_LIMITS", "default")
+        .current_dir(root())
         .output()
         .expect("surf runs");
     assert!(info.status.success(), "stderr: {}", stderr(&info));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info JSON");
-    let binding = info["limits"]["max_storage_buffer_binding_size"]
+    assert_eq!(info["adapter"]["limits"], "default", "{info}");
+    let binding = info["adapter"]["max_storage_buffer_binding_size"]
         .as_u64()
         .expect("the binding limit is reported");
     assert_eq!(

@@ -184,3 +184,30 @@ pub fn assert_matches_golden_within(
     }
     worst
 }
+
+/// One pair of `pairs-dev.txt` with the cross-encoder's outputs, as
+/// sentence-transformers gave them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PairReference {
+    pub query: String,
+    pub passage: String,
+    pub ids: Vec<u32>,
+    /// The logit.
+    pub raw_score: f32,
+    /// Its sigmoid, what `CrossEncoder.predict` returns.
+    pub score: f32,
+}
+
+#[derive(Debug, Deserialize)]
+struct PairReferences {
+    items: Vec<PairReference>,
+}
+
+/// `reference.json` of a reranker fixture.
+pub fn pair_references(fixture: &str) -> Vec<PairReference> {
+    let path = fixture_dir(fixture).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let references: PairReferences =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    references.items
+}

@@ -60,7 +60,10 @@ const SECTIONS: [(&str, &str, &str); 6] = [
          clients at each concurrency; `inputs_per_batch` is what the queue merged. \
          `in_process` is `Engine::infer` on the same inputs and engine in the same \
          run. The two ratios hold HTTP throughput at concurrency 32 to one call on \
-         32 texts, and HTTP p50 at concurrency 1 to one call on one text.",
+         32 texts, and HTTP p50 at concurrency 1 to one call on one text. \
+         `rerank` and `rerank_http`: a BERT cross-encoder of MiniLM's shape (random \
+         weights, one label) scoring 20 passages a call through `Engine::rerank` \
+         and 20 a request through `POST /rerank`, in pairs per second.",
     ),
 ];
 

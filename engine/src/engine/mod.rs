@@ -34,6 +34,10 @@ mod batching;
 use batching::batch_length;
 mod builder;
 mod forward;
+mod rerank;
+pub use rerank::{
+    ClassifierInput, ModelKind, Prediction, ScoreOptions, activate, label_scores, rank,
+};
 
 pub use builder::{EngineBuilder, kernel_mode_from_env};
 
@@ -112,12 +116,13 @@ impl Engine {
     ) -> Result<Self> {
         let config = &spec.config;
         let dims = config.dims();
-        let tokenizer = TextTokenizer::from_json(
+        let mut tokenizer = TextTokenizer::from_json(
             &spec.origin.join(crate::config::TOKENIZER_FILE),
             &spec.tokenizer_json,
             spec.max_seq_length,
             dims.vocab,
         )?;
+        tokenizer.set_token_types(spec.token_types);
         let dtype = settings.weight_dtype;
         let mut kernels = Kernels::new(&gpu, dtype);
         gpu.check_errors()?;

@@ -2,7 +2,6 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
 use serde::Serialize;
@@ -62,24 +61,15 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         Some(path) => read_lines(path)?,
         None => args.texts.clone(),
     };
-    // Shown while layers stream in on a cold start; hidden when stderr is not a terminal.
-    let progress = indicatif::ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    progress.set_message("streaming weights");
-    let bar = progress.clone();
-    let builder = args
-        .engine
-        .builder()
-        .on_layer_fetched(Arc::new(move |_layer, _bytes| bar.inc(1)));
     // Held until the end: dropping it shuts an in-process server down.
-    let OpenedEngine {
-        engine,
-        embedded_server: _embedded,
-    } = args.engine.open(builder)?;
+    let (
+        OpenedEngine {
+            engine,
+            embedded_server: _embedded,
+        },
+        progress,
+    ) = args.engine.open_with_progress()?;
 
-    progress.set_length(engine.spec().config.num_layers() as u64);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let embeddings = engine.embed(&refs);
     progress.finish_and_clear();

@@ -106,6 +106,24 @@ impl EngineArgs {
             .weight_dtype(self.dtype)
     }
 
+    /// Opens the engine the flags name, with a progress bar over the layers
+    /// as they stream in on a cold start (hidden when stderr is not a
+    /// terminal). The bar is the caller's to clear.
+    pub fn open_with_progress(&self) -> anyhow::Result<(OpenedEngine, indicatif::ProgressBar)> {
+        let progress = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} layers")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        progress.set_message("streaming weights");
+        let bar = progress.clone();
+        let builder = self
+            .builder()
+            .on_layer_fetched(Arc::new(move |_layer, _bytes| bar.inc(1)));
+        let opened = self.open(builder)?;
+        progress.set_length(opened.engine.spec().config.num_layers() as u64);
+        Ok((opened, progress))
+    }
+
     /// Builds the engine from `builder` over the weight source the flags name.
     pub fn open(&self, builder: EngineBuilder) -> anyhow::Result<OpenedEngine> {
         if let Some(model) = &self.model {

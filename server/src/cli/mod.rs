@@ -4,6 +4,8 @@ pub mod embed;
 pub mod engine_args;
 pub mod http;
 pub mod info;
+pub mod predict;
+pub mod rerank;
 pub mod serve;
 pub mod synth;
 

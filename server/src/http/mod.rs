@@ -1,5 +1,5 @@
 //! The embedding service, shaped as TEI is: handlers that only parse and
-//! answer (`tei`, `openai`, `status`), a core that validates, tokenizes and
+//! answer (`tei`, `openai`, `rerank`, `status`), a core that validates, tokenizes and
 //! queues (`service`), and the engine's queue with its one engine thread.
 
 mod auth;
@@ -8,6 +8,7 @@ pub mod error;
 mod headers;
 pub mod metrics;
 mod openai;
+mod rerank;
 pub mod service;
 mod status;
 mod tei;
@@ -67,6 +68,9 @@ pub fn router(service: Arc<EmbedService>, settings: &HttpSettings) -> Router {
     Router::new()
         .route("/embed", post(tei::embed))
         .route("/tokenize", post(tei::tokenize))
+        .route("/rerank", post(rerank::rerank))
+        .route("/predict", post(rerank::predict))
+        .route("/v1/rerank", post(rerank::cohere_rerank))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/embeddings", post(openai::embeddings))
         .route("/info", get(status::info))

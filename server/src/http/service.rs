@@ -1,13 +1,16 @@
 //! The core of the embedding service, between the HTTP handlers and the
 //! engine's queue: admission (`--max-concurrent-requests`), validation,
 //! tokenization off the async workers, queueing, and the per-request
-//! `dimensions` and normalisation of the vectors that come back.
+//! `dimensions` and normalisation of the vectors that come back. Pairs for a
+//! cross-encoder take the same road: tokenized with the pair template, then
+//! queued and merged into batches with every other request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use surf_engine::engine::activate;
 use surf_engine::queue::{BatchLimits, BatchObserver};
-use surf_engine::{EmbedQueue, Engine, Tokens, Truncation};
+use surf_engine::{ClassifierInput, EmbedQueue, Engine, ModelKind, Tokens, Truncation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{ApiError, ErrorKind};
@@ -47,7 +50,35 @@ pub struct EmbedOptions {
     pub dimensions: Option<usize>,
 }
 
-/// Vectors in input order, and where the request's time went.
+/// What one scoring request (`/rerank`, `/predict`) asks for, besides its
+/// inputs.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreRequestOptions {
+    /// `None`: the server's `--auto-truncate`.
+    pub truncate: Option<bool>,
+    pub direction: Truncation,
+    pub raw_scores: bool,
+}
+
+/// One input of a classifier, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClassifierItem {
+    Text(String),
+    Pair(String, String),
+}
+
+impl ClassifierItem {
+    /// Characters of the input, for `x-compute-characters`.
+    fn characters(&self) -> usize {
+        match self {
+            ClassifierItem::Text(text) => text.chars().count(),
+            ClassifierItem::Pair(first, second) => first.chars().count() + second.chars().count(),
+        }
+    }
+}
+
+/// Vectors in input order, and where the request's time went. For a
+/// scoring request, each vector holds the input's scores, one per label.
 #[derive(Debug)]
 pub struct EmbedAnswer {
     pub vectors: Vec<Vec<f32>>,
@@ -158,6 +189,7 @@ impl EmbedService {
     ) -> Result<EmbedAnswer, ApiError> {
         let started = Instant::now();
         let _permit = self.admit()?;
+        self.require_kind(&[ModelKind::Embedding], "model is not an embedding model")?;
         self.check_count(items.len(), param)?;
         let dimension = self.engine().dimension();
         if let Some(dimensions) = options.dimensions
@@ -179,28 +211,118 @@ impl EmbedService {
             })
             .sum();
 
-        let engine = Arc::clone(self.engine());
         let direction = options.direction;
-        let tokenized = tokio::task::spawn_blocking(move || {
-            tokenize(&engine, items, truncate, direction, param)
-        })
-        .await
-        .map_err(|e| ApiError::new(ErrorKind::Backend, format!("tokenization failed: {e}")))??;
+        let mut answer = self
+            .run_queued(started, characters, move |engine| {
+                tokenize(engine, items, truncate, direction, param)
+            })
+            .await?;
+        let already_normalized = self.engine().normalizes();
+        answer.vectors = std::mem::take(&mut answer.vectors)
+            .into_iter()
+            .map(|vector| shape_vector(vector, options, already_normalized))
+            .collect();
+        Ok(answer)
+    }
+
+    /// What the model computes: embeddings, one reranking score, or labels.
+    pub fn model_kind(&self) -> ModelKind {
+        self.engine().model_kind()
+    }
+
+    /// Refuses a route the model cannot serve, as TEI does: a Backend error.
+    fn require_kind(&self, allowed: &[ModelKind], message: &str) -> Result<(), ApiError> {
+        if allowed.contains(&self.model_kind()) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorKind::Backend, message))
+        }
+    }
+
+    /// Scores every text against `query` with a one-label cross-encoder:
+    /// one score per text, in the texts' order.
+    pub async fn rerank(
+        &self,
+        query: String,
+        texts: Vec<String>,
+        options: ScoreRequestOptions,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        self.require_kind(&[ModelKind::Reranker], "model is not a re-ranker model")?;
+        let items = texts
+            .into_iter()
+            .map(|text| ClassifierItem::Pair(query.clone(), text))
+            .collect();
+        self.score(items, options, param).await
+    }
+
+    /// Every label's score for each text or pair, in input order.
+    pub async fn predict(
+        &self,
+        items: Vec<ClassifierItem>,
+        options: ScoreRequestOptions,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        self.require_kind(
+            &[ModelKind::Reranker, ModelKind::Classifier],
+            "model is not a classifier model",
+        )?;
+        self.score(items, options, param).await
+    }
+
+    /// Runs a classifier's inputs and turns its logits into scores.
+    async fn score(
+        &self,
+        items: Vec<ClassifierItem>,
+        options: ScoreRequestOptions,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        let started = Instant::now();
+        let _permit = self.admit()?;
+        self.check_count(items.len(), param)?;
+        let characters = items.iter().map(ClassifierItem::characters).sum();
+        let truncation = self.truncation(options);
+        let answer = self
+            .run_queued(started, characters, move |engine| {
+                tokenize_classifier(engine, items, truncation, param)
+            })
+            .await?;
+        Ok(activate_all(answer, options.raw_scores))
+    }
+
+    fn truncation(&self, options: ScoreRequestOptions) -> Truncation {
+        if options.truncate.unwrap_or(self.settings.auto_truncate) {
+            options.direction
+        } else {
+            Truncation::None
+        }
+    }
+
+    /// Tokenizes on a blocking thread, queues the tokens and waits for their
+    /// outputs: the one road from a request to the engine.
+    async fn run_queued<F>(
+        &self,
+        started: Instant,
+        characters: usize,
+        tokenize: F,
+    ) -> Result<EmbedAnswer, ApiError>
+    where
+        F: FnOnce(&Engine) -> Result<Vec<Tokens>, ApiError> + Send + 'static,
+    {
+        let engine = Arc::clone(self.engine());
+        let tokenized = tokio::task::spawn_blocking(move || tokenize(&engine))
+            .await
+            .map_err(|e| {
+                ApiError::new(ErrorKind::Backend, format!("tokenization failed: {e}"))
+            })??;
         let tokenization_time = started.elapsed();
 
         let ticket = self.queue.submit(tokenized)?;
         self.metrics.set_queue_size(self.queue.waiting());
         let embedded = ticket.wait().await?;
         self.metrics.queued(embedded.queue_time);
-
-        let already_normalized = self.engine().normalizes();
-        let vectors = embedded
-            .vectors
-            .into_iter()
-            .map(|vector| shape_vector(vector, options, already_normalized))
-            .collect();
         Ok(EmbedAnswer {
-            vectors,
+            vectors: embedded.vectors,
             tokens: embedded.tokens,
             characters,
             tokenization_time,
@@ -284,6 +406,34 @@ fn tokenize(
             tokens[*index] = encoding;
         }
     }
+    check_lengths(&tokens, max_len, param)?;
+    Ok(tokens)
+}
+
+/// Tokenizes a classifier's texts and pairs, on a blocking thread.
+fn tokenize_classifier(
+    engine: &Engine,
+    items: Vec<ClassifierItem>,
+    truncation: Truncation,
+    param: &'static str,
+) -> Result<Vec<Tokens>, ApiError> {
+    let inputs: Vec<ClassifierInput<'_>> = items
+        .iter()
+        .map(|item| match item {
+            ClassifierItem::Text(text) => ClassifierInput::Text(text),
+            ClassifierItem::Pair(first, second) => ClassifierInput::Pair(first, second),
+        })
+        .collect();
+    let tokens = engine
+        .tokenize_classifier_inputs(&inputs, truncation)
+        .map_err(|e| ApiError::new(ErrorKind::Tokenizer, e.to_string()))?;
+    check_lengths(&tokens, engine.tokenizer().max_len(), param)?;
+    Ok(tokens)
+}
+
+/// Refuses an input longer than the model's limit: one sent with
+/// `truncate: false`.
+fn check_lengths(tokens: &[Tokens], max_len: usize, param: &'static str) -> Result<(), ApiError> {
     for (index, input) in tokens.iter().enumerate() {
         if input.len() > max_len {
             return Err(ApiError::validation(
@@ -296,7 +446,16 @@ fn tokenize(
             ));
         }
     }
-    Ok(tokens)
+    Ok(())
+}
+
+/// Logits to scores: sigmoid or softmax, or left raw.
+fn activate_all(mut answer: EmbedAnswer, raw_scores: bool) -> EmbedAnswer {
+    answer.vectors = std::mem::take(&mut answer.vectors)
+        .into_iter()
+        .map(|logits| activate(logits, raw_scores))
+        .collect();
+    answer
 }
 
 /// Token ids cut to `max_len` from the side `truncation` says; untouched

@@ -129,13 +129,139 @@ pub struct SimpleToken {
     pub stop: Option<usize>,
 }
 
+/// `POST /rerank`.
+#[derive(Debug, Deserialize)]
+pub struct RerankRequest {
+    pub query: String,
+    pub texts: Vec<String>,
+    #[serde(default)]
+    pub raw_scores: bool,
+    #[serde(default)]
+    pub return_text: bool,
+    /// Unset: the server's `--auto-truncate`.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: TruncationDirection,
+}
+
+/// One passage of a `/rerank` answer.
+#[derive(Debug, Serialize)]
+pub struct Rank {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub score: f32,
+}
+
+/// One input of `/predict`: a text, or a pair of texts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Sequence {
+    Single(String),
+    Pair(String, String),
+}
+
+/// `inputs` of `/predict`: one sequence or a list of them. Two strings in a
+/// list are one pair, as TEI reads them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PredictInput {
+    Single(Sequence),
+    Batch(Vec<Sequence>),
+}
+
+/// `POST /predict`.
+#[derive(Debug, Deserialize)]
+pub struct PredictRequest {
+    pub inputs: PredictInput,
+    #[serde(default)]
+    pub raw_scores: bool,
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub truncation_direction: TruncationDirection,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LabelScore {
+    pub score: f32,
+    pub label: String,
+}
+
+/// Labels of one input, highest score first; a list of those for a batch.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum PredictResponse {
+    Single(Vec<LabelScore>),
+    Batch(Vec<Vec<LabelScore>>),
+}
+
+/// A document of `/v1/rerank`: a string, or an object with its text.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Document {
+    Text(String),
+    Object { text: String },
+}
+
+impl Document {
+    pub fn into_text(self) -> String {
+        match self {
+            Document::Text(text) | Document::Object { text } => text,
+        }
+    }
+}
+
+/// `POST /v1/rerank`, as Cohere and Jina take it.
+#[derive(Debug, Deserialize)]
+pub struct CohereRerankRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub query: String,
+    pub documents: Vec<Document>,
+    #[serde(default)]
+    pub top_n: Option<usize>,
+    #[serde(default)]
+    pub return_documents: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DocumentText {
+    pub text: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CohereRerankResult {
+    pub index: usize,
+    pub relevance_score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub document: Option<DocumentText>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CohereUsage {
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CohereRerankResponse {
+    pub results: Vec<CohereRerankResult>,
+    pub model: String,
+    pub usage: CohereUsage,
+}
+
 /// `GET /info`.
 #[derive(Debug, Serialize)]
 pub struct Info {
     pub model_id: String,
     pub model_sha: Option<String>,
     pub model_dtype: &'static str,
+    /// `embedding`, `reranker` (one label) or `classifier`.
     pub model_type: &'static str,
+    /// A classifier's or reranker's labels, in id order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
     pub dimension: usize,
     pub pooling: String,
     pub normalize_default: bool,
@@ -174,5 +300,38 @@ mod tests {
         assert!(items("[]").is_empty());
         assert!(serde_json::from_str::<Input>("[-1]").is_err());
         assert!(serde_json::from_str::<Input>("3").is_err());
+    }
+
+    fn predict(json: &str) -> PredictInput {
+        serde_json::from_str(json).expect("valid predict input")
+    }
+
+    #[test]
+    fn predict_inputs_read_as_tei_reads_them() {
+        let single = |s: &str| Sequence::Single(s.into());
+        let pair = |a: &str, b: &str| Sequence::Pair(a.into(), b.into());
+        assert_eq!(predict(r#""a""#), PredictInput::Single(single("a")));
+        assert_eq!(
+            predict(r#"["a", "b"]"#),
+            PredictInput::Single(pair("a", "b"))
+        );
+        assert_eq!(predict(r#"["a"]"#), PredictInput::Batch(vec![single("a")]));
+        assert_eq!(
+            predict(r#"[["a", "b"], "c", ["d", "e"]]"#),
+            PredictInput::Batch(vec![pair("a", "b"), single("c"), pair("d", "e")])
+        );
+        assert_eq!(predict("[]"), PredictInput::Batch(Vec::new()));
+        assert!(serde_json::from_str::<PredictInput>(r#"[["a", "b", "c"]]"#).is_err());
+        assert!(serde_json::from_str::<PredictInput>("7").is_err());
+    }
+
+    #[test]
+    fn documents_are_strings_or_objects_with_text() {
+        let documents: Vec<Document> =
+            serde_json::from_str(r#"["a", {"text": "b"}, {"text": "c", "title": "t"}]"#)
+                .expect("valid documents");
+        let texts: Vec<String> = documents.into_iter().map(Document::into_text).collect();
+        assert_eq!(texts, ["a", "b", "c"]);
+        assert!(serde_json::from_str::<Vec<Document>>(r#"[{"title": "t"}]"#).is_err());
     }
 }
