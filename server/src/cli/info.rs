@@ -16,9 +16,11 @@ use super::engine_args::DEFAULT_MODEL_DIR;
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Model folder whose shapes the kernel choices are shown for.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_MODEL_DIR)]
-    pub model: PathBuf,
+    /// Model folder whose shapes the kernel choices are shown for (default:
+    /// the default model, when it has been fetched; without one the report
+    /// leaves the per-shape choices out).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
     /// Weight dtype the choices are for.
     #[arg(long, value_name = "DTYPE", default_value = "f32")]
     pub dtype: WeightDtype,
@@ -43,13 +45,46 @@ struct AdapterReport {
     /// Whether autotuning times kernels by GPU timestamps (else the host clock).
     timestamps: bool,
     pipeline_cache: bool,
-    /// Which limits the device asked for (`SURF_LIMITS`): `adapter` or
-    /// `default`. The limits below are the ones it was created with.
-    limits: &'static str,
     max_compute_invocations_per_workgroup: u32,
     max_compute_workgroup_storage_size: u32,
     max_storage_buffer_binding_size: u64,
     max_buffer_size: u64,
+}
+
+/// The limits the device was created with.
+#[derive(Serialize)]
+struct LimitsReport {
+    /// What `SURF_LIMITS` asked for: `adapter` (all it offers) or `default`.
+    requested: &'static str,
+    max_storage_buffer_binding_size: u64,
+    max_buffer_size: u64,
+    max_uniform_buffer_binding_size: u64,
+    max_storage_buffers_per_shader_stage: u32,
+    max_bind_groups: u32,
+    max_compute_workgroup_storage_size: u32,
+    max_compute_invocations_per_workgroup: u32,
+    max_compute_workgroup_size_x: u32,
+    max_compute_workgroups_per_dimension: u32,
+    min_uniform_buffer_offset_alignment: u32,
+    min_storage_buffer_offset_alignment: u32,
+}
+
+fn limits_report(gpu: &Gpu) -> LimitsReport {
+    let l = &gpu.limits;
+    LimitsReport {
+        requested: gpu.limits_request.name(),
+        max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
+        max_buffer_size: l.max_buffer_size,
+        max_uniform_buffer_binding_size: l.max_uniform_buffer_binding_size,
+        max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
+        max_bind_groups: l.max_bind_groups,
+        max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size_x: l.max_compute_workgroup_size_x,
+        max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        min_uniform_buffer_offset_alignment: l.min_uniform_buffer_offset_alignment,
+        min_storage_buffer_offset_alignment: l.min_storage_buffer_offset_alignment,
+    }
 }
 
 #[derive(Serialize)]
@@ -65,6 +100,9 @@ struct FamilyReport {
 #[derive(Serialize)]
 struct InfoReport {
     adapter: AdapterReport,
+    limits: LimitsReport,
+    /// The model folder the per-shape choices are for; `None` without one.
+    model: Option<String>,
     kernel_families: Vec<FamilyReport>,
     /// The forced family, when `SURF_KERNELS` names one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,7 +129,6 @@ fn adapter_report(gpu: &Gpu) -> AdapterReport {
             .contains(surf_engine::gpu::Features::SHADER_F16),
         timestamps: gpu.timestamps,
         pipeline_cache: gpu.pipeline_cache().is_some(),
-        limits: gpu.limits_request.name(),
         max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
         max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
@@ -100,14 +137,28 @@ fn adapter_report(gpu: &Gpu) -> AdapterReport {
 }
 
 pub fn run(args: InfoArgs) -> anyhow::Result<()> {
-    let spec = ModelSpec::from_dir(&args.model)
-        .with_context(|| format!("reading the model's shapes from {}", args.model.display()))?;
+    // An explicit folder must be there; the default one only once fetched.
+    let model = args
+        .model
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_MODEL_DIR)).filter(|dir| dir.is_dir()));
+    let spec = match &model {
+        Some(dir) => Some(
+            ModelSpec::from_dir(dir)
+                .with_context(|| format!("reading the model's shapes from {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let gpu = Gpu::new()?;
     let mode = surf_engine::engine::kernel_mode_from_env()?;
     let mut kernels = Kernels::new(&gpu, args.dtype);
-    kernels.choose(&gpu, mode, &spec.config.dims())?;
+    if let Some(spec) = &spec {
+        kernels.choose(&gpu, mode, &spec.config.dims())?;
+    }
     let report = InfoReport {
         adapter: adapter_report(&gpu),
+        limits: limits_report(&gpu),
+        model: model.map(|dir| dir.display().to_string()),
         kernel_families: KernelFamily::ALL
             .into_iter()
             .map(|family| {
@@ -121,8 +172,10 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
                 }
             })
             .collect(),
-        forced: match &kernels.selection {
-            surf_engine::kernels::selection::Selection::Forced(family) => Some(family.name()),
+        forced: match (&kernels.selection, &spec) {
+            (surf_engine::kernels::selection::Selection::Forced(family), Some(_)) => {
+                Some(family.name())
+            }
             _ => None,
         },
         autotune: kernels.selection.tuned().to_vec(),
@@ -154,7 +207,7 @@ fn print_text(report: &InfoReport) {
         a.max_compute_workgroup_storage_size,
         a.max_storage_buffer_binding_size >> 20,
         a.max_buffer_size >> 20,
-        a.limits
+        report.limits.requested
     );
     println!();
     println!("kernel families");
@@ -169,6 +222,10 @@ fn print_text(report: &InfoReport) {
         );
     }
     println!();
+    if report.model.is_none() {
+        println!("no model folder: the per-shape choices are left out (--model DIR)");
+        return;
+    }
     if let Some(forced) = report.forced {
         println!("kernels forced to {forced} by SURF_KERNELS");
         return;
