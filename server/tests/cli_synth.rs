@@ -395,8 +395,8 @@ fn a_vocabulary_of_250002_rows_runs_under_the_default_limits() {
         .expect("surf runs");
     assert!(info.status.success(), "stderr: {}", stderr(&info));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info JSON");
-    assert_eq!(info["adapter"]["limits"], "default", "{info}");
-    let binding = info["adapter"]["max_storage_buffer_binding_size"]
+    assert_eq!(info["limits"]["requested"], "default", "{info}");
+    let binding = info["limits"]["max_storage_buffer_binding_size"]
         .as_u64()
         .expect("the binding limit is reported");
     assert_eq!(
