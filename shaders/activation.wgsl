@@ -18,6 +18,8 @@ const ACT_NONE: u32 = 0u;
 const ACT_GELU_ERF: u32 = 1u;
 const ACT_GELU_TANH: u32 = 2u;
 const ACT_RELU: u32 = 3u;
+const ACT_TANH: u32 = 4u;
+const ACT_SILU: u32 = 5u;
 
 // erfc with relative error below 1.2e-7 everywhere (Chebyshev fit, Numerical
 // Recipes 6.2), so that GELU keeps full f32 precision for negative inputs too.
@@ -42,6 +44,12 @@ fn activate(x: f32) -> f32 {
         }
         case ACT_RELU: {
             return max(x, 0.0);
+        }
+        case ACT_TANH: {
+            return tanh(clamp(x, -15.0, 15.0));
+        }
+        case ACT_SILU: {
+            return x / (1.0 + exp(-x));
         }
         default: {
             return x;

@@ -1,6 +1,9 @@
 // Multi-head self-attention over a padded batch.
 // qkv: [batch * seq, 3 * hidden] rows of (query | key | value), heads side by side.
 // mask: [batch * seq] additive bias, 0 for real tokens, very negative for padding.
+// position_bias: [heads, 2 * seq - 1] additive bias by relative position
+//   (key - query + seq - 1), for models whose layers share a relative
+//   position table (MPNet, T5); read only when `has_position_bias` is set.
 // out:  [batch * seq, hidden] context vectors.
 // One workgroup per (QUERIES queries, head, sequence), one query per
 // invocation. Keys and values stream through workgroup memory in blocks of
@@ -18,7 +21,7 @@ struct Params {
     seq: u32,
     hidden: u32,
     head_dim: u32,
-    _pad0: u32,
+    has_position_bias: u32,
     scale: f32,
     _pad1: u32,
     _pad2: u32,
@@ -29,6 +32,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> qkv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> mask: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> position_bias: array<f32>;
 
 const QUERIES: u32 = 64u;
 const KEY_BLOCK: u32 = 16u;
@@ -56,6 +60,9 @@ fn main(
     let hidden4 = params.hidden / 4u;
     let first_row = sequence * seq;
     let in_range = query < seq;
+    // Row of this query's relative position biases: key j reads entry j.
+    let bias_row = head * (2u * seq - 1u) + seq - 1u - min(query, seq - 1u);
+    let has_position_bias = params.has_position_bias != 0u;
 
     var q: array<vec4<f32>, MAX_DIM4>;
     var acc: array<vec4<f32>, MAX_DIM4>;
@@ -89,7 +96,10 @@ fn main(
                 for (var d = 0u; d < dim4; d++) {
                     dot4 = fma(q[d], keys[j * MAX_DIM4 + d], dot4);
                 }
-                let score = dot4.x + dot4.y + dot4.z + dot4.w + bias[j];
+                var score = dot4.x + dot4.y + dot4.z + dot4.w + bias[j];
+                if (has_position_bias) {
+                    score += position_bias[bias_row + k0 + j];
+                }
                 if (score > running_max) {
                     let correction = exp(running_max - score);
                     running_sum *= correction;

@@ -1,5 +1,7 @@
-// Sentence vectors from token vectors: mean, CLS, max or mean/sqrt(len) over the
-// real tokens of each sequence. One workgroup per sequence.
+// Sentence vectors from token vectors: mean, CLS, max, mean/sqrt(len),
+// position-weighted mean (token t weighs t + 1) or the last token, over the
+// real tokens of each sequence (padding is at the end). One workgroup per
+// sequence.
 
 struct Params {
     seq: u32,
@@ -17,6 +19,8 @@ const MODE_MEAN: u32 = 0u;
 const MODE_CLS: u32 = 1u;
 const MODE_MAX: u32 = 2u;
 const MODE_MEAN_SQRT_LEN: u32 = 3u;
+const MODE_WEIGHTED_MEAN: u32 = 4u;
+const MODE_LAST_TOKEN: u32 = 5u;
 
 @compute @workgroup_size(128, 1, 1)
 fn main(
@@ -32,6 +36,17 @@ fn main(
         switch params.mode {
             case MODE_CLS: {
                 result = x[first + h];
+            }
+            case MODE_LAST_TOKEN: {
+                result = x[first + (max(len, 1u) - 1u) * hidden + h];
+            }
+            case MODE_WEIGHTED_MEAN: {
+                var sum = 0.0;
+                for (var t = 0u; t < len; t++) {
+                    sum += f32(t + 1u) * x[first + t * hidden + h];
+                }
+                let weight = f32(len) * f32(len + 1u) * 0.5;
+                result = sum / max(weight, 1.0);
             }
             case MODE_MAX: {
                 result = -3.0e38;

@@ -1,6 +1,8 @@
-//! The Surfing Weights engine: runs BERT-family sentence-embedding models on any
-//! GPU through wgpu. It owns the device (`gpu`), one launcher per WGSL kernel
-//! (`kernels`), the BERT graph (`model`), weight loading (`weights`), the
+//! The Surfing Weights engine: runs sentence-embedding and reranking models
+//! (BERT, RoBERTa and XLM-RoBERTa, MPNet, T5 encoders) on any GPU through
+//! wgpu. It owns the device (`gpu`), one launcher per WGSL kernel
+//! (`kernels`), the model layer, one file per family (`model`), weight
+//! loading (`weights`), the
 //! tokenizer set-up (`tokenize`), the public [`Engine`] and the request queue
 //! that merges concurrent callers into batches (`queue`).
 
@@ -19,11 +21,12 @@ pub mod synth;
 pub mod tokenize;
 pub mod weights;
 
-pub use config::{Activation, BertConfig, ModelSpec, Pooling};
+pub use config::{Activation, ModelSpec, Pooling};
 pub use dtype::WeightDtype;
 pub use engine::{Embedding, Engine, EngineBuilder};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::Gpu;
+pub use model::{BertConfig, Family, ModelConfig};
 pub use paging::{Eviction, PagerConfig, VramBudget};
 pub use queue::{BatchLimits, EmbedQueue, Embedded, QueueError, Ticket};
 pub use source::{LocalSource, RemoteSource, WeightSource};

@@ -1,17 +1,18 @@
 //! Where weights come from: a model folder on disk, or a weight server reached
 //! through `surf_transport::WeightClient`. The engine asks for components
-//! (`embeddings`, `encoder.layer.N`) and reads their tensors by name.
+//! (`embeddings`, a layer such as `encoder.layer.N`, `head`), named by the
+//! model's family, and reads their tensors by name.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
-use crate::weights::{SafetensorsFile, TensorSource, decode, decode_f16};
+use crate::weights::{SafetensorsFile, TensorSource, decode, decode_f16, decode_rows};
 
 /// One component's tensors, and how many bytes were read or received for it.
 pub struct FetchedComponent {
-    pub tensors: Box<dyn TensorSource + Send>,
+    pub tensors: Box<dyn TensorSource + Send + Sync>,
     pub bytes: u64,
 }
 
@@ -36,6 +37,8 @@ pub struct LocalSource {
     dir: PathBuf,
     file: Arc<SafetensorsFile>,
     spec: ModelSpec,
+    /// Bytes stored per component, by the family's grouping of tensors.
+    component_bytes: std::collections::HashMap<String, u64>,
 }
 
 impl LocalSource {
@@ -45,13 +48,30 @@ impl LocalSource {
         if !weights_path.is_file() {
             return Err(Error::bad_model(&weights_path, "file is missing"));
         }
-        let file = SafetensorsFile::open(&weights_path)?;
+        let config = &spec.config;
+        let file = SafetensorsFile::open(&weights_path)?
+            .with_prefix_of(config.checkpoint_prefixes(), config.anchor_tensor())?;
         // Refuse a broken checkpoint before touching the GPU.
-        file.check(&crate::model::model_tensors(&spec.config))?;
+        let architecture = config.architecture();
+        let mut expected = crate::model::model_tensors(architecture.as_ref())?;
+        if let Some(word) = expected.first_mut() {
+            // The tensor the family reads its words from, as this file names it.
+            word.0 = architecture.word_table(&file).to_string();
+        }
+        file.check(&expected)?;
+        let mut component_bytes = std::collections::HashMap::new();
+        for (name, bytes) in file.tensor_sizes()? {
+            if let Some(component) = config.component_of(&name) {
+                *component_bytes
+                    .entry(config.component_name(component))
+                    .or_insert(0) += bytes;
+            }
+        }
         Ok(Self {
             dir: dir.into(),
             file: Arc::new(file),
             spec,
+            component_bytes,
         })
     }
 }
@@ -65,6 +85,20 @@ impl TensorSource for SharedFile {
 
     fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
         self.0.tensor_f16(name, shape)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    fn gather_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.0.gather_rows(name, shape, ids, out)
     }
 }
 
@@ -84,7 +118,7 @@ impl WeightSource for LocalSource {
     }
 
     fn fetch(&self, component: &str) -> Result<FetchedComponent> {
-        let bytes = self.file.component_bytes(component)?;
+        let bytes = self.component_bytes.get(component).copied().unwrap_or(0);
         Ok(FetchedComponent {
             tensors: Box::new(SharedFile(Arc::clone(&self.file))),
             bytes,
@@ -214,12 +248,13 @@ fn safetensors_dtype(dtype: surf_transport::Dtype) -> safetensors::Dtype {
     }
 }
 
-/// `weights::decode` or `weights::decode_f16`: checks a stored tensor and
-/// converts it to the element type the engine packs.
-type Decoder<T> = fn(&Path, &str, safetensors::Dtype, &[usize], &[u8], &[usize]) -> Result<T>;
-
 impl ComponentTensors {
-    fn stored<T>(&self, name: &str, shape: &[usize], read: Decoder<T>) -> Result<T> {
+    fn stored<T>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        read: impl FnOnce(&Path, &str, safetensors::Dtype, &[usize], &[u8], &[usize]) -> Result<T>,
+    ) -> Result<T> {
         let entry = self
             .entries
             .iter()
@@ -254,6 +289,22 @@ impl TensorSource for ComponentTensors {
 
     fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
         self.stored(name, shape, decode_f16)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| e.name == name)
+    }
+
+    fn gather_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.stored(name, shape, |path, name, dtype, actual, data, shape| {
+            decode_rows(path, name, dtype, actual, data, shape, ids, out)
+        })
     }
 }
 

@@ -1,18 +1,30 @@
-//! Writes BERT model folders with random weights: scale models for paging
-//! benches and small, malformed or re-typed checkpoints for tests.
+//! Writes model folders of every supported family with random weights:
+//! scale models for paging benches and small, malformed or re-typed
+//! checkpoints for tests. The tensors written are the ones the family's
+//! model code asks for, so a folder always loads.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::Dtype;
 
-use crate::config::BertConfig;
 use crate::error::{Error, Result};
-use crate::model::model_tensors;
+use crate::model::{ModelConfig, model_tensors};
+
+/// The families `surf synth` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynthFamily {
+    #[default]
+    Bert,
+    XlmRoberta,
+    MPNet,
+    T5,
+}
 
 /// The shape of a synthetic model.
 #[derive(Debug, Clone)]
 pub struct SynthSpec {
+    pub family: SynthFamily,
     pub layers: usize,
     pub hidden: usize,
     pub heads: usize,
@@ -23,6 +35,8 @@ pub struct SynthSpec {
     /// Storage type of the weights: F32, F16 or BF16.
     pub dtype: Dtype,
     pub seed: u64,
+    /// A sequence classifier with this many labels instead of an embedder.
+    pub labels: Option<usize>,
 }
 
 impl SynthSpec {
@@ -38,6 +52,7 @@ impl SynthSpec {
 
     pub fn sized(layers: usize, hidden: usize, heads: usize, intermediate: usize) -> Self {
         Self {
+            family: SynthFamily::Bert,
             layers,
             hidden,
             heads,
@@ -47,24 +62,97 @@ impl SynthSpec {
             hidden_act: "gelu".into(),
             dtype: Dtype::F32,
             seed: 1,
+            labels: None,
         }
     }
 
-    pub fn config(&self) -> BertConfig {
-        BertConfig {
-            model_type: "bert".into(),
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden,
-            num_hidden_layers: self.layers,
-            num_attention_heads: self.heads,
-            intermediate_size: self.intermediate,
-            hidden_act: self.hidden_act.clone(),
-            max_position_embeddings: self.max_position_embeddings,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pad_token_id: 0,
-            position_embedding_type: "absolute".into(),
+    /// `config.json` of the model, as its family writes it.
+    pub fn config_json(&self) -> serde_json::Value {
+        let pad = match self.family {
+            SynthFamily::Bert | SynthFamily::T5 => 0,
+            SynthFamily::XlmRoberta | SynthFamily::MPNet => 1,
+        };
+        let architecture = match (self.family, self.labels) {
+            (SynthFamily::Bert, None) => "BertModel",
+            (SynthFamily::Bert, Some(_)) => "BertForSequenceClassification",
+            (SynthFamily::XlmRoberta, None) => "XLMRobertaModel",
+            (SynthFamily::XlmRoberta, Some(_)) => "XLMRobertaForSequenceClassification",
+            (SynthFamily::MPNet, _) => "MPNetModel",
+            (SynthFamily::T5, _) => "T5EncoderModel",
+        };
+        let mut json = match self.family {
+            SynthFamily::T5 => serde_json::json!({
+                "model_type": "t5",
+                "vocab_size": self.vocab_size,
+                "d_model": self.hidden,
+                "d_kv": self.hidden / self.heads.max(1),
+                "d_ff": self.intermediate,
+                "num_layers": self.layers,
+                "num_heads": self.heads,
+                "feed_forward_proj": "gated-gelu",
+                "relative_attention_num_buckets": 32,
+                "relative_attention_max_distance": 128,
+                "layer_norm_epsilon": 1e-6,
+                "pad_token_id": pad,
+            }),
+            family => {
+                let mut json = serde_json::json!({
+                    "model_type": match family {
+                        SynthFamily::XlmRoberta => "xlm-roberta",
+                        SynthFamily::MPNet => "mpnet",
+                        _ => "bert",
+                    },
+                    "vocab_size": self.vocab_size,
+                    "hidden_size": self.hidden,
+                    "num_hidden_layers": self.layers,
+                    "num_attention_heads": self.heads,
+                    "intermediate_size": self.intermediate,
+                    "hidden_act": self.hidden_act,
+                    // RoBERTa and MPNet spend pad + 1 rows before the first position.
+                    "max_position_embeddings": self.max_position_embeddings + 2 * pad,
+                    "layer_norm_eps": 1e-12,
+                    "pad_token_id": pad,
+                });
+                match family {
+                    SynthFamily::MPNet => json["relative_attention_num_buckets"] = 32.into(),
+                    SynthFamily::XlmRoberta => json["type_vocab_size"] = 1.into(),
+                    _ => json["type_vocab_size"] = 2.into(),
+                }
+                json
+            }
+        };
+        json["architectures"] = serde_json::json!([architecture]);
+        if let Some(labels) = self.labels {
+            let id2label: BTreeMap<String, String> = (0..labels)
+                .map(|id| (id.to_string(), format!("LABEL_{id}")))
+                .collect();
+            json["id2label"] = serde_json::json!(id2label);
         }
+        json
+    }
+
+    /// The model's config, checked as the engine checks it.
+    pub fn model_config(&self, path: &Path) -> Result<ModelConfig> {
+        ModelConfig::from_json(path, self.config_json().to_string().as_bytes())
+    }
+
+    /// Every tensor the model has: what its family reads, and a
+    /// classifier's head.
+    pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        let config = self.model_config(Path::new("config.json"))?;
+        let mut tensors = model_tensors(config.architecture().as_ref())?;
+        if let Some(labels) = self.labels {
+            let h = self.hidden;
+            let (dense, out) = match self.family {
+                SynthFamily::XlmRoberta => ("classifier.dense", "classifier.out_proj"),
+                _ => ("pooler.dense", "classifier"),
+            };
+            tensors.push((format!("{dense}.weight"), vec![h, h]));
+            tensors.push((format!("{dense}.bias"), vec![h]));
+            tensors.push((format!("{out}.weight"), vec![labels, h]));
+            tensors.push((format!("{out}.bias"), vec![labels]));
+        }
+        Ok(tensors)
     }
 }
 
@@ -97,16 +185,17 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     }
 }
 
-/// Random tensors for every weight of `spec`, as f32 values. LayerNorm gains sit
+/// Random tensors for every weight of `spec`, as f32 values. Norm gains sit
 /// near 1 and everything else is small, as in a trained model, so activations
 /// stay in a realistic range through many layers.
-pub fn random_tensors(spec: &SynthSpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn random_tensors(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let mut rng = SplitMix64(spec.seed);
-    model_tensors(&spec.config())
+    Ok(spec
+        .tensors()?
         .into_iter()
         .map(|(name, shape)| {
             let count: usize = shape.iter().product();
-            let gain = name.ends_with("LayerNorm.weight");
+            let gain = name.ends_with("LayerNorm.weight") || name.ends_with("layer_norm.weight");
             let values = (0..count)
                 .map(|_| {
                     let r = rng.next_unit();
@@ -115,7 +204,7 @@ pub fn random_tensors(spec: &SynthSpec) -> Vec<(String, Vec<usize>, Vec<f32>)> {
                 .collect();
             (name, shape, values)
         })
-        .collect()
+        .collect())
 }
 
 /// Writes `model.safetensors` holding `tensors` in `dtype`.
@@ -138,28 +227,14 @@ pub fn write_safetensors(
         .map_err(|e| Error::bad_model(path, format!("writing failed: {e}")))
 }
 
-/// Writes a complete model folder: config, weights, the given tokenizer and the
-/// sentence-transformers files for mean pooling with normalisation.
+/// Writes a complete model folder: config, weights, the given tokenizer and,
+/// for an embedder, the sentence-transformers files for mean pooling with
+/// normalisation.
 pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Result<()> {
     let io = |path: &Path, e: std::io::Error| Error::io(path, e);
-    std::fs::create_dir_all(dir.join("1_Pooling")).map_err(|e| io(dir, e))?;
-    let config = spec.config();
-    let config_json = serde_json::json!({
-        "architectures": ["BertModel"],
-        "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads,
-        "intermediate_size": config.intermediate_size,
-        "hidden_act": config.hidden_act,
-        "max_position_embeddings": config.max_position_embeddings,
-        "type_vocab_size": config.type_vocab_size,
-        "layer_norm_eps": config.layer_norm_eps,
-        "pad_token_id": config.pad_token_id,
-        "position_embedding_type": config.position_embedding_type,
-    });
-    let files: [(&str, String); 5] = [
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let config_json = spec.config_json();
+    let mut files: Vec<(&str, String)> = vec![
         (
             "config.json",
             serde_json::to_string_pretty(&config_json).unwrap_or_default(),
@@ -187,6 +262,11 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
         ),
         ("tokenizer.json", String::new()),
     ];
+    if spec.labels.is_some() {
+        files.retain(|(name, _)| matches!(*name, "config.json" | "tokenizer.json"));
+    } else {
+        std::fs::create_dir_all(dir.join("1_Pooling")).map_err(|e| io(dir, e))?;
+    }
     for (name, text) in &files {
         let path = dir.join(name);
         let bytes: &[u8] = if *name == "tokenizer.json" {
@@ -198,7 +278,7 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
     }
     write_safetensors(
         &dir.join("model.safetensors"),
-        &random_tensors(spec),
+        &random_tensors(spec)?,
         spec.dtype,
     )
 }

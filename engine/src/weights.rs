@@ -13,14 +13,42 @@ use crate::error::{Error, Result};
 pub trait TensorSource {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
     fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>>;
+
+    /// Whether the tensor is there, for checkpoints that name one tensor in
+    /// two ways (T5's `shared.weight` or `encoder.embed_tokens.weight`).
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    /// Appends rows `ids` of the 2-D tensor `name` of `shape`, as f32: the
+    /// word embeddings a batch uses, without converting the whole table.
+    fn gather_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let table = self.tensor(name, shape)?;
+        let width = shape.get(1).copied().unwrap_or(0);
+        for &id in ids {
+            let start = id as usize * width;
+            let row = table.get(start..start + width).ok_or_else(|| {
+                Error::InvalidInput(format!("row {id} is outside the table `{name}`"))
+            })?;
+            out.extend_from_slice(row);
+        }
+        Ok(())
+    }
 }
 
 /// A memory-mapped `model.safetensors`.
 pub struct SafetensorsFile {
     path: PathBuf,
     map: memmap2::Mmap,
-    /// Some checkpoints name every tensor `bert.<name>`.
-    prefix: &'static str,
+    /// The prefix of the base model's tensors in checkpoints saved with a
+    /// head (`bert.`, `roberta.`): tensors are asked for without it.
+    prefix: String,
 }
 
 impl SafetensorsFile {
@@ -31,34 +59,55 @@ impl SafetensorsFile {
         // are then garbage, but no Rust invariant depends on their values.
         #[allow(unsafe_code)]
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let parsed = parse(path, &map)?;
-        let prefix = if parsed.names().iter().any(|n| n.starts_with("bert.")) {
-            "bert."
-        } else {
-            ""
-        };
-        drop(parsed);
+        parse(path, &map)?;
         Ok(Self {
             path: path.into(),
             map,
-            prefix,
+            prefix: String::new(),
         })
+    }
+
+    /// Reads the base model's tensors under the first of `prefixes` that
+    /// `anchor` (a tensor every checkpoint of the family has) carries, if any.
+    pub fn with_prefix_of(mut self, prefixes: &[&str], anchor: &str) -> Result<Self> {
+        let parsed = parse(&self.path, &self.map)?;
+        let names = parsed.names();
+        if !names.iter().any(|n| *n == anchor)
+            && let Some(prefix) = prefixes
+                .iter()
+                .find(|p| names.iter().any(|n| **n == format!("{p}{anchor}")))
+        {
+            self.prefix = (*prefix).to_string();
+        }
+        Ok(self)
+    }
+
+    /// The name `name` has in the file: with the base model's prefix when
+    /// the file has it so, else as it is (heads such as `classifier.*` sit
+    /// beside the prefixed base model).
+    fn stored_name(&self, tensors: &SafeTensors<'_>, name: &str) -> String {
+        let prefixed = format!("{}{name}", self.prefix);
+        if self.prefix.is_empty() || tensors.tensor(&prefixed).is_ok() {
+            prefixed
+        } else {
+            name.to_string()
+        }
+    }
+
+    /// Every tensor's name without the base model's prefix, and its bytes.
+    pub fn tensor_sizes(&self) -> Result<Vec<(String, u64)>> {
+        let tensors = parse(&self.path, &self.map)?;
+        Ok(tensors
+            .iter()
+            .map(|(name, view)| {
+                let canonical = name.strip_prefix(self.prefix.as_str()).unwrap_or(&name);
+                (canonical.to_string(), view.data().len() as u64)
+            })
+            .collect())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Bytes stored for the tensors of one component (`embeddings`,
-    /// `encoder.layer.N`, `pooler`).
-    pub fn component_bytes(&self, component: &str) -> Result<u64> {
-        let tensors = parse(&self.path, &self.map)?;
-        let prefix = format!("{}{component}.", self.prefix);
-        Ok(tensors
-            .iter()
-            .filter(|(name, _)| name.starts_with(&prefix))
-            .map(|(_, view)| view.data().len() as u64)
-            .sum())
     }
 
     /// Checks that every tensor in `expected` is present with that shape and a
@@ -66,7 +115,7 @@ impl SafetensorsFile {
     pub fn check(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
         let tensors = parse(&self.path, &self.map)?;
         for (name, shape) in expected {
-            let full = format!("{}{name}", self.prefix);
+            let full = self.stored_name(&tensors, name);
             let view = tensors.tensor(&full).map_err(|_| Error::MissingTensor {
                 path: self.path.clone(),
                 tensor: full.clone(),
@@ -103,7 +152,7 @@ impl SafetensorsFile {
         read: impl FnOnce(&Path, &str, Dtype, &[usize], &[u8]) -> Result<T>,
     ) -> Result<T> {
         let tensors = parse(&self.path, &self.map)?;
-        let full = format!("{}{name}", self.prefix);
+        let full = self.stored_name(&tensors, name);
         let view = tensors.tensor(&full).map_err(|_| Error::MissingTensor {
             path: self.path.clone(),
             tensor: full.clone(),
@@ -122,6 +171,109 @@ impl TensorSource for SafetensorsFile {
     fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
         self.stored(name, |path, full, dtype, actual, data| {
             decode_f16(path, full, dtype, actual, data, shape)
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        parse(&self.path, &self.map)
+            .is_ok_and(|tensors| tensors.tensor(&self.stored_name(&tensors, name)).is_ok())
+    }
+
+    fn gather_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.stored(name, |path, full, dtype, actual, data| {
+            decode_rows(path, full, dtype, actual, data, shape, ids, out)
+        })
+    }
+}
+
+/// Checks a stored 2-D table against `shape` and appends its rows `ids` as f32.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_rows(
+    path: &Path,
+    name: &str,
+    dtype: Dtype,
+    actual_shape: &[usize],
+    data: &[u8],
+    shape: &[usize],
+    ids: &[u32],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    check_stored(path, name, dtype, actual_shape, data, shape)?;
+    let (rows, width) = match shape {
+        [rows, width] => (*rows, *width),
+        _ => return Err(Error::bad_model(path, format!("`{name}` is not a table"))),
+    };
+    let element = if dtype == Dtype::F32 { 4 } else { 2 };
+    out.reserve(ids.len() * width);
+    for &id in ids {
+        if id as usize >= rows {
+            return Err(Error::InvalidInput(format!(
+                "token id {id} is outside the {rows} rows of `{name}`"
+            )));
+        }
+        let start = id as usize * width * element;
+        let row = &data[start..start + width * element];
+        match dtype {
+            Dtype::F32 => out.extend(
+                row.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
+            Dtype::F16 => out.extend(
+                row.chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+            _ => out.extend(
+                row.chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// A small safetensors file held in memory (a Dense module's weights).
+pub struct SafetensorsBytes {
+    path: PathBuf,
+    bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl SafetensorsBytes {
+    /// Checks the header of `bytes`, named `path` in errors.
+    pub fn new(path: PathBuf, bytes: std::sync::Arc<Vec<u8>>) -> Result<Self> {
+        parse(&path, &bytes)?;
+        Ok(Self { path, bytes })
+    }
+
+    fn stored<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&Path, &str, Dtype, &[usize], &[u8]) -> Result<T>,
+    ) -> Result<T> {
+        let tensors = parse(&self.path, &self.bytes)?;
+        let view = tensors.tensor(name).map_err(|_| Error::MissingTensor {
+            path: self.path.clone(),
+            tensor: name.into(),
+        })?;
+        read(&self.path, name, view.dtype(), view.shape(), view.data())
+    }
+}
+
+impl TensorSource for SafetensorsBytes {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.stored(name, |path, name, dtype, actual, data| {
+            decode(path, name, dtype, actual, data, shape)
+        })
+    }
+
+    fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        self.stored(name, |path, name, dtype, actual, data| {
+            decode_f16(path, name, dtype, actual, data, shape)
         })
     }
 }

@@ -14,10 +14,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use surf_engine::gpu::{Gpu, gpu_for_tests};
 use surf_engine::kernels::DispatchPlan;
-use surf_engine::kernels::attention::{Attention, MASKED};
+use surf_engine::kernels::attention::{Attention, AttentionOptions, MASKED};
 use surf_engine::kernels::embed::{Embed, EmbeddingTables};
 use surf_engine::kernels::family::KernelFamily;
-use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
+use surf_engine::kernels::gate::Gate;
+use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands, NormOptions};
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
 use surf_engine::kernels::normalize::Normalize;
 use surf_engine::kernels::pool::Pool;
@@ -68,6 +69,13 @@ fn run_and_read(gpu: &Gpu, plan: DispatchPlan, buffer: &wgpu::Buffer, len: usize
         .read_buffer(buffer, (len * 4) as u64)
         .expect("reading back the output");
     gpu.check_errors().expect("the GPU reported an error");
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+
+fn read_back(gpu: &Gpu, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+    let bytes = gpu
+        .read_buffer(buffer, (len * 4) as u64)
+        .expect("reading back a buffer");
     bytemuck::cast_slice(&bytes).to_vec()
 }
 
@@ -130,6 +138,9 @@ fn activate(activation: Option<Activation>, x: f64) -> f64 {
             0.5 * x * (1.0 + inner.tanh())
         }
         Some(Activation::Relu) => x.max(0.0),
+        Some(Activation::Tanh) => x.tanh(),
+        Some(Activation::Silu) => x / (1.0 + (-x).exp()),
+        Some(Activation::Identity) => x,
     }
 }
 
@@ -253,11 +264,13 @@ impl MatmulCase {
     }
 }
 
-const ACTIVATIONS: [Option<Activation>; 4] = [
+const ACTIVATIONS: [Option<Activation>; 6] = [
     None,
     Some(Activation::GeluErf),
     Some(Activation::GeluTanh),
     Some(Activation::Relu),
+    Some(Activation::Tanh),
+    Some(Activation::Silu),
 ];
 
 #[test]
@@ -452,41 +465,40 @@ fn matmul_every_family_matches_reference_aligned_or_not() {
 }
 
 #[test]
-fn embed_gathers_and_sums_the_three_tables() {
+fn embed_sums_word_rows_with_the_tables_a_family_has() {
     let Some(gpu) = gpu_for_tests() else { return };
     for dtype in DTYPES {
-        embed_case(&gpu, dtype);
+        for (positions, types) in [(true, true), (true, false), (false, false)] {
+            embed_case(&gpu, dtype, positions, types);
+        }
     }
 }
 
-fn embed_case(gpu: &Gpu, dtype: WeightDtype) {
+fn embed_case(gpu: &Gpu, dtype: WeightDtype, with_positions: bool, with_types: bool) {
     let gpu = gpu.clone();
     let embed = Embed::new(&gpu, dtype);
     let mut rng = StdRng::seed_from_u64(4);
-    let (vocab, positions, types, hidden) = (50, 20, 2, 37);
+    let (positions, types, hidden) = (20, 2, 37);
+    let position_offset = 3;
+    let type_offset = position_offset + positions * hidden + 1;
     let tables = EmbeddingTables {
-        word_offset: 3,
-        position_offset: (3 + vocab * hidden + 8) as u32,
-        type_offset: (3 + vocab * hidden + 8 + positions * hidden + 1) as u32,
+        position_offset: with_positions.then_some(position_offset as u32),
+        type_offset: with_types.then_some(type_offset as u32),
     };
     // An odd hidden size and offsets, so that f16 elements straddle words.
     let (table, table_buffer) = weights_for(
         &gpu,
         dtype,
-        random_vec(&mut rng, tables.type_offset as usize + types * hidden),
+        random_vec(&mut rng, type_offset + types * hidden),
     );
     let token_count = 29;
     let tokens: Vec<u32> = (0..token_count)
-        .flat_map(|t| {
-            [
-                rng.random_range(0..vocab as u32),
-                (t % positions) as u32,
-                rng.random_range(0..types as u32),
-            ]
-        })
+        .flat_map(|t| [0, (t % positions) as u32, rng.random_range(0..types as u32)])
         .collect();
+    let words = random_vec(&mut rng, token_count * hidden);
 
     let tokens_buffer = upload_u32(&gpu, "tokens", &tokens);
+    let words_buffer = upload(&gpu, "words", &words);
     let out_buffer = gpu.storage_buffer("out", (token_count * hidden * 4) as u64);
     let mut plan = DispatchPlan::new(&gpu);
     embed.push(
@@ -495,6 +507,7 @@ fn embed_case(gpu: &Gpu, dtype: WeightDtype) {
         token_count,
         hidden,
         &tokens_buffer,
+        &words_buffer,
         &table_buffer,
         tables,
         &out_buffer,
@@ -502,18 +515,24 @@ fn embed_case(gpu: &Gpu, dtype: WeightDtype) {
     let out = run_and_read(&gpu, plan, &out_buffer, token_count * hidden);
 
     let mut expected = Vec::with_capacity(token_count * hidden);
-    for ids in tokens.chunks(3) {
+    for (t, ids) in tokens.chunks(3).enumerate() {
         for h in 0..hidden {
-            let at =
-                |offset: u32, id: u32| f64::from(table[offset as usize + id as usize * hidden + h]);
-            expected.push(
-                at(tables.word_offset, ids[0])
-                    + at(tables.position_offset, ids[1])
-                    + at(tables.type_offset, ids[2]),
-            );
+            let at = |offset: usize, id: u32| f64::from(table[offset + id as usize * hidden + h]);
+            let mut value = f64::from(words[t * hidden + h]);
+            if with_positions {
+                value += at(position_offset, ids[1]);
+            }
+            if with_types {
+                value += at(type_offset, ids[2]);
+            }
+            expected.push(value);
         }
     }
-    assert_close(&format!("embed {dtype} tables"), &out, &expected);
+    assert_close(
+        &format!("embed {dtype} positions={with_positions} types={with_types}"),
+        &out,
+        &expected,
+    );
 }
 
 fn layernorm_reference(
@@ -734,6 +753,8 @@ fn pool_matches_reference_in_every_mode() {
         Pooling::Cls,
         Pooling::Max,
         Pooling::MeanSqrtLen,
+        Pooling::WeightedMean,
+        Pooling::LastToken,
     ] {
         let out_buffer = gpu.storage_buffer("out", (batch * hidden * 4) as u64);
         let mut plan = DispatchPlan::new(&gpu);
@@ -759,6 +780,12 @@ fn pool_matches_reference_in_every_mode() {
                     Pooling::Cls => f64::from(x[b * seq * hidden + h]),
                     Pooling::Max => tokens.fold(f64::NEG_INFINITY, f64::max),
                     Pooling::MeanSqrtLen => tokens.sum::<f64>() / (len as f64).sqrt(),
+                    Pooling::WeightedMean => {
+                        let weighted: f64 =
+                            tokens.enumerate().map(|(t, v)| (t + 1) as f64 * v).sum();
+                        weighted / (len * (len + 1) / 2) as f64
+                    }
+                    Pooling::LastToken => f64::from(x[(b * seq + len - 1) * hidden + h]),
                 });
             }
         }
@@ -792,4 +819,204 @@ fn normalize_scales_rows_to_unit_length() {
     }
     assert_close("normalize", &out, &expected);
     assert!(out[3 * cols..4 * cols].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn rms_norm_matches_reference_and_keeps_the_residual_sum() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, cols, eps) = (5, 96, 1e-6f32);
+    let x = random_vec(&mut rng, rows * cols);
+    let residual = random_vec(&mut rng, rows * cols);
+    for dtype in DTYPES {
+        let layernorm = LayerNorm::new(&gpu, dtype);
+        let (weights, weights_buffer) = weights_for(&gpu, dtype, random_vec(&mut rng, 4 + cols));
+        let gamma = &weights[4..4 + cols];
+        for family in KernelFamily::supported(&gpu) {
+            let x_buffer = upload(&gpu, "x", &x);
+            let residual_buffer = upload(&gpu, "residual", &residual);
+            let out_buffer = gpu.storage_buffer("out", (rows * cols * 4) as u64);
+            let mut plan = DispatchPlan::new(&gpu);
+            layernorm.push_with(
+                family,
+                &gpu,
+                &mut plan,
+                rows,
+                cols,
+                eps,
+                NormOptions {
+                    rms: true,
+                    write_sum: true,
+                },
+                LayerNormOperands {
+                    x: &x_buffer,
+                    residual: Some(&residual_buffer),
+                    weights: &weights_buffer,
+                    gamma_offset: 4,
+                    beta_offset: 4,
+                    out: &out_buffer,
+                },
+            );
+            let out = run_and_read(&gpu, plan, &out_buffer, rows * cols);
+            let sum = read_back(&gpu, &residual_buffer, rows * cols);
+            let mut expected = Vec::new();
+            let mut expected_sum = Vec::new();
+            for r in 0..rows {
+                let values: Vec<f64> = (0..cols)
+                    .map(|c| f64::from(x[r * cols + c]) + f64::from(residual[r * cols + c]))
+                    .collect();
+                let mean_square = values.iter().map(|v| v * v).sum::<f64>() / cols as f64;
+                let inv = 1.0 / (mean_square + f64::from(eps)).sqrt();
+                expected.extend(
+                    values
+                        .iter()
+                        .zip(gamma)
+                        .map(|(v, g)| v * inv * f64::from(*g)),
+                );
+                expected_sum.extend(values);
+            }
+            assert_close(&format!("rms norm {family} {dtype}"), &out, &expected);
+            assert_close(
+                &format!("residual sum {family} {dtype}"),
+                &sum,
+                &expected_sum,
+            );
+        }
+    }
+}
+
+#[test]
+fn gate_multiplies_the_activated_gate_by_the_up_projection() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let gate = Gate::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(12);
+    let (rows, width) = (7, 45);
+    let x: Vec<f32> = random_vec(&mut rng, rows * 2 * width)
+        .iter()
+        .map(|v| 3.0 * v)
+        .collect();
+    let x_buffer = upload(&gpu, "x", &x);
+    for activation in [
+        Activation::GeluTanh,
+        Activation::GeluErf,
+        Activation::Relu,
+        Activation::Silu,
+    ] {
+        let out_buffer = gpu.storage_buffer("out", (rows * width * 4) as u64);
+        let mut plan = DispatchPlan::new(&gpu);
+        gate.push(
+            &gpu,
+            &mut plan,
+            rows,
+            width,
+            activation,
+            &x_buffer,
+            &out_buffer,
+        );
+        let out = run_and_read(&gpu, plan, &out_buffer, rows * width);
+        let expected: Vec<f64> = (0..rows * width)
+            .map(|i| {
+                let (r, c) = (i / width, i % width);
+                let gate = f64::from(x[r * 2 * width + c]);
+                let up = f64::from(x[r * 2 * width + width + c]);
+                activate(Some(activation), gate) * up
+            })
+            .collect();
+        assert_close(&format!("gate {activation:?}"), &out, &expected);
+    }
+}
+
+#[test]
+fn attention_adds_a_relative_position_bias_at_the_family_scale() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let attention = Attention::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(13);
+    // A head of 24 (T5-like, portable kernel), and heads of 32 and 64, which
+    // the subgroup8 and tiled families run with kernels of their own.
+    let shapes = [
+        (4, 24, 13, [13, 6]),
+        (2, 32, 21, [21, 9]),
+        (2, 64, 19, [19, 4]),
+    ];
+    let launches = KernelFamily::supported(&gpu)
+        .into_iter()
+        .flat_map(|family| shapes.map(|shape| (family, shape)));
+    for (family, (heads, head_dim, seq, lengths)) in launches {
+        let batch = lengths.len();
+        let hidden = heads * head_dim;
+        let rows = batch * seq;
+        let qkv = random_vec(&mut rng, rows * 3 * hidden);
+        let mask: Vec<f32> = (0..rows)
+            .map(|r| {
+                if r % seq < lengths[r / seq] {
+                    0.0
+                } else {
+                    MASKED
+                }
+            })
+            .collect();
+        let span = 2 * seq - 1;
+        let bias: Vec<f32> = random_vec(&mut rng, heads * span)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let scale = 1.0f32;
+        let qkv_buffer = upload(&gpu, "qkv", &qkv);
+        let mask_buffer = upload(&gpu, "mask", &mask);
+        let bias_buffer = upload(&gpu, "bias", &bias);
+        let out_buffer = gpu.storage_buffer("out", (rows * hidden * 4) as u64);
+        let mut plan = DispatchPlan::new(&gpu);
+        attention.push_with(
+            family,
+            &mut plan,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            AttentionOptions {
+                scale,
+                position_bias: Some(&bias_buffer),
+            },
+            &qkv_buffer,
+            &mask_buffer,
+            &out_buffer,
+        );
+        let out = run_and_read(&gpu, plan, &out_buffer, rows * hidden);
+        let at = |row: usize, part: usize, head: usize, d: usize| {
+            f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+        };
+        let mut actual = Vec::new();
+        let mut expected = Vec::new();
+        for (b, &len) in lengths.iter().enumerate() {
+            for i in 0..len {
+                let query_row = b * seq + i;
+                for head in 0..heads {
+                    let scores: Vec<f64> = (0..len)
+                        .map(|j| {
+                            let dot: f64 = (0..head_dim)
+                                .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
+                                .sum();
+                            dot * f64::from(scale) + f64::from(bias[head * span + j + seq - 1 - i])
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for d in 0..head_dim {
+                        let context = (0..len)
+                            .map(|j| weights[j] * at(b * seq + j, 2, head, d))
+                            .sum::<f64>()
+                            / total;
+                        expected.push(context);
+                        actual.push(out[query_row * hidden + head * head_dim + d]);
+                    }
+                }
+            }
+        }
+        assert_close(
+            &format!("biased attention {family} heads={heads} head_dim={head_dim}"),
+            &actual,
+            &expected,
+        );
+    }
 }

@@ -48,7 +48,12 @@ pub const MATMUL_TILED: &str = concat!(
     include_str!("../activation.wgsl"),
     include_str!("../matmul_tiled.wgsl")
 );
-/// Word + position + token-type embedding gather.
+/// Gated feed-forward activation (`act(gate) * up`), behind the activations.
+pub const GATE: &str = concat!(
+    include_str!("../activation.wgsl"),
+    include_str!("../gate.wgsl")
+);
+/// Word + position + token-type embedding sum.
 pub const EMBED: &str = include_str!("../embed.wgsl");
 /// LayerNorm with a fused residual add.
 pub const LAYERNORM: &str = include_str!("../layernorm.wgsl");

@@ -44,6 +44,53 @@ pub fn golden_dir() -> PathBuf {
     dir
 }
 
+/// `shared/fixtures/<name>`: a small random-weight model of another family
+/// with sentence-transformers' outputs on `dev-sentences.txt`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SURF_FIXTURES_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| golden_dir().join("../fixtures"), PathBuf::from)
+        .join(name);
+    assert!(
+        dir.join("reference.json").is_file(),
+        "{} is missing: the fixtures live in shared/fixtures beside the checkout",
+        dir.display()
+    );
+    dir
+}
+
+#[derive(Debug, Deserialize)]
+struct FixtureReference {
+    items: Vec<GoldenItem>,
+}
+
+/// A fixture's `reference.json` (or another reference file in its folder),
+/// as golden items; inputs were truncated at `max_len` tokens.
+pub fn load_fixture_reference(name: &str, file: &str) -> Golden {
+    let path = fixture_dir(name).join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reference: FixtureReference =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Golden {
+        max_len: 256,
+        items: reference.items,
+    }
+}
+
+/// Asserts each vector's length is within `tolerance` (relative) of its
+/// reference's: cosine alone would miss a model that only scales wrongly.
+pub fn assert_norms_match(golden: &Golden, vectors: &[Vec<f32>], tolerance: f64) {
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    for (i, (item, vector)) in golden.items.iter().zip(vectors).enumerate() {
+        let (expected, actual) = (norm(&item.embedding), norm(vector));
+        assert!(
+            (actual - expected).abs() <= tolerance * expected,
+            "line {}: norm {actual} against {expected}",
+            i + 1
+        );
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct GoldenItem {
     pub text: String,

@@ -95,7 +95,7 @@ fn an_unknown_model_type_is_refused() {
 fn a_missing_tensor_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
-    let mut tensors = random_tensors(&tiny_spec());
+    let mut tensors = random_tensors(&tiny_spec()).expect("tensors of a valid shape");
     tensors.retain(|(name, _, _)| name != "encoder.layer.1.output.dense.bias");
     write_safetensors(&dir.path().join("model.safetensors"), &tensors, Dtype::F32)
         .expect("written");
@@ -113,7 +113,7 @@ fn a_missing_tensor_is_refused() {
 fn a_tensor_of_the_wrong_shape_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
-    let mut tensors = random_tensors(&tiny_spec());
+    let mut tensors = random_tensors(&tiny_spec()).expect("tensors of a valid shape");
     for (name, shape, _) in &mut tensors {
         if name == "encoder.layer.0.intermediate.dense.weight" {
             shape.reverse();
@@ -200,7 +200,7 @@ fn half_precision_weights_match_f32_weights_of_the_same_values() {
         let half = tempfile::tempdir().expect("tempdir");
         tiny_model(exact.path());
         tiny_model(half.path());
-        let mut tensors = random_tensors(&tiny_spec());
+        let mut tensors = random_tensors(&tiny_spec()).expect("tensors of a valid shape");
         for (_, _, values) in &mut tensors {
             for v in values.iter_mut() {
                 *v = match dtype {

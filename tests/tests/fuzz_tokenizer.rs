@@ -16,10 +16,10 @@ fn tokenizer() -> (TextTokenizer, usize) {
         &dir.join("tokenizer.json"),
         &spec.tokenizer_json,
         spec.max_seq_length,
-        spec.config.vocab_size,
+        spec.config.vocab_size(),
     )
     .expect("the tokenizer loads");
-    (tokenizer, spec.config.vocab_size)
+    (tokenizer, spec.config.vocab_size())
 }
 
 fn texts() -> impl Strategy<Value = String> {

@@ -6,34 +6,46 @@ use super::{Engine, RunState};
 use crate::error::{Error, Result};
 use crate::kernels::DispatchPlan;
 use crate::kernels::attention::MASKED;
-use crate::model::{BatchBuffers, BertLayer, record_head};
+use crate::model::{BatchBuffers, Recorder};
 use crate::tokenize::Tokens;
 
 impl Engine {
-    /// Records one encoder layer whose packed weights are in `weights`.
-    fn record_layer(&self, plan: &mut DispatchPlan, weights: &wgpu::Buffer, batch: &BatchBuffers) {
-        BertLayer::forward(
-            &self.gpu,
-            &self.kernels,
-            plan,
-            &self.spec.config,
-            self.spec.activation,
-            &self.layer_layout,
-            weights,
+    fn recorder<'b>(&'b self, batch: &'b BatchBuffers) -> Recorder<'b> {
+        Recorder {
+            gpu: &self.gpu,
+            kernels: &self.kernels,
             batch,
-        );
+        }
     }
 
-    /// Records pooling and, where the model asks for it, normalisation.
-    fn record_head(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
-        record_head(
-            &self.kernels,
-            plan,
-            &self.spec.config,
-            self.spec.pooling,
-            self.spec.normalize,
-            batch,
-        );
+    /// Records the embedding sum.
+    fn record_embeddings(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+        self.architecture
+            .record_embeddings(&self.recorder(batch), plan, &self.pinned);
+    }
+
+    /// Records layer `index`, whose packed weights are in `weights`.
+    fn record_layer(
+        &self,
+        plan: &mut DispatchPlan,
+        index: usize,
+        weights: &wgpu::Buffer,
+        batch: &BatchBuffers,
+    ) {
+        self.architecture
+            .record_layer(&self.recorder(batch), plan, index, weights);
+    }
+
+    /// Records what follows the last layer and the head; returns the buffer
+    /// that holds the outputs.
+    fn record_head<'b>(
+        &'b self,
+        plan: &mut DispatchPlan,
+        batch: &'b BatchBuffers,
+    ) -> &'b wgpu::Buffer {
+        let cx = self.recorder(batch);
+        let states = self.architecture.record_final(&cx, plan, &self.pinned);
+        self.head.record(&cx, plan, states, self.dims.hidden)
     }
 
     /// Sizes the activation buffers for the batch `members` of `inputs`,
@@ -59,7 +71,8 @@ impl Engine {
             state.bindings.clear();
             *workspace = Some(BatchBuffers::new(
                 &self.gpu,
-                config,
+                &self.dims,
+                self.head.width(),
                 capacity_rows,
                 capacity_sequences,
             ));
@@ -72,6 +85,7 @@ impl Engine {
         batch.seq_len = seq_len;
 
         let mut token_rows = vec![0u32; rows * 3];
+        let mut word_ids = vec![0u32; rows];
         let mut mask = vec![MASKED; rows];
         let mut lengths = Vec::with_capacity(sequences);
         for (s, &i) in members.iter().enumerate() {
@@ -84,17 +98,25 @@ impl Engine {
                         mask[row] = 0.0;
                         (id, t.type_ids[p])
                     }
-                    None => (config.pad_token_id as u32, 0),
+                    None => (config.pad_token_id(), 0),
                 };
+                word_ids[row] = id;
                 token_rows[row * 3] = id;
-                token_rows[row * 3 + 1] = p as u32;
+                token_rows[row * 3 + 1] = config.position_id(p);
                 token_rows[row * 3 + 2] = type_id;
             }
         }
+        let mut word_rows = Vec::new();
+        self.words.gather(&word_ids, &mut word_rows)?;
         let queue = &self.gpu.queue;
         queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
+        queue.write_buffer(&batch.word_rows, 0, bytemuck::cast_slice(&word_rows));
         queue.write_buffer(&batch.mask, 0, bytemuck::cast_slice(&mask));
         queue.write_buffer(&batch.lengths, 0, bytemuck::cast_slice(&lengths));
+        if let (Some(bias), Some(buffer)) = (&self.relative_bias, &batch.position_bias) {
+            let table = bias.for_length(seq_len);
+            queue.write_buffer(buffer, 0, bytemuck::cast_slice(&table));
+        }
         Ok(())
     }
 
@@ -114,7 +136,7 @@ impl Engine {
             .filter(|&rows| rows <= self.spec.max_seq_length);
         for rows in lengths {
             let probe = Tokens {
-                ids: vec![self.spec.config.pad_token_id as u32; rows],
+                ids: vec![self.spec.config.pad_token_id(); rows],
                 type_ids: vec![0; rows],
             };
             self.load_batch(state, std::slice::from_ref(&probe), &[0], rows)?;
@@ -122,9 +144,11 @@ impl Engine {
                 return Err(Error::Gpu("no activation buffers".into()));
             };
             let mut plan = DispatchPlan::new(&self.gpu);
-            self.embeddings
-                .forward(&self.gpu, &self.kernels, &mut plan, batch);
-            self.record_layer(&mut plan, &scratch, batch);
+            self.record_embeddings(&mut plan, batch);
+            // Layer 1 where there is one: a pre-norm family's later layers
+            // run the residual-adding variant of their first norm.
+            let layer = 1.min(self.dims.layers - 1);
+            self.record_layer(&mut plan, layer, &scratch, batch);
             self.record_head(&mut plan, batch);
             plan.submit(&self.gpu);
         }
@@ -140,7 +164,6 @@ impl Engine {
         seq_len: usize,
     ) -> Result<Vec<Vec<f32>>> {
         self.load_batch(state, inputs, members, seq_len)?;
-        let config = &self.spec.config;
         let sequences = members.len();
         let Some(batch) = state.workspace.as_ref() else {
             return Err(Error::Gpu("no activation buffers".into()));
@@ -155,8 +178,7 @@ impl Engine {
         let paging = pager.capacity() < pager.layers();
         let mut plan = DispatchPlan::new(&self.gpu);
         let mut recorded: Vec<usize> = Vec::new();
-        self.embeddings
-            .forward(&self.gpu, &self.kernels, &mut plan, batch);
+        self.record_embeddings(&mut plan, batch);
         // Fetches start before the embeddings are computed, the first layer
         // first, so that the weight stream never waits for the GPU.
         pager.prefetch_from(0);
@@ -169,7 +191,7 @@ impl Engine {
                 recorded.clear();
             }
             let weights = pager.acquire(layer, &recorded)?;
-            self.record_layer(&mut plan, &weights, batch);
+            self.record_layer(&mut plan, layer, &weights, batch);
             recorded.push(layer);
             // While the layers ahead are resident, recording goes on into the
             // same submission: a submission per layer only pays where an
@@ -182,15 +204,15 @@ impl Engine {
             }
         }
         pager.end_pass();
-        self.record_head(&mut plan, batch);
+        let outputs = self.record_head(&mut plan, batch);
         plan.submit_cached(&self.gpu, bindings);
 
-        let hidden = config.hidden_size;
+        let dimension = self.head.dimension();
         let bytes = self
             .gpu
-            .read_buffer(&batch.pooled, (sequences * hidden * 4) as u64)?;
+            .read_buffer(outputs, (sequences * dimension * 4) as u64)?;
         let floats: &[f32] = bytemuck::cast_slice(&bytes);
-        let vectors: Vec<Vec<f32>> = floats.chunks_exact(hidden).map(|c| c.to_vec()).collect();
+        let vectors: Vec<Vec<f32>> = floats.chunks_exact(dimension).map(|c| c.to_vec()).collect();
         if let Some(position) = vectors
             .iter()
             .position(|v| v.iter().any(|x| !x.is_finite()))

@@ -10,11 +10,14 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::bindings::BindingCache;
 use crate::kernels::family::KernelMode;
-use crate::model::{BatchBuffers, BertEmbeddings, BertLayer, Kernels, LayerLayout};
+use crate::model::blocks::RelativeBias;
+use crate::model::head::Head;
+use crate::model::{Architecture, BatchBuffers, Dims, HEAD_COMPONENT, Kernels, PINNED_COMPONENT};
 use crate::paging::{Pager, PagerConfig, VramBudget};
 use crate::source::WeightSource;
 use crate::stats::{CacheInfo, InferenceStats, PagingCounters, Timings};
 use crate::tokenize::{TextTokenizer, Tokens};
+use crate::weights::TensorSource;
 
 pub use surf_transport::WEIGHTS_FILE;
 pub const DEFAULT_BATCH_SIZE: usize = 32;
@@ -51,14 +54,35 @@ struct StatsState {
     paging: PagingCounters,
 }
 
-/// Computes sentence embeddings on the GPU.
+/// The word embedding table, kept on the host: a batch uploads the rows its
+/// tokens use, so a table of any size works within any binding limit and
+/// takes no GPU memory.
+struct WordTable {
+    tensors: Box<dyn TensorSource + Send + Sync>,
+    name: &'static str,
+    shape: [usize; 2],
+}
+
+impl WordTable {
+    /// Appends the rows of `ids`, as f32.
+    fn gather(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        self.tensors.gather_rows(self.name, &self.shape, ids, out)
+    }
+}
+
+/// Computes sentence embeddings (or a classifier's scores) on the GPU.
 pub struct Engine {
     gpu: Gpu,
     spec: ModelSpec,
+    dims: Dims,
     tokenizer: TextTokenizer,
     kernels: Kernels,
-    embeddings: BertEmbeddings,
-    layer_layout: LayerLayout,
+    architecture: Arc<dyn Architecture>,
+    /// The pinned weights the kernels read: position and type tables, norms.
+    pinned: wgpu::Buffer,
+    words: WordTable,
+    relative_bias: Option<RelativeBias>,
+    head: Head,
     weight_dtype: crate::dtype::WeightDtype,
     batch_size: usize,
     max_rows: usize,
@@ -87,44 +111,66 @@ impl Engine {
         kernel_mode: KernelMode,
     ) -> Result<Self> {
         let config = &spec.config;
+        let dims = config.dims();
         let tokenizer = TextTokenizer::from_json(
             &spec.origin.join(crate::config::TOKENIZER_FILE),
             &spec.tokenizer_json,
             spec.max_seq_length,
-            config.vocab_size,
+            dims.vocab,
         )?;
         let dtype = settings.weight_dtype;
         let mut kernels = Kernels::new(&gpu, dtype);
         gpu.check_errors()?;
         let started = Instant::now();
-        let choices = kernels.choose(&gpu, kernel_mode, config)?;
+        let choices = kernels.choose(&gpu, kernel_mode, &dims)?;
 
-        let layer_layout = BertLayer::layout(config);
-        let slot_bytes = (layer_layout.len * dtype.size_bytes()) as u64;
+        let architecture = config.architecture();
+        let slot_bytes = (architecture.layer_len() * dtype.size_bytes()) as u64;
         gpu.check_binding_size("a layer buffer", slot_bytes)?;
-        let fetched = source.fetch("embeddings")?;
-        let embeddings = BertEmbeddings::load(&gpu, fetched.tensors.as_ref(), config, dtype)?;
+        let fetched = source.fetch(PINNED_COMPONENT)?;
+        let packed = architecture.pack_pinned(fetched.tensors.as_ref(), dtype)?;
+        gpu.check_binding_size("the pinned weights", packed.bytes().len() as u64)?;
+        let pinned = gpu.storage_buffer_with("pinned weights", packed.bytes());
+        let relative_bias = architecture.relative_bias(fetched.tensors.as_ref())?;
+        let words = WordTable {
+            name: architecture.word_table(fetched.tensors.as_ref()),
+            tensors: fetched.tensors,
+            shape: [dims.vocab, dims.hidden],
+        };
+        // Checks the table's shape and dtype once, before any batch.
+        words.gather(&[0], &mut Vec::new())?;
+        let mut fetched_bytes = fetched.bytes;
+        let head = match spec.labels {
+            Some(_) => {
+                let component = source.fetch(HEAD_COMPONENT)?;
+                fetched_bytes += component.bytes;
+                Head::load(&gpu, &spec, Some(component.tensors.as_ref()), dtype)?
+            }
+            None => Head::load(&gpu, &spec, None, dtype)?,
+        };
+        let pinned_bytes = pinned.size() + head.bytes();
         let mut pager = Pager::new(
             gpu.clone(),
             Arc::clone(&source),
-            Arc::new(config.clone()),
+            Arc::clone(&architecture),
             slot_bytes,
-            embeddings.buffer_bytes(),
+            pinned_bytes,
             settings,
         )?;
-        pager.counters.bytes_fetched += fetched.bytes;
-        pager.counters.bytes_uploaded += embeddings.buffer_bytes();
+        pager.counters.bytes_fetched += fetched_bytes;
+        pager.counters.bytes_uploaded += pinned_bytes;
 
         let binding_limit = gpu
             .limits
             .max_storage_buffer_binding_size
             .min(gpu.limits.max_buffer_size);
-        let rows_by_memory = (binding_limit / BatchBuffers::widest_row_bytes(config)) as usize;
+        let row_bytes = BatchBuffers::widest_row_bytes(&dims);
+        let rows_by_memory = (binding_limit / row_bytes) as usize;
         if rows_by_memory < spec.max_seq_length {
             return Err(Error::AdapterLimit {
                 adapter: gpu.adapter_name().into(),
                 what: "an activation buffer",
-                needed: spec.max_seq_length as u64 * BatchBuffers::widest_row_bytes(config),
+                needed: spec.max_seq_length as u64 * row_bytes,
                 limit: binding_limit,
             });
         }
@@ -132,10 +178,14 @@ impl Engine {
         let engine = Self {
             gpu,
             spec,
+            dims,
             tokenizer,
             kernels,
-            embeddings,
-            layer_layout,
+            architecture,
+            pinned,
+            words,
+            relative_bias,
+            head,
             weight_dtype: dtype,
             batch_size,
             max_rows,
@@ -231,9 +281,20 @@ impl Engine {
         self.batch_size
     }
 
-    /// Length of each embedding.
+    /// Length of each output: the embedding, or a classifier's logits.
     pub fn dimension(&self) -> usize {
-        self.spec.config.hidden_size
+        self.head.dimension()
+    }
+
+    /// A sequence classifier's labels in id order; `None` for embedding
+    /// models. A classifier's outputs are its raw logits, one per label.
+    pub fn classifier_labels(&self) -> Option<&[String]> {
+        self.spec.labels.as_deref()
+    }
+
+    /// The model's family.
+    pub fn family(&self) -> crate::model::Family {
+        self.spec.config.family()
     }
 
     pub fn pooling(&self) -> Pooling {
@@ -341,7 +402,7 @@ impl Engine {
             pager
                 .resident_layers()
                 .into_iter()
-                .map(surf_transport::layer_component),
+                .map(|layer| self.spec.config.layer_component(layer)),
         );
         let bytes = pager.vram_bytes();
         Ok(CacheInfo {
@@ -359,13 +420,13 @@ impl Engine {
             eviction: pager.eviction().to_string(),
             weight_dtype: pager.weight_dtype().to_string(),
             layer_bytes: pager.slot_bytes(),
-            pinned_bytes: self.embeddings.buffer_bytes(),
+            pinned_bytes: self.pinned_bytes(),
         })
     }
 
     /// Bytes of one encoder layer in GPU memory.
     pub fn layer_bytes(&self) -> u64 {
-        (self.layer_layout.len * self.weight_dtype.size_bytes()) as u64
+        (self.architecture.layer_len() * self.weight_dtype.size_bytes()) as u64
     }
 
     /// How the weights are held in GPU memory.
@@ -373,16 +434,17 @@ impl Engine {
         self.weight_dtype
     }
 
-    /// Bytes of the pinned weights (the embedding tables).
+    /// Bytes of the pinned weights in GPU memory (position and type tables,
+    /// norms, the head); the word table stays on the host.
     pub fn pinned_bytes(&self) -> u64 {
-        self.embeddings.buffer_bytes()
+        self.pinned.size() + self.head.bytes()
     }
 
     /// Refuses inputs the model cannot run: empty or longer than its limit,
     /// token ids outside the vocabulary, mismatched token types.
     pub fn check_tokens(&self, inputs: &[Tokens]) -> Result<()> {
-        let vocab = self.spec.config.vocab_size as u32;
-        let types = self.spec.config.type_vocab_size as u32;
+        let vocab = self.dims.vocab as u32;
+        let types = self.dims.token_types() as u32;
         for (i, t) in inputs.iter().enumerate() {
             if t.ids.is_empty() || t.ids.len() > self.spec.max_seq_length {
                 return Err(Error::InvalidInput(format!(

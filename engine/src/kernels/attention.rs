@@ -27,9 +27,28 @@ struct AttentionParams {
     seq: u32,
     hidden: u32,
     head_dim: u32,
-    _pad0: u32,
+    has_position_bias: u32,
     scale: f32,
     _pad1: [u32; 3],
+}
+
+/// What a family adds to plain scaled dot-product attention.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionOptions<'a> {
+    /// Multiplies the queries: `1 / sqrt(head_dim)` for most families, 1 for T5.
+    pub scale: f32,
+    /// `[heads, 2 * seq - 1]` additive biases by relative position (key -
+    /// query + seq - 1), shared by every layer of MPNet and T5.
+    pub position_bias: Option<&'a wgpu::Buffer>,
+}
+
+impl AttentionOptions<'_> {
+    pub fn scaled(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            position_bias: None,
+        }
+    }
 }
 
 /// Head sizes with a kernel of the tiled family.
@@ -54,7 +73,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(gpu: &Gpu) -> Self {
-        let storage = [Access::Read, Access::Read, Access::ReadWrite];
+        let storage = [Access::Read, Access::Read, Access::ReadWrite, Access::Read];
         let subgroups = subgroup_kernels(
             gpu,
             "attention_subgroups",
@@ -171,15 +190,47 @@ impl Attention {
         mask: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) {
+        self.push_with(
+            family,
+            plan,
+            batch,
+            seq,
+            heads,
+            head_dim,
+            AttentionOptions::scaled(head_dim),
+            qkv,
+            mask,
+            out,
+        );
+    }
+
+    /// Like `push_family`, with a family's scale and relative position bias.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_with(
+        &self,
+        family: KernelFamily,
+        plan: &mut DispatchPlan,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        options: AttentionOptions<'_>,
+        qkv: &wgpu::Buffer,
+        mask: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
         let params = AttentionParams {
             seq: seq as u32,
             hidden: (heads * head_dim) as u32,
             head_dim: head_dim as u32,
-            _pad0: 0,
-            scale: 1.0 / (head_dim as f32).sqrt(),
+            has_position_bias: options.position_bias.is_some() as u32,
+            scale: options.scale,
             _pad1: [0; 3],
         };
         let (kernel, groups) = self.pick(family, seq, heads, batch, head_dim);
-        plan.push(kernel, &params, &[qkv, mask, out], groups);
+        // Without a bias table the kernel never reads binding 4; the mask,
+        // read-only like it, stands in.
+        let position_bias = options.position_bias.unwrap_or(mask);
+        plan.push(kernel, &params, &[qkv, mask, out, position_bias], groups);
     }
 }

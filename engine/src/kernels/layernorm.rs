@@ -15,7 +15,23 @@ struct LayerNormParams {
     beta_offset: u32,
     groups_x: u32,
     eps: f32,
-    _pad: u32,
+    flags: u32,
+}
+
+/// Which normalisation a row gets, and whether the residual sum is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NormOptions {
+    /// RMS norm (T5 and the decoders): no mean subtracted, no beta.
+    pub rms: bool,
+    /// Writes `x + residual` back into `residual`, where pre-norm models keep
+    /// their residual stream.
+    pub write_sum: bool,
+}
+
+impl NormOptions {
+    fn flags(self) -> u32 {
+        self.rms as u32 | (self.write_sum as u32) << 1
+    }
 }
 
 /// The operands of one LayerNorm: `out = LN(x + residual)`, gamma and beta at
@@ -34,11 +50,19 @@ pub struct LayerNormOperands<'a> {
 pub struct LayerNorm {
     kernel: LazyKernel,
     tiled: Option<LazyKernel>,
+    /// Bound as the residual of a norm without one: the kernel may write
+    /// its residual binding, so `x` cannot stand in for it.
+    no_residual: wgpu::Buffer,
 }
 
 impl LayerNorm {
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
-        let storage = [Access::Read, Access::Read, Access::Read, Access::ReadWrite];
+        let storage = [
+            Access::Read,
+            Access::ReadWrite,
+            Access::Read,
+            Access::ReadWrite,
+        ];
         let source = surf_shaders::with_weights(surf_shaders::LAYERNORM, dtype.words());
         let tiled = KernelFamily::Tiled
             .unsupported_reason(gpu)
@@ -51,6 +75,7 @@ impl LayerNorm {
         Self {
             kernel: LazyKernel::new(gpu, "layernorm", &source, &storage),
             tiled,
+            no_residual: gpu.storage_buffer("no residual", 16),
         }
     }
 
@@ -79,6 +104,23 @@ impl LayerNorm {
         eps: f32,
         operands: LayerNormOperands<'_>,
     ) {
+        let options = NormOptions::default();
+        self.push_with(family, gpu, plan, rows, cols, eps, options, operands);
+    }
+
+    /// Records a LayerNorm or an RMS norm with `family`'s kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_with(
+        &self,
+        family: KernelFamily,
+        gpu: &Gpu,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        options: NormOptions,
+        operands: LayerNormOperands<'_>,
+    ) {
         // The kernel reads vec4s; the engine's packing aligns every tensor to
         // 4 elements and the config check makes the hidden size a multiple of 4.
         debug_assert!(
@@ -96,10 +138,14 @@ impl LayerNorm {
             beta_offset: operands.beta_offset,
             groups_x,
             eps,
-            _pad: 0,
+            flags: options.flags(),
         };
-        // Without a residual the kernel never reads binding 2; any buffer will do.
-        let residual = operands.residual.unwrap_or(operands.x);
+        debug_assert!(
+            !options.write_sum || operands.residual.is_some(),
+            "a norm that keeps the residual sum needs a residual"
+        );
+        // Without a residual the kernel never touches binding 2.
+        let residual = operands.residual.unwrap_or(&self.no_residual);
         let kernel = match (family, &self.tiled) {
             (KernelFamily::Tiled, Some(tiled)) => tiled.get(),
             _ => self.kernel.get(),

@@ -37,9 +37,7 @@ impl Epilogue {
     fn code(self) -> u32 {
         match self {
             Epilogue::Bias => 0,
-            Epilogue::BiasThen(Activation::GeluErf) => 1,
-            Epilogue::BiasThen(Activation::GeluTanh) => 2,
-            Epilogue::BiasThen(Activation::Relu) => 3,
+            Epilogue::BiasThen(activation) => activation.code(),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod choice;
 pub mod embed;
 pub mod family;
 pub mod fma_peak;
+pub mod gate;
 pub mod layernorm;
 pub mod matmul;
 pub mod normalize;

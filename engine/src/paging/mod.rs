@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 
-use crate::config::BertConfig;
 use crate::dtype::WeightDtype;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
-use crate::model::{BertLayer, PackedWeights};
+use crate::model::{Architecture, PackedWeights};
 use crate::source::WeightSource;
 use crate::stats::PagingCounters;
 use host_policy::{Admission, HostPolicy};
@@ -86,7 +85,7 @@ struct FetchJob {
 pub struct Pager {
     gpu: Gpu,
     source: Arc<dyn WeightSource>,
-    config: Arc<BertConfig>,
+    architecture: Arc<dyn Architecture>,
     /// Bytes of one packed layer, the size of every slot.
     slot_bytes: u64,
     pinned_bytes: u64,
@@ -154,12 +153,12 @@ impl Pager {
     pub fn new(
         gpu: Gpu,
         source: Arc<dyn WeightSource>,
-        config: Arc<BertConfig>,
+        architecture: Arc<dyn Architecture>,
         slot_bytes: u64,
         pinned_bytes: u64,
         settings: PagerConfig,
     ) -> Result<Self> {
-        let layers = config.num_hidden_layers;
+        let layers = architecture.config().num_layers();
         let staging_in_budget = staging_in_budget(&gpu, settings.prefetch, slot_bytes);
         let capacity = slots_for(
             settings.vram_budget,
@@ -173,14 +172,14 @@ impl Pager {
         let fetch_stop = Arc::new(AtomicBool::new(false));
         let fetch_queue = spawn_fetch_thread(
             Arc::clone(&source),
-            Arc::clone(&config),
+            Arc::clone(&architecture),
             settings.weight_dtype,
             Arc::clone(&fetch_stop),
         )?;
         Ok(Self {
             gpu,
             source,
-            config,
+            architecture,
             slot_bytes,
             pinned_bytes,
             budget: settings.vram_budget,
@@ -531,7 +530,12 @@ impl Pager {
                 self.policy.fetch_finished(layer);
                 outcome?
             }
-            None => fetch_layer(self.source.as_ref(), &self.config, self.weight_dtype, layer)?,
+            None => fetch_layer(
+                self.source.as_ref(),
+                self.architecture.as_ref(),
+                self.weight_dtype,
+                layer,
+            )?,
         };
         self.accept_fetched(layer, &packed, bytes)?;
         // Used right away, so later reads from the host cache are real hits.
@@ -758,7 +762,7 @@ impl Drop for Pager {
 
 fn spawn_fetch_thread(
     source: Arc<dyn WeightSource>,
-    config: Arc<BertConfig>,
+    architecture: Arc<dyn Architecture>,
     dtype: WeightDtype,
     stop: Arc<AtomicBool>,
 ) -> Result<Sender<FetchJob>> {
@@ -771,7 +775,7 @@ fn spawn_fetch_thread(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let result = fetch_layer(source.as_ref(), &config, dtype, job.layer);
+                let result = fetch_layer(source.as_ref(), architecture.as_ref(), dtype, job.layer);
                 // The pager may have stopped waiting; then nobody wants the layer.
                 let _ = job.reply.send(result);
             }
@@ -782,12 +786,12 @@ fn spawn_fetch_thread(
 
 fn fetch_layer(
     source: &dyn WeightSource,
-    config: &BertConfig,
+    architecture: &dyn Architecture,
     dtype: WeightDtype,
     layer: usize,
 ) -> Result<(PackedLayer, u64)> {
-    let component = source.fetch(&surf_transport::layer_component(layer))?;
-    let (_, packed) = BertLayer::pack(component.tensors.as_ref(), config, layer, dtype)?;
+    let component = source.fetch(&architecture.config().layer_component(layer))?;
+    let packed = architecture.pack_layer(component.tensors.as_ref(), layer, dtype)?;
     Ok((Arc::new(packed), component.bytes))
 }
 

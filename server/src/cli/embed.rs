@@ -79,7 +79,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         embedded_server: _embedded,
     } = args.engine.open(builder)?;
 
-    progress.set_length(engine.spec().config.num_hidden_layers as u64);
+    progress.set_length(engine.spec().config.num_layers() as u64);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let embeddings = engine.embed(&refs);
     progress.finish_and_clear();

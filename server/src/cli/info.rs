@@ -98,7 +98,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<()> {
     let gpu = Gpu::new()?;
     let mode = surf_engine::engine::kernel_mode_from_env()?;
     let mut kernels = Kernels::new(&gpu, args.dtype);
-    kernels.choose(&gpu, mode, &spec.config)?;
+    kernels.choose(&gpu, mode, &spec.config.dims())?;
     let report = InfoReport {
         adapter: adapter_report(&gpu),
         kernel_families: KernelFamily::ALL

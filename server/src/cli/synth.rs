@@ -1,5 +1,6 @@
-//! `surf synth`: writes a BERT model folder with random weights, so that
-//! paging and throughput can be measured on models larger than any budget.
+//! `surf synth`: writes a model folder of any supported family with random
+//! weights, so that paging and throughput can be measured on models larger
+//! than any budget.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -7,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use surf_engine::Error as EngineError;
 use surf_engine::kernels::attention::MAX_HEAD_DIM;
-use surf_engine::synth::{SynthSpec, write_model};
+use surf_engine::synth::{SynthFamily, SynthSpec, write_model};
 
 /// The MiniLM tokenizer, relative to the working directory: its vocabulary
 /// fits the 30522 rows of the generated embedding table.
@@ -19,6 +20,25 @@ pub enum Preset {
     Base,
     /// 24 layers, hidden 1024, 16 heads, intermediate 4096.
     Large,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Family {
+    Bert,
+    XlmRoberta,
+    Mpnet,
+    T5,
+}
+
+impl Family {
+    fn synth(self) -> SynthFamily {
+        match self {
+            Family::Bert => SynthFamily::Bert,
+            Family::XlmRoberta => SynthFamily::XlmRoberta,
+            Family::Mpnet => SynthFamily::MPNet,
+            Family::T5 => SynthFamily::T5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -51,6 +71,19 @@ pub struct SynthArgs {
     /// sentence-transformers files for mean pooling).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// The model family: BERT, XLM-RoBERTa (positions past the padding id,
+    /// one token type), MPNet (relative position bias) or a T5 encoder
+    /// (RMS norms, gated feed-forward, relative position bias).
+    #[arg(long, value_enum, default_value_t = Family::Bert)]
+    pub family: Family,
+    /// A sequence classifier (a cross-encoder) with N labels instead of an
+    /// embedder: BERT's pooler and classifier, or RoBERTa's classification head.
+    #[arg(long, value_name = "N")]
+    pub labels: Option<usize>,
+    /// Rows of the word embedding table [default: 30522, the default
+    /// tokenizer's]; 250002 is XLM-R's.
+    #[arg(long, value_name = "V")]
+    pub vocab: Option<usize>,
     /// A standard BERT shape instead of --layers and --hidden.
     #[arg(long, value_enum, conflicts_with_all = ["layers", "hidden", "heads", "intermediate"])]
     pub preset: Option<Preset>,
@@ -146,18 +179,32 @@ pub fn spec_from_args(args: &SynthArgs) -> Result<SynthSpec, EngineError> {
     }
     spec.dtype = args.dtype.safetensors();
     spec.seed = args.seed;
+    spec.family = args.family.synth();
+    if let Some(vocab) = args.vocab {
+        spec.vocab_size = vocab;
+    }
+    match (args.labels, args.family) {
+        (Some(0), _) => return Err(invalid("--labels must be at least 1".into())),
+        (Some(_), Family::Mpnet | Family::T5) => {
+            return Err(invalid(
+                "--labels makes BERT and XLM-RoBERTa classifiers only".into(),
+            ));
+        }
+        (labels, _) => spec.labels = labels,
+    }
     // What the engine checks when it loads the folder, so that a shape it would
     // refuse is refused here, before minutes of writing.
-    spec.config().validate(&args.out.join("config.json"))?;
+    spec.model_config(&args.out.join("config.json"))?;
     Ok(spec)
 }
 
 /// Weights in the generated checkpoint.
-pub fn parameter_count(spec: &SynthSpec) -> u64 {
-    surf_engine::model::model_tensors(&spec.config())
+pub fn parameter_count(spec: &SynthSpec) -> Result<u64, EngineError> {
+    Ok(spec
+        .tensors()?
         .iter()
         .map(|(_, shape)| shape.iter().product::<usize>() as u64)
-        .sum()
+        .sum())
 }
 
 fn check_out_dir(out: &Path, force: bool) -> Result<(), EngineError> {
@@ -231,7 +278,7 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let spec = spec_from_args(&args)?;
     check_out_dir(&args.out, args.force)?;
     let tokenizer = read_tokenizer(&args.tokenizer, &spec)?;
-    let parameters = parameter_count(&spec);
+    let parameters = parameter_count(&spec)?;
     let expected = parameters * args.dtype.bytes();
 
     // Generation is one call with no progress of its own; a spinner with the

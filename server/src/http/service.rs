@@ -225,7 +225,7 @@ impl EmbedService {
     }
 
     fn probe_ids(&self) -> Vec<u32> {
-        let pad = self.engine().spec().config.pad_token_id as u32;
+        let pad = self.engine().spec().config.pad_token_id();
         vec![pad]
     }
 

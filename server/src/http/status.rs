@@ -30,7 +30,7 @@ pub async fn info(State(app): State<AppState>) -> Json<Info> {
         auto_truncate: settings.auto_truncate,
         vram_budget_bytes: cache.as_ref().and_then(|c| c.budget_bytes),
         vram_layer_slots: cache.as_ref().map_or(0, |c| c.layer_slots),
-        layers: engine.spec().config.num_hidden_layers,
+        layers: engine.spec().config.num_layers(),
         adapter: engine.gpu().adapter_name().to_string(),
         version: env!("CARGO_PKG_VERSION"),
     })

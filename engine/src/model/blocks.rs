@@ -1,0 +1,673 @@
+//! The blocks families share, each packing its tensors (host) and recording
+//! its kernels (GPU): linear layers, norms, the embedding sum, self-attention,
+//! the plain and gated feed-forward, the post-norm encoder layer of BERT,
+//! RoBERTa and MPNet, and the relative position bias of MPNet and T5.
+
+use crate::config::Activation;
+use crate::error::Result;
+use crate::kernels::DispatchPlan;
+use crate::kernels::attention::AttentionOptions;
+use crate::kernels::embed::EmbeddingTables;
+use crate::kernels::layernorm::{LayerNormOperands, NormOptions};
+use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::selection::TunedOp;
+
+use super::Recorder;
+use super::packing::{Element, Packer};
+
+/// A linear layer: its weight packed transposed ([in, out], the matmul's B)
+/// and its bias (zeros for layers without one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    pub weight: u32,
+    pub bias: u32,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl Linear {
+    /// Packs `{name}.weight` ([out, in]) and `{name}.bias`.
+    pub fn pack<T: Element>(
+        p: &mut Packer<'_, T>,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        Self::pack_fused(p, &[name], in_features, out_features, bias)
+    }
+
+    /// Packs linear layers that read the same input as one whose output is
+    /// theirs side by side: query, key and value; gate and up.
+    pub fn pack_fused<T: Element>(
+        p: &mut Packer<'_, T>,
+        names: &[&str],
+        in_features: usize,
+        out_each: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let out_features = names.len() * out_each;
+        let mut weight = Vec::with_capacity(out_features * in_features);
+        for name in names {
+            weight.extend(p.read(&format!("{name}.weight"), &[out_each, in_features])?);
+        }
+        let weight = p.put_transposed(&weight, out_features, in_features);
+        let bias = if bias {
+            let mut values = Vec::with_capacity(out_features);
+            for name in names {
+                values.extend(p.read(&format!("{name}.bias"), &[out_each])?);
+            }
+            p.put(&values)
+        } else {
+            p.put_zeros(out_features)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// Records `out = activation(lhs · W + b)` over `rows` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        activation: Activation,
+        lhs: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        cx.kernels.matmul(
+            plan,
+            rows,
+            self.out_features,
+            self.in_features,
+            Epilogue::BiasThen(activation),
+            MatmulOperands {
+                lhs,
+                a_offset: 0,
+                weights,
+                b_offset: self.weight,
+                bias_offset: self.bias,
+                out,
+                c_offset: 0,
+            },
+        );
+    }
+}
+
+/// A LayerNorm (gamma and beta) or an RMS norm (gamma only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Norm {
+    gamma: u32,
+    beta: Option<u32>,
+    eps: f32,
+    width: usize,
+}
+
+impl Norm {
+    /// Packs the LayerNorm `{name}.weight`, `{name}.bias`.
+    pub fn pack_layer_norm<T: Element>(
+        p: &mut Packer<'_, T>,
+        name: &str,
+        width: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let gamma = p.put_tensor(&format!("{name}.weight"), &[width])?;
+        let beta = p.put_tensor(&format!("{name}.bias"), &[width])?;
+        Ok(Self {
+            gamma,
+            beta: Some(beta),
+            eps: eps as f32,
+            width,
+        })
+    }
+
+    /// Packs the RMS norm whose gain is the tensor `weight_name`.
+    pub fn pack_rms<T: Element>(
+        p: &mut Packer<'_, T>,
+        weight_name: &str,
+        width: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let gamma = p.put_tensor(weight_name, &[width])?;
+        Ok(Self {
+            gamma,
+            beta: None,
+            eps: eps as f32,
+            width,
+        })
+    }
+
+    /// Records `out = norm(x + residual)`; with `write_sum`, `residual`
+    /// becomes `x + residual` too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        x: &wgpu::Buffer,
+        residual: Option<&wgpu::Buffer>,
+        write_sum: bool,
+        weights: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        let options = NormOptions {
+            rms: self.beta.is_none(),
+            write_sum,
+        };
+        cx.kernels.norm(
+            cx.gpu,
+            plan,
+            cx.batch.rows,
+            self.width,
+            self.eps,
+            options,
+            LayerNormOperands {
+                x,
+                residual,
+                weights,
+                gamma_offset: self.gamma,
+                beta_offset: self.beta.unwrap_or(self.gamma),
+                out,
+            },
+        );
+    }
+}
+
+/// The embedding sum: each token's word row (gathered on the host) plus
+/// its learned position and token-type rows where the family has them,
+/// then a LayerNorm where it has one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LearnedEmbeddings {
+    tables: (Option<u32>, Option<u32>),
+    norm: Option<Norm>,
+    hidden: usize,
+}
+
+impl LearnedEmbeddings {
+    /// `position` and `token_type` are `(tensor, rows)`; `norm` is the
+    /// LayerNorm's name and epsilon.
+    pub fn pack<T: Element>(
+        p: &mut Packer<'_, T>,
+        hidden: usize,
+        position: Option<(&str, usize)>,
+        token_type: Option<(&str, usize)>,
+        norm: Option<(&str, f64)>,
+    ) -> Result<Self> {
+        let mut table = |spec: Option<(&str, usize)>| -> Result<Option<u32>> {
+            spec.map(|(name, rows)| p.put_tensor(name, &[rows, hidden]))
+                .transpose()
+        };
+        let position = table(position)?;
+        let token_type = table(token_type)?;
+        let norm = norm
+            .map(|(name, eps)| Norm::pack_layer_norm(p, name, hidden, eps))
+            .transpose()?;
+        Ok(Self {
+            tables: (position, token_type),
+            norm,
+            hidden,
+        })
+    }
+
+    /// Records the sum (and norm) into `batch.hidden`.
+    pub fn record(&self, cx: &Recorder<'_>, plan: &mut DispatchPlan, pinned: &wgpu::Buffer) {
+        let batch = cx.batch;
+        let sum = if self.norm.is_some() {
+            &batch.scratch
+        } else {
+            &batch.hidden
+        };
+        cx.kernels.embed.push(
+            cx.gpu,
+            plan,
+            batch.rows,
+            self.hidden,
+            &batch.tokens,
+            &batch.word_rows,
+            pinned,
+            EmbeddingTables {
+                position_offset: self.tables.0,
+                type_offset: self.tables.1,
+            },
+            sum,
+        );
+        if let Some(norm) = &self.norm {
+            norm.record(cx, plan, sum, None, false, pinned, &batch.hidden);
+        }
+    }
+}
+
+/// The checkpoint names of an attention's projections.
+pub struct AttentionNames<'a> {
+    pub query: &'a str,
+    pub key: &'a str,
+    pub value: &'a str,
+    pub output: &'a str,
+}
+
+/// Multi-head self-attention: the fused query-key-value projection, the
+/// attention itself and the output projection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SelfAttention {
+    qkv: Linear,
+    output: Linear,
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl SelfAttention {
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack<T: Element>(
+        p: &mut Packer<'_, T>,
+        names: &AttentionNames<'_>,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+        scale: f32,
+    ) -> Result<Self> {
+        let width = heads * head_dim;
+        let qkv = Linear::pack_fused(
+            p,
+            &[names.query, names.key, names.value],
+            hidden,
+            width,
+            bias,
+        )?;
+        let output = Linear::pack(p, names.output, width, hidden, bias)?;
+        Ok(Self {
+            qkv,
+            output,
+            heads,
+            head_dim,
+            scale,
+        })
+    }
+
+    /// Records the attention of `input` into `batch.scratch`.
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        input: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+        position_bias: Option<&wgpu::Buffer>,
+    ) {
+        let batch = cx.batch;
+        let rows = batch.rows;
+        self.qkv.record(
+            cx,
+            plan,
+            rows,
+            Activation::Identity,
+            input,
+            weights,
+            &batch.qkv,
+        );
+        let family = cx.kernels.selection.family(
+            TunedOp::Attention,
+            batch.sequences * batch.seq_len,
+            self.head_dim,
+            self.heads,
+        );
+        cx.kernels.attention.push_with(
+            family,
+            plan,
+            batch.sequences,
+            batch.seq_len,
+            self.heads,
+            self.head_dim,
+            AttentionOptions {
+                scale: self.scale,
+                position_bias,
+            },
+            &batch.qkv,
+            &batch.mask,
+            &batch.context,
+        );
+        self.output.record(
+            cx,
+            plan,
+            rows,
+            Activation::Identity,
+            &batch.context,
+            weights,
+            &batch.scratch,
+        );
+    }
+}
+
+/// The feed-forward: `down(act(up(x)))`, or gated, `down(act(gate(x)) * up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FeedForward {
+    /// Up, or gate and up fused side by side.
+    up: Linear,
+    down: Linear,
+    activation: Activation,
+    gated: bool,
+}
+
+impl FeedForward {
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_plain<T: Element>(
+        p: &mut Packer<'_, T>,
+        up: &str,
+        down: &str,
+        hidden: usize,
+        ffn: usize,
+        bias: bool,
+        activation: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            up: Linear::pack(p, up, hidden, ffn, bias)?,
+            down: Linear::pack(p, down, ffn, hidden, bias)?,
+            activation,
+            gated: false,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_gated<T: Element>(
+        p: &mut Packer<'_, T>,
+        gate: &str,
+        up: &str,
+        down: &str,
+        hidden: usize,
+        ffn: usize,
+        bias: bool,
+        activation: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            up: Linear::pack_fused(p, &[gate, up], hidden, ffn, bias)?,
+            down: Linear::pack(p, down, ffn, hidden, bias)?,
+            activation,
+            gated: true,
+        })
+    }
+
+    /// Records the feed-forward of `input` into `batch.scratch`.
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        input: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+    ) {
+        let batch = cx.batch;
+        let rows = batch.rows;
+        let inner = match (&batch.gated, self.gated) {
+            (Some(gated), true) => {
+                self.up.record(
+                    cx,
+                    plan,
+                    rows,
+                    Activation::Identity,
+                    input,
+                    weights,
+                    &batch.intermediate,
+                );
+                let width = self.down.in_features;
+                cx.kernels.gate.push(
+                    cx.gpu,
+                    plan,
+                    rows,
+                    width,
+                    self.activation,
+                    &batch.intermediate,
+                    gated,
+                );
+                gated
+            }
+            _ => {
+                self.up.record(
+                    cx,
+                    plan,
+                    rows,
+                    self.activation,
+                    input,
+                    weights,
+                    &batch.intermediate,
+                );
+                &batch.intermediate
+            }
+        };
+        self.down.record(
+            cx,
+            plan,
+            rows,
+            Activation::Identity,
+            inner,
+            weights,
+            &batch.scratch,
+        );
+    }
+}
+
+/// The checkpoint names (under the layer's prefix) of a post-norm layer.
+pub struct PostNormNames<'a> {
+    pub attention: AttentionNames<'a>,
+    pub attention_norm: &'a str,
+    pub up: &'a str,
+    pub down: &'a str,
+    pub output_norm: &'a str,
+}
+
+/// The encoder layer of BERT, RoBERTa and MPNet: attention, residual and
+/// LayerNorm, feed-forward, residual and LayerNorm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostNormLayer {
+    attention: SelfAttention,
+    attention_norm: Norm,
+    ffn: FeedForward,
+    output_norm: Norm,
+}
+
+/// The sizes a post-norm layer is packed with.
+pub struct PostNormShape {
+    pub hidden: usize,
+    pub heads: usize,
+    pub ffn: usize,
+    pub eps: f64,
+    pub activation: Activation,
+}
+
+impl PostNormLayer {
+    pub fn pack<T: Element>(
+        p: &mut Packer<'_, T>,
+        prefix: &str,
+        names: &PostNormNames<'_>,
+        shape: &PostNormShape,
+    ) -> Result<Self> {
+        let name = |short: &str| format!("{prefix}.{short}");
+        let (query, key, value, output) = (
+            name(names.attention.query),
+            name(names.attention.key),
+            name(names.attention.value),
+            name(names.attention.output),
+        );
+        let h = shape.hidden;
+        let head_dim = h / shape.heads;
+        let attention = SelfAttention::pack(
+            p,
+            &AttentionNames {
+                query: &query,
+                key: &key,
+                value: &value,
+                output: &output,
+            },
+            h,
+            shape.heads,
+            head_dim,
+            true,
+            1.0 / (head_dim as f32).sqrt(),
+        )?;
+        let attention_norm = Norm::pack_layer_norm(p, &name(names.attention_norm), h, shape.eps)?;
+        let ffn = FeedForward::pack_plain(
+            p,
+            &name(names.up),
+            &name(names.down),
+            h,
+            shape.ffn,
+            true,
+            shape.activation,
+        )?;
+        let output_norm = Norm::pack_layer_norm(p, &name(names.output_norm), h, shape.eps)?;
+        Ok(Self {
+            attention,
+            attention_norm,
+            ffn,
+            output_norm,
+        })
+    }
+
+    /// Records the layer: `batch.hidden` in, `batch.hidden` out.
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        weights: &wgpu::Buffer,
+        position_bias: Option<&wgpu::Buffer>,
+    ) {
+        let batch = cx.batch;
+        self.attention
+            .record(cx, plan, &batch.hidden, weights, position_bias);
+        self.attention_norm.record(
+            cx,
+            plan,
+            &batch.scratch,
+            Some(&batch.hidden),
+            false,
+            weights,
+            &batch.attention_output,
+        );
+        self.ffn.record(cx, plan, &batch.attention_output, weights);
+        self.output_norm.record(
+            cx,
+            plan,
+            &batch.scratch,
+            Some(&batch.attention_output),
+            false,
+            weights,
+            &batch.hidden,
+        );
+    }
+}
+
+/// A relative position bias shared by every layer (MPNet, T5): a learned
+/// value per head for each bucket of key - query distances.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelativeBias {
+    /// `[buckets, heads]`, as checkpoints store it.
+    table: Vec<f32>,
+    heads: usize,
+    buckets: usize,
+    max_distance: usize,
+}
+
+impl RelativeBias {
+    pub fn new(table: Vec<f32>, heads: usize, buckets: usize, max_distance: usize) -> Self {
+        Self {
+            table,
+            heads,
+            buckets,
+            max_distance,
+        }
+    }
+
+    /// `[heads, 2 * seq - 1]`: the bias of key - query = d at `d + seq - 1`,
+    /// the layout the attention kernels read.
+    pub fn for_length(&self, seq: usize) -> Vec<f32> {
+        let span = 2 * seq - 1;
+        let mut out = vec![0.0; self.heads * span];
+        for i in 0..span {
+            let relative = i as i64 - (seq as i64 - 1);
+            let bucket = relative_position_bucket(relative, self.buckets, self.max_distance);
+            for head in 0..self.heads {
+                out[head * span + i] = self.table[bucket * self.heads + head];
+            }
+        }
+        out
+    }
+}
+
+/// T5's bidirectional bucket of `relative` = key - query (MPNet uses the
+/// same): half the buckets for keys after the query; exact distances below
+/// a quarter of the buckets, logarithmic ones up to `max_distance` after.
+/// Computed in f32 and truncated, as the reference implementation does, so
+/// that distances on a bucket boundary land where they land there.
+pub fn relative_position_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
+    let half = buckets / 2;
+    let offset = if relative > 0 { half } else { 0 };
+    let distance = relative.unsigned_abs() as usize;
+    let max_exact = half / 2;
+    if distance < max_exact {
+        return offset + distance;
+    }
+    let log_ratio = (distance as f32 / max_exact as f32).ln()
+        / (max_distance as f32 / max_exact as f32).ln()
+        * (half - max_exact) as f32;
+    let large = max_exact + log_ratio as usize;
+    offset + large.min(half - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RelativeBias, relative_position_bucket};
+
+    #[test]
+    fn buckets_match_the_reference_values() {
+        // transformers' T5 `_relative_position_bucket(bidirectional=True,
+        // num_buckets=32, max_distance=128)` for these distances.
+        let expected = [
+            (-200, 15),
+            (-128, 15),
+            (-100, 15),
+            (-64, 14),
+            (-20, 10),
+            (-8, 8),
+            (-7, 7),
+            (-1, 1),
+            (0, 0),
+            (1, 17),
+            (7, 23),
+            (8, 24),
+            (20, 26),
+            (64, 30),
+            (127, 31),
+            (500, 31),
+        ];
+        for (relative, bucket) in expected {
+            assert_eq!(
+                relative_position_bucket(relative, 32, 128),
+                bucket,
+                "distance {relative}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bias_of_a_length_is_laid_out_by_head_then_distance() {
+        // Two heads, 32 buckets: bucket b of head h holds 100 h + b.
+        let table: Vec<f32> = (0..32)
+            .flat_map(|b| (0..2).map(move |h| (100 * h + b) as f32))
+            .collect();
+        let bias = RelativeBias::new(table, 2, 32, 128);
+        let seq = 5;
+        let laid = bias.for_length(seq);
+        assert_eq!(laid.len(), 2 * 9);
+        for head in 0..2 {
+            for i in 0..9 {
+                let relative = i as i64 - 4;
+                let bucket = relative_position_bucket(relative, 32, 128);
+                assert_eq!(laid[head * 9 + i], (100 * head + bucket) as f32);
+            }
+        }
+    }
+}
