@@ -173,7 +173,7 @@ fn to_python<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<
 
 impl StreamingModel {
     fn layers(&self) -> usize {
-        self.engine.spec().config.num_hidden_layers
+        self.engine.spec().config.num_layers()
     }
 
     /// Embeds `texts` longest first in batches of `batch_size`, as

@@ -45,12 +45,24 @@ def open_model(**kwargs) -> surfing_weights.StreamingModel:
         raise
 
 
+def fixture_dir(name: str) -> Path:
+    """A model of another family in `shared/fixtures`, unless `SURF_FIXTURES_DIR` names the folder."""
+    named = os.environ.get("SURF_FIXTURES_DIR")
+    folder = (Path(named) if named else golden_dir() / ".." / "fixtures") / name
+    assert (folder / "reference.json").is_file(), (
+        f"{folder} is missing: the fixtures live in shared/fixtures beside the checkout"
+    )
+    return folder
+
+
 class Golden:
-    def __init__(self, folder: Path):
-        text = (folder / "dev-sentences.txt").read_text(encoding="utf-8")
+    """The dev sentences and one reference's token ids and vectors for them."""
+
+    def __init__(self, reference: Path):
+        text = (golden_dir() / "dev-sentences.txt").read_text(encoding="utf-8")
         # One input per line, the empty line kept; the file ends with a newline.
         self.sentences = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
-        data = json.loads((folder / "minilm-dev.candle.json").read_text(encoding="utf-8"))
+        data = json.loads(reference.read_text(encoding="utf-8"))
         self.ids = [item["ids"] for item in data["items"]]
         self.vectors = np.array([item["embedding"] for item in data["items"]], dtype=np.float64)
         assert len(self.sentences) == len(self.ids)
@@ -71,7 +83,7 @@ class Golden:
 
 @pytest.fixture(scope="session")
 def golden() -> Golden:
-    return Golden(golden_dir())
+    return Golden(golden_dir() / "minilm-dev.candle.json")
 
 
 @pytest.fixture(scope="session")

@@ -47,16 +47,25 @@ CACHE_KEYS = {
 }
 
 
-@pytest.fixture()
-def streamed(weight_server):
+@pytest.fixture(scope="module")
+def streamed_model(weight_server):
     return open_model(server=weight_server, cache_size=2, prefetch=1)
 
 
+@pytest.fixture()
+def streamed(streamed_model):
+    """The module's model, back to a budget of two layers and an empty cache."""
+    streamed_model.cache_size = 2
+    streamed_model.clear_cache()
+    return streamed_model
+
+
 def test_stats_and_cache_info_carry_the_guides_keys(streamed, golden):
+    texts_before = streamed.get_inference_stats()["total_texts"]
     streamed.encode(golden.sentences[:4])
     stats = streamed.get_inference_stats()
     assert STATS_KEYS <= set(stats), STATS_KEYS - set(stats)
-    assert stats["total_texts"] == 4
+    assert stats["total_texts"] == texts_before + 4
     assert stats["avg_inference_time"] > 0
     assert 0.0 <= stats["cache_hit_rate"] <= 1.0
     info = streamed.get_cache_info()
@@ -94,7 +103,6 @@ def test_clear_cache_empties_gpu_memory_and_the_next_call_refetches(streamed, go
 
 
 def test_warmup_loads_the_layers_it_is_given(streamed):
-    streamed.clear_cache()
     streamed.warmup([0, 1])
     assert streamed.get_cache_info()["cached_components"] == [
         "embeddings",

@@ -53,11 +53,13 @@ def test_a_refused_token_is_a_permission_error(model_dir):
         open_model(server=server, token="right", cache_size=1)
 
 
-def test_a_server_that_does_not_answer_is_a_connection_error(model_dir):
+def test_a_server_that_does_not_answer_is_a_connection_error(model_dir, tmp_path):
     server = surfing_weights.WeightServer(model_dir)
     server.start()
-    address, pem = server.address, server.cert_pem
+    address = server.address
+    pem = tmp_path / "server.pem"
+    pem.write_text(server.cert_pem)
     server.stop()
     with pytest.raises(surfing_weights.WeightServerError) as raised:
-        open_model(server=address, server_cert=pem)
+        open_model(server=[address], server_cert=pem)
     assert isinstance(raised.value, ConnectionError)
