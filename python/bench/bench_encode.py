@@ -65,6 +65,8 @@ def main() -> None:
         "python_encode_texts_per_s": round(python_rate, 2),
         "rust_infer_texts_per_s": round(rust_rate, 2),
         "ratio": round(python_rate / rust_rate, 4),
+        "python_round_seconds": [round(x, 4) for x in python_seconds],
+        "rust_round_seconds": [round(x, 4) for x in rust_seconds],
     }
     print(f"{'path':<34}{'texts/s':>10}")
     print(f"{'Python StreamingModel.encode':<34}{python_rate:>10.1f}")

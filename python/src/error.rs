@@ -49,12 +49,10 @@ impl BindingError {
             BindingError::Server(error) if error.is_bad_input() => ErrorKind::BadInput,
             BindingError::Server(_) => ErrorKind::Unavailable,
             BindingError::Transport(error) => error.kind().into(),
-            BindingError::InvalidArgument(_) | BindingError::DefaultModel(_) => {
-                ErrorKind::BadInput
+            BindingError::InvalidArgument(_) | BindingError::DefaultModel(_) => ErrorKind::BadInput,
+            BindingError::ServerNotRunning | BindingError::Runtime(_) | BindingError::Panic(_) => {
+                ErrorKind::Internal
             }
-            BindingError::ServerNotRunning
-            | BindingError::Runtime(_)
-            | BindingError::Panic(_) => ErrorKind::Internal,
         }
     }
 }

@@ -41,18 +41,16 @@ pub struct StreamingModel {
 fn trusted_certificates(
     server_cert: &Bound<'_, PyAny>,
 ) -> Result<Vec<CertificateDer<'static>>, BindingError> {
-    if let Ok(text) = server_cert.extract::<String>() {
-        if text.contains("-----BEGIN") {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(|e| {
-                    BindingError::invalid(format!("server_cert is not valid PEM: {e}"))
-                })?;
-            if certs.is_empty() {
-                return Err(BindingError::invalid("server_cert holds no certificate"));
-            }
-            return Ok(certs);
+    if let Ok(text) = server_cert.extract::<String>()
+        && text.contains("-----BEGIN")
+    {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(text.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| BindingError::invalid(format!("server_cert is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(BindingError::invalid("server_cert holds no certificate"));
         }
+        return Ok(certs);
     }
     let path: PathBuf = server_cert.extract().map_err(|_| {
         BindingError::invalid("server_cert must be PEM text or the path of a PEM file")
@@ -232,9 +230,12 @@ impl StreamingModel {
         eviction: &str,
         dtype: &str,
     ) -> PyResult<Self> {
-        let eviction: Eviction = eviction
-            .parse()
-            .map_err(|e: surf_engine::paging::UnknownEviction| BindingError::invalid(e.to_string()))?;
+        let eviction: Eviction =
+            eviction
+                .parse()
+                .map_err(|e: surf_engine::paging::UnknownEviction| {
+                    BindingError::invalid(e.to_string())
+                })?;
         let dtype: WeightDtype = dtype
             .parse()
             .map_err(|e: surf_engine::dtype::UnknownDtype| BindingError::invalid(e.to_string()))?;
@@ -333,6 +334,7 @@ impl StreamingModel {
         sentences, batch_size=32, normalize_embeddings=None, prompt_name=None,
         convert_to_numpy=true, show_progress_bar=false
     ))]
+    #[allow(clippy::too_many_arguments)] // sentence-transformers' keywords, one by one
     fn encode<'py>(
         &self,
         py: Python<'py>,
@@ -450,7 +452,10 @@ impl StreamingModel {
             fields.insert("cache_size".into(), info.layer_slots.into());
             fields.insert("num_layers".into(), self.layers().into());
             fields.insert("cache_hit_rate".into(), stats.cache_hit_rate.into());
-            fields.insert("host_cache_hit_rate".into(), stats.host_cache_hit_rate.into());
+            fields.insert(
+                "host_cache_hit_rate".into(),
+                stats.host_cache_hit_rate.into(),
+            );
         }
         to_python(py, &value)
     }

@@ -2,7 +2,7 @@
 
 import os
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Sequence, Type, Union, overload
+from typing import Any, Dict, List, Literal, Optional, Sequence, Type, Union, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -69,13 +69,25 @@ class StreamingModel:
     @overload
     def encode(
         self,
+        sentences: Union[str, Sequence[str]],
+        batch_size: int = 32,
+        normalize_embeddings: Optional[bool] = None,
+        prompt_name: Optional[str] = None,
+        convert_to_numpy: Literal[True] = True,
+        show_progress_bar: bool = False,
+    ) -> npt.NDArray[np.float32]:
+        """One text gives shape ``(dimension,)``, a list ``(len, dimension)``."""
+    @overload
+    def encode(
+        self,
         sentences: str,
         batch_size: int = 32,
         normalize_embeddings: Optional[bool] = None,
         prompt_name: Optional[str] = None,
-        convert_to_numpy: bool = True,
+        *,
+        convert_to_numpy: Literal[False],
         show_progress_bar: bool = False,
-    ) -> npt.NDArray[np.float32]: ...
+    ) -> List[float]: ...
     @overload
     def encode(
         self,
@@ -83,9 +95,10 @@ class StreamingModel:
         batch_size: int = 32,
         normalize_embeddings: Optional[bool] = None,
         prompt_name: Optional[str] = None,
-        convert_to_numpy: bool = True,
+        *,
+        convert_to_numpy: Literal[False],
         show_progress_bar: bool = False,
-    ) -> npt.NDArray[np.float32]: ...
+    ) -> List[List[float]]: ...
     def tokenize(self, texts: Union[str, Sequence[str]]) -> Dict[str, npt.NDArray[np.int64]]: ...
     def get_inference_stats(self) -> Dict[str, Any]: ...
     def get_cache_info(self) -> Dict[str, Any]: ...
