@@ -96,6 +96,16 @@ fn server_list<'py>(
     Ok((running, addresses))
 }
 
+/// The texts of an argument that is one string or a list of strings, and
+/// whether it was one string.
+fn texts_of(argument: &Bound<'_, PyAny>, name: &str) -> Result<(Vec<String>, bool), BindingError> {
+    let invalid = || BindingError::invalid(format!("{name} must be a string or a list of strings"));
+    if argument.is_instance_of::<PyString>() {
+        return Ok((vec![argument.extract().map_err(|_| invalid())?], true));
+    }
+    Ok((argument.extract().map_err(|_| invalid())?, false))
+}
+
 /// `host:port` (or `[v6]:port`) to a socket address.
 fn parse_address(address: &str) -> Result<SocketAddr, BindingError> {
     let invalid = || BindingError::invalid(format!("{address:?} is not a \"host:port\" address"));
@@ -170,6 +180,15 @@ fn to_python<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<
 }
 
 impl StreamingModel {
+    /// Token ids of `texts`, computed with the GIL released.
+    fn tokens_of(&self, py: Python<'_>, texts: Vec<String>) -> Result<Vec<Tokens>, BindingError> {
+        let engine = Arc::clone(&self.engine);
+        without_gil(py, move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            Ok(engine.tokenize(&refs)?)
+        })
+    }
+
     fn layers(&self) -> usize {
         self.engine.spec().config.num_layers()
     }
@@ -183,11 +202,7 @@ impl StreamingModel {
         batch_size: usize,
         mut progress: Option<Progress<'py>>,
     ) -> PyResult<Vec<Vec<f32>>> {
-        let engine = Arc::clone(&self.engine);
-        let tokens = without_gil(py, move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            Ok(engine.tokenize(&refs)?)
-        })?;
+        let tokens = self.tokens_of(py, texts)?;
         let mut order: Vec<usize> = (0..tokens.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].len()));
         let mut vectors = vec![Vec::new(); tokens.len()];
@@ -355,14 +370,7 @@ impl StreamingModel {
         if batch_size == 0 {
             return Err(BindingError::invalid("batch_size must be at least 1").into());
         }
-        let single = sentences.is_instance_of::<PyString>();
-        let texts: Vec<String> = if single {
-            vec![sentences.extract()?]
-        } else {
-            sentences.extract().map_err(|_| {
-                BindingError::invalid("sentences must be a string or a list of strings")
-            })?
-        };
+        let (texts, single) = texts_of(sentences, "sentences")?;
         let progress = if show_progress_bar {
             Some(Progress::new(py, texts.len())?)
         } else {
@@ -396,18 +404,7 @@ impl StreamingModel {
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let texts: Vec<String> = if texts.is_instance_of::<PyString>() {
-            vec![texts.extract()?]
-        } else {
-            texts
-                .extract()
-                .map_err(|_| BindingError::invalid("texts must be a string or a list of strings"))?
-        };
-        let engine = Arc::clone(&self.engine);
-        let tokens = without_gil(py, move || {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            Ok(engine.tokenize(&refs)?)
-        })?;
+        let tokens = self.tokens_of(py, texts_of(texts, "texts")?.0)?;
         let width = tokens.iter().map(Tokens::len).max().unwrap_or(0);
         let padded = |row: &dyn Fn(&Tokens) -> Vec<i64>| {
             let flat: Vec<i64> = tokens
