@@ -33,7 +33,7 @@ def test_one_string_gives_one_vector_and_lists_come_back_in_input_order(local_mo
     assert local_model.encode([]).shape == (0, 384)
 
 
-def test_encode_options(local_model, golden):
+def test_encode_options(local_model, golden, capsys):
     as_lists = local_model.encode(golden.sentences[:2], convert_to_numpy=False)
     assert isinstance(as_lists, list) and len(as_lists) == 2 and len(as_lists[0]) == 384
     golden.assert_matches(np.array(as_lists, dtype=np.float32), rows=[0, 1])
@@ -41,6 +41,9 @@ def test_encode_options(local_model, golden):
     np.testing.assert_allclose(np.linalg.norm(normalized, axis=1), 1.0, atol=1e-5)
     with_bar = local_model.encode(golden.sentences[:5], batch_size=2, show_progress_bar=True)
     golden.assert_matches(with_bar, rows=range(5))
+    # tqdm when installed (the test extra installs it), else a line per batch.
+    progress = capsys.readouterr().err
+    assert "5/5" in progress, progress
     assert local_model.dimension == 384
     assert local_model.max_seq_length == 256
     assert local_model.num_layers == 6

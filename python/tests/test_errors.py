@@ -63,3 +63,9 @@ def test_a_server_that_does_not_answer_is_a_connection_error(model_dir, tmp_path
     with pytest.raises(surfing_weights.WeightServerError) as raised:
         open_model(server=[address], server_cert=pem)
     assert isinstance(raised.value, ConnectionError)
+
+
+def test_a_gpu_that_cannot_be_had_is_a_runtime_error(model_dir, monkeypatch):
+    monkeypatch.setenv("SURF_ADAPTER", "no-such-adapter")
+    with pytest.raises(RuntimeError, match="no GPU adapter found whose name contains `no-such-adapter`"):
+        surfing_weights.StreamingModel(model_path=model_dir)
