@@ -35,6 +35,8 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 bash "$here/fetch-model.sh"
+# all-mpnet-base-v2, for the tests of the MPNet family against real weights.
+bash "$here/fetch-model.sh" all-mpnet-base-v2
 
 # The official openai Python client, for the test that runs it unchanged
 # against `surf http` (with numpy, it asks for base64 vectors by default).

@@ -1,6 +1,8 @@
 //! End-to-end embeddings per second with all-MiniLM-L6-v2, short (~10 tokens)
 //! and long (~150 tokens) inputs at batch sizes 1, 8 and 32, next to candle's
-//! CPU BERT on the same inputs and the same checkpoint in the same run.
+//! CPU BERT on the same inputs and the same checkpoint in the same run; then
+//! all-mpnet-base-v2 (MPNet, which candle has no model of) on the same inputs,
+//! where `bash assets/fetch-model.sh all-mpnet-base-v2` has fetched it.
 //!
 //! Both sides are timed from text to normalised vector: tokenization, the
 //! forward pass, mean pooling and L2 normalisation. Before any timing the two
@@ -185,11 +187,13 @@ fn check_agreement(engine: &Engine, candle: &CandleBert, input: &Input, batch: u
 }
 
 struct Row {
+    model: &'static str,
     input: &'static str,
     tokens: f64,
     batch: usize,
     ours: f64,
-    candle: f64,
+    /// Where candle has the family.
+    candle: Option<f64>,
 }
 
 /// A batch slower than this is timed as the median of `SLOW_BATCHES` batches
@@ -253,14 +257,14 @@ fn write_json(adapter: &str, quick: bool, rows: &[Row]) {
     let json = serde_json::json!({
         "adapter": adapter,
         "quick": quick,
-        "model": "all-MiniLM-L6-v2",
         "rows": rows.iter().map(|r| serde_json::json!({
+            "model": r.model,
             "input": r.input,
             "tokens": r.tokens,
             "batch": r.batch,
             "ours_per_s": r.ours,
             "candle_per_s": r.candle,
-            "ratio": r.ours / r.candle,
+            "ratio": r.candle.map(|candle| r.ours / candle),
         })).collect::<Vec<_>>(),
     });
     let dir = surf_benches::out_dir();
@@ -328,13 +332,47 @@ fn main() {
                 std::hint::black_box(candle.embed(&engine, &texts));
             });
             rows.push(Row {
+                model: "all-MiniLM-L6-v2",
                 input: input.name,
                 tokens: mean_tokens,
                 batch,
                 ours,
-                candle: theirs,
+                candle: Some(theirs),
             });
         }
+    }
+    let mpnet = surf_benches::repo_root().join("assets/models/all-mpnet-base-v2");
+    if mpnet.join("model.safetensors").is_file() {
+        for &batch in batches {
+            let engine = Engine::builder()
+                .model_dir(&mpnet)
+                .gpu(gpu.clone())
+                .batch_size(batch)
+                .build()
+                .expect("loading all-mpnet-base-v2");
+            for input in &inputs {
+                let texts = input.batch(batch);
+                let tokens = engine.tokenize(&texts).expect("tokenizing");
+                let mean_tokens =
+                    tokens.iter().map(|t| t.ids.len()).sum::<usize>() as f64 / tokens.len() as f64;
+                let group = format!("embed_mpnet/{}_{batch}", input.name);
+                let ours = rate(&mut criterion, quick, &group, "ours", batch, || {
+                    std::hint::black_box(engine.infer(&texts).expect("embedding"));
+                });
+                rows.push(Row {
+                    model: "all-mpnet-base-v2",
+                    input: input.name,
+                    tokens: mean_tokens,
+                    batch,
+                    ours,
+                    candle: None,
+                });
+            }
+        }
+    } else {
+        println!(
+            "all-mpnet-base-v2 rows skipped: run `bash assets/fetch-model.sh all-mpnet-base-v2`"
+        );
     }
     criterion.final_summary();
 
@@ -352,23 +390,22 @@ fn main() {
         );
     }
     println!(
-        "all-MiniLM-L6-v2, embeddings/s; candle on the CPU with {} threads; vectors agree to \
-         cosine >= {MIN_COSINE}",
+        "embeddings/s; candle on the CPU with {} threads (BERT only; it has no MPNet); where \
+         both run, vectors agree to cosine >= {MIN_COSINE}",
         candle_core::utils::get_num_threads()
     );
     println!(
-        "{:<6} {:>7} {:>6} {:>12} {:>12} {:>13}",
-        "input", "tokens", "batch", "ours/s", "candle/s", "ours/candle"
+        "{:<18} {:<6} {:>7} {:>6} {:>12} {:>12} {:>13}",
+        "model", "input", "tokens", "batch", "ours/s", "candle/s", "ours/candle"
     );
     for r in &rows {
+        let (candle, ratio) = match r.candle {
+            Some(candle) => (format!("{candle:.1}"), format!("{:.2}", r.ours / candle)),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<6} {:>7.1} {:>6} {:>12.1} {:>12.1} {:>13.2}",
-            r.input,
-            r.tokens,
-            r.batch,
-            r.ours,
-            r.candle,
-            r.ours / r.candle
+            "{:<18} {:<6} {:>7.1} {:>6} {:>12.1} {:>12} {:>13}",
+            r.model, r.input, r.tokens, r.batch, r.ours, candle, ratio
         );
     }
     write_json(&adapter, quick, &rows);

@@ -156,6 +156,9 @@ impl SynthSpec {
     }
 }
 
+/// A tensor's name, shape and values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A small deterministic generator; weights need no statistical quality.
 struct SplitMix64(u64);
 
@@ -188,7 +191,7 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
 /// Random tensors for every weight of `spec`, as f32 values. Norm gains sit
 /// near 1 and everything else is small, as in a trained model, so activations
 /// stay in a realistic range through many layers.
-pub fn random_tensors(spec: &SynthSpec) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn random_tensors(spec: &SynthSpec) -> Result<Vec<NamedTensor>> {
     let mut rng = SplitMix64(spec.seed);
     Ok(spec
         .tensors()?
@@ -229,8 +232,8 @@ pub fn write_safetensors(
 
 /// Writes a complete model folder: config, weights, the given tokenizer and,
 /// for an embedder, the sentence-transformers files for mean pooling with
-/// normalisation.
-pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Result<()> {
+/// normalisation. Returns the files written, relative to `dir`.
+pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Result<Vec<String>> {
     let io = |path: &Path, e: std::io::Error| Error::io(path, e);
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let config_json = spec.config_json();
@@ -280,5 +283,8 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
         &dir.join("model.safetensors"),
         &random_tensors(spec)?,
         spec.dtype,
-    )
+    )?;
+    let mut written: Vec<String> = files.iter().map(|(name, _)| (*name).to_string()).collect();
+    written.push("model.safetensors".into());
+    Ok(written)
 }

@@ -72,7 +72,7 @@ impl SafetensorsFile {
     pub fn with_prefix_of(mut self, prefixes: &[&str], anchor: &str) -> Result<Self> {
         let parsed = parse(&self.path, &self.map)?;
         let names = parsed.names();
-        if !names.iter().any(|n| *n == anchor)
+        if !names.contains(&anchor)
             && let Some(prefix) = prefixes
                 .iter()
                 .find(|p| names.iter().any(|n| **n == format!("{p}{anchor}")))
@@ -100,7 +100,7 @@ impl SafetensorsFile {
         Ok(tensors
             .iter()
             .map(|(name, view)| {
-                let canonical = name.strip_prefix(self.prefix.as_str()).unwrap_or(&name);
+                let canonical = name.strip_prefix(self.prefix.as_str()).unwrap_or(name);
                 (canonical.to_string(), view.data().len() as u64)
             })
             .collect())

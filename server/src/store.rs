@@ -1,5 +1,6 @@
 //! The model as the server holds it: the safetensors file memory-mapped, its
-//! tensors grouped into components, and the manifest describing them. Float
+//! tensors grouped into components as the model's family lays them out
+//! (`surf_engine::ModelConfig::component_of`), and the manifest describing them. Float
 //! tensors stored in another dtype than the one served are converted (with
 //! the `half` crate, bf16 through f32, never reinterpreted); the manifest
 //! describes and hashes the converted bytes, which are what is sent.
@@ -16,6 +17,8 @@ use surf_transport::manifest::DEFAULT_CHUNK_SIZE;
 use surf_transport::{Component, Digest, Dtype, Manifest, TensorEntry, wire};
 
 use crate::Error;
+use surf_engine::ModelConfig;
+use surf_engine::model::{Component as ModelComponent, HEAD_COMPONENT, PINNED_COMPONENT};
 
 /// The weights file inside a model folder.
 pub use surf_transport::WEIGHTS_FILE;
@@ -41,6 +44,8 @@ pub const MODEL_FILES: &[&str] = &[
 ];
 /// The file of each sentence-transformers module folder (`1_Pooling/`, ...).
 const MODULE_CONFIG_FILE: &str = "config.json";
+/// A module's weights (a Dense module's `linear.*`).
+const MODULE_WEIGHTS_FILE: &str = surf_engine::config::MODULE_WEIGHTS_FILE;
 /// Module folders looked in even without a `modules.json` naming them.
 const DEFAULT_MODULE_FOLDERS: &[&str] = &["1_Pooling", "2_Normalize"];
 /// The sentence-transformers file that names the module folders.
@@ -125,8 +130,10 @@ impl ModelStore {
                 dtype: weight_dtype,
             });
         }
+        let config = read_config(model_dir)?;
         let file = map_file(&weights_path)?;
-        let (components, layouts) = split_into_components(&weights_path, &file, weight_dtype)?;
+        let (components, layouts) =
+            split_into_components(&weights_path, &file, weight_dtype, &config)?;
         let files = read_small_files(model_dir)?;
 
         let model_id = model_dir
@@ -187,6 +194,20 @@ impl ModelStore {
     }
 }
 
+/// `config.json`, read as the engine reads it: its family decides which
+/// tensors make a component.
+fn read_config(model_dir: &Path) -> Result<ModelConfig, Error> {
+    let path = model_dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|source| Error::ModelFile {
+        path: path.clone(),
+        source,
+    })?;
+    ModelConfig::from_json(&path, &bytes).map_err(|error| Error::InvalidModel {
+        path: path.clone(),
+        detail: error.to_string(),
+    })
+}
+
 fn map_file(path: &Path) -> Result<Bytes, Error> {
     let file = File::open(path).map_err(|source| Error::WeightsFile {
         path: path.to_owned(),
@@ -213,6 +234,7 @@ fn split_into_components(
     path: &Path,
     file: &[u8],
     weight_dtype: Dtype,
+    config: &ModelConfig,
 ) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
     let mut tensors = read_tensors(path, file)?;
     for tensor in &mut tensors {
@@ -220,7 +242,7 @@ fn split_into_components(
             tensor.dtype = weight_dtype;
         }
     }
-    let groups = group_into_components(path, tensors)?;
+    let groups = group_into_components(path, tensors, config)?;
     let described = describe_components(file, &groups);
     let layouts = groups
         .iter()
@@ -287,88 +309,77 @@ fn convert_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {
     })
 }
 
-/// The component a tensor belongs to, from its prefix-free name.
-fn component_of(name: &str) -> Option<String> {
-    if name.starts_with("embeddings.") {
-        return Some("embeddings".to_owned());
-    }
-    if name.starts_with("pooler.") {
-        return Some("pooler".to_owned());
-    }
-    let rest = name.strip_prefix("encoder.layer.")?;
-    let index: usize = rest.split('.').next()?.parse().ok()?;
-    Some(surf_transport::layer_component(index))
-}
-
-/// Groups tensors into `embeddings`, `encoder.layer.0..N`, `pooler`, in that
-/// order; tensors of other heads (e.g. `cls.predictions.*`) are not served.
+/// Groups tensors into the pinned `embeddings`, the family's layers in
+/// order and the classifier's `head`; tensors the engine never reads (a T5
+/// decoder, a masked-language-model head) are not served.
 fn group_into_components(
     path: &Path,
     tensors: Vec<FileTensor>,
+    config: &ModelConfig,
 ) -> Result<Vec<(String, Vec<FileTensor>)>, Error> {
     let invalid = |detail: String| Error::InvalidModel {
         path: path.to_owned(),
         detail,
     };
-    let mut embeddings = Vec::new();
+    let mut pinned = Vec::new();
     let mut layers: BTreeMap<usize, Vec<FileTensor>> = BTreeMap::new();
-    let mut pooler = Vec::new();
+    let mut head = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for mut tensor in tensors {
-        let canonical = tensor
-            .name
-            .strip_prefix("bert.")
+        let canonical = config
+            .checkpoint_prefixes()
+            .iter()
+            .find_map(|prefix| tensor.name.strip_prefix(prefix))
             .unwrap_or(&tensor.name)
             .to_owned();
         if SKIPPED_TENSORS.contains(&canonical.as_str()) {
             continue;
         }
-        let Some(component) = component_of(&canonical) else {
+        let Some(component) = config.component_of(&canonical) else {
             tracing::debug!(tensor = %tensor.name, "not part of any served component");
             continue;
         };
         if !seen.insert(canonical.clone()) {
             return Err(invalid(format!(
-                "tensor {canonical} appears both with and without the bert. prefix"
+                "tensor {canonical} appears both with and without the checkpoint's prefix"
             )));
         }
         tensor.name = canonical;
-        if component == "embeddings" {
-            embeddings.push(tensor);
-        } else if component == "pooler" {
-            pooler.push(tensor);
-        } else {
-            let index = component
-                .rsplit('.')
-                .next()
-                .and_then(|index| index.parse().ok())
-                .unwrap_or(usize::MAX);
-            layers.entry(index).or_default().push(tensor);
+        match component {
+            ModelComponent::Pinned => pinned.push(tensor),
+            ModelComponent::Head => head.push(tensor),
+            ModelComponent::Layer(index) => layers.entry(index).or_default().push(tensor),
         }
     }
-    if embeddings.is_empty() {
-        return Err(invalid("it has no embeddings.* tensors".into()));
+    if pinned.is_empty() {
+        return Err(invalid(format!(
+            "it has none of the {} tensors all layers share",
+            config.family().name()
+        )));
     }
     if layers.is_empty() {
-        return Err(invalid("it has no encoder.layer.N.* tensors".into()));
+        return Err(invalid(format!(
+            "it has no {}.N.* tensors",
+            config.layer_prefix()
+        )));
     }
     for (expected, &index) in layers.keys().enumerate() {
         if index != expected {
             return Err(invalid(format!(
-                "encoder layers are numbered {:?}; expected 0..{}",
+                "layers are numbered {:?}; expected 0..{}",
                 layers.keys().collect::<Vec<_>>(),
                 layers.len()
             )));
         }
     }
-    let mut groups = vec![("embeddings".to_owned(), embeddings)];
+    let mut groups = vec![(PINNED_COMPONENT.to_owned(), pinned)];
     groups.extend(
         layers
             .into_iter()
-            .map(|(index, tensors)| (surf_transport::layer_component(index), tensors)),
+            .map(|(index, tensors)| (config.layer_component(index), tensors)),
     );
-    if !pooler.is_empty() {
-        groups.push(("pooler".to_owned(), pooler));
+    if !head.is_empty() {
+        groups.push((HEAD_COMPONENT.to_owned(), head));
     }
     Ok(groups)
 }
@@ -570,8 +581,11 @@ fn read_small_files(model_dir: &Path) -> Result<BTreeMap<String, Vec<u8>>, Error
     for name in MODEL_FILES {
         add((*name).to_owned())?;
     }
+    // A module's config, and the weights of those that have some (Dense):
+    // small, and read by the client with the rest of the pipeline.
     for folder in module_folders(model_dir) {
         add(format!("{folder}/{MODULE_CONFIG_FILE}"))?;
+        add(format!("{folder}/{MODULE_WEIGHTS_FILE}"))?;
     }
     Ok(files)
 }
@@ -655,22 +669,22 @@ mod tests {
         assert_eq!(files["pooling_here/config.json"], b"{\"pool\": 2}");
     }
 
-    #[test]
-    fn tensor_names_map_to_components() {
-        assert_eq!(
-            component_of("embeddings.word_embeddings.weight").as_deref(),
-            Some("embeddings")
-        );
-        assert_eq!(
-            component_of("encoder.layer.11.output.dense.bias").as_deref(),
-            Some("encoder.layer.11")
-        );
-        assert_eq!(
-            component_of("pooler.dense.weight").as_deref(),
-            Some("pooler")
-        );
-        assert_eq!(component_of("cls.predictions.bias"), None);
-        assert_eq!(component_of("encoder.layer.x.output"), None);
+    /// A BERT config, whose family groups the tensors of these tests.
+    fn bert_config() -> ModelConfig {
+        let json = serde_json::json!({
+            "model_type": "bert", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 8,
+        });
+        ModelConfig::from_json(Path::new("config.json"), json.to_string().as_bytes())
+            .expect("a valid config")
+    }
+
+    /// The component a BERT tensor lands in, by name.
+    fn component_of(name: &str) -> Option<String> {
+        let config = bert_config();
+        config
+            .component_of(name)
+            .map(|component| config.component_name(component))
     }
 
     #[test]
@@ -843,7 +857,12 @@ mod tests {
             file: &[u8],
             weight_dtype: Dtype,
         ) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
-            split_into_components(Path::new("fuzz.safetensors"), file, weight_dtype)
+            split_into_components(
+                Path::new("fuzz.safetensors"),
+                file,
+                weight_dtype,
+                &bert_config(),
+            )
         }
 
         fn arbitrary_files_are_refused_or_split(cases: u32) {

@@ -1,6 +1,6 @@
 //! `surf embed` as a user runs it: output format, exit codes, error messages.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use surf_engine::kernels::family::KernelFamily;
@@ -306,4 +306,82 @@ fn stderr_in_a_pipe_has_no_colour_codes_and_no_window_system_noise() {
     assert!(err.contains("INFO"), "the info log reaches stderr: {err}");
     assert!(!err.contains('\x1b'), "escape codes in a pipe: {err:?}");
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+/// Copies the MiniLM folder's small files and links its weights into a
+/// temporary folder, with `edit` applied to it.
+fn edited_model(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = model_dir();
+    for name in [
+        "config.json",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+    ] {
+        std::fs::copy(source.join(name), dir.path().join(name)).expect("copied");
+    }
+    std::os::unix::fs::symlink(
+        source.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .expect("linked");
+    std::fs::create_dir(dir.path().join("1_Pooling")).expect("folder");
+    std::fs::copy(
+        source.join("1_Pooling/config.json"),
+        dir.path().join("1_Pooling/config.json"),
+    )
+    .expect("copied");
+    edit(dir.path());
+    dir
+}
+
+#[test]
+fn an_unknown_model_type_exits_with_2_naming_it_and_the_supported_ones() {
+    let dir = edited_model(|dir| {
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("config")).expect("JSON");
+        config["model_type"] = "gpt_neox".into();
+        std::fs::write(&path, config.to_string()).expect("written");
+    });
+    let output = surf(&[
+        "embed",
+        "--model",
+        dir.path().to_str().expect("utf-8"),
+        "hello",
+    ]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {message}");
+    assert!(message.contains("gpt_neox"), "{message}");
+    assert!(
+        message.contains("xlm-roberta") && message.contains("mpnet"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[test]
+fn an_unknown_sentence_transformers_module_exits_with_2_naming_it() {
+    let dir = edited_model(|dir| {
+        let modules = serde_json::json!([
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_CNN", "type": "sentence_transformers.models.CNN"},
+        ]);
+        std::fs::write(dir.join("modules.json"), modules.to_string()).expect("written");
+    });
+    let output = surf(&[
+        "embed",
+        "--model",
+        dir.path().to_str().expect("utf-8"),
+        "hello",
+    ]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "stderr: {message}");
+    assert!(
+        message.contains("sentence_transformers.models.CNN"),
+        "{message}"
+    );
+    assert!(message.contains("Dense"), "{message}");
 }

@@ -269,3 +269,151 @@ fn a_non_empty_folder_is_kept_unless_forced() {
         "--force writes the model's files, no others"
     );
 }
+
+/// The vector `surf embed` prints for `text` from the model in `model`,
+/// with `env` set.
+fn embed_one(model: &Path, text: &str, env: &[(&str, &str)]) -> Vec<f64> {
+    let output = Command::new(env!("CARGO_BIN_EXE_surf"))
+        .args(["embed", "--model", utf8(model), text])
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .output()
+        .expect("surf runs");
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    line["embedding"]
+        .as_array()
+        .expect("an embedding")
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect()
+}
+
+#[test]
+fn every_family_synthesises_a_folder_that_embeds() {
+    for (family, config_key) in [
+        ("xlm-roberta", "xlm-roberta"),
+        ("mpnet", "mpnet"),
+        ("t5", "t5"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = dir.path().join("model");
+        let output = synth(
+            &model,
+            &[
+                "--family", family, "--layers", "2", "--hidden", "64", "--heads", "4",
+            ],
+        );
+        assert!(output.status.success(), "{family}: {}", stderr(&output));
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model.join("config.json")).expect("config"))
+                .expect("config JSON");
+        assert_eq!(config["model_type"], config_key);
+        if surf_engine::gpu::gpu_for_tests().is_none() {
+            continue;
+        }
+        let vector = embed_one(&model, "a short text", &[]);
+        assert_eq!(vector.len(), 64, "{family}");
+        let norm: f64 = vector.iter().map(|v| v * v).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{family}: norm {norm}");
+    }
+}
+
+#[test]
+fn a_classifier_is_synthesised_with_its_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model");
+    let output = synth(
+        &model,
+        &["--layers", "1", "--hidden", "64", "--labels", "3"],
+    );
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).expect("config"))
+            .expect("config JSON");
+    assert_eq!(config["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(config["id2label"]["2"], "LABEL_2");
+    let tensors = safetensors_header(&model.join("model.safetensors"));
+    assert_eq!(
+        tensors["classifier.weight"]["shape"],
+        serde_json::json!([3, 64])
+    );
+    assert!(tensors.contains_key("pooler.dense.weight"));
+    assert_bad_input(
+        &synth(
+            &dir.path().join("t5"),
+            &[
+                "--family", "t5", "--layers", "1", "--hidden", "64", "--labels", "2",
+            ],
+        ),
+        "--labels",
+    );
+}
+
+/// XLM-R's 250,002 rows at hidden 384 are 192 MB even in f16: more than the
+/// 128 MiB storage binding wgpu promises on every adapter. The word table
+/// stays on the host and a batch uploads the rows it uses, so the model runs
+/// on a device asked for wgpu's default limits and nothing more, and gives
+/// the vectors it gives with the adapter's own limits.
+#[test]
+fn a_vocabulary_of_250002_rows_runs_under_the_default_limits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model");
+    let output = synth(
+        &model,
+        &[
+            "--family",
+            "xlm-roberta",
+            "--vocab",
+            "250002",
+            "--layers",
+            "1",
+            "--hidden",
+            "384",
+            "--heads",
+            "6",
+            "--intermediate",
+            "384",
+            "--dtype",
+            "f16",
+        ],
+    );
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let tensors = safetensors_header(&model.join("model.safetensors"));
+    assert_eq!(
+        tensors["embeddings.word_embeddings.weight"]["shape"],
+        serde_json::json!([250002, 384])
+    );
+    if surf_engine::gpu::gpu_for_tests().is_none() {
+        return;
+    }
+    let info = Command::new(env!("CARGO_BIN_EXE_surf"))
+        .args(["info", "--json"])
+        .env("SURF_LIMITS", "default")
+        .output()
+        .expect("surf runs");
+    assert!(info.status.success(), "stderr: {}", stderr(&info));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).expect("info JSON");
+    let binding = info["limits"]["max_storage_buffer_binding_size"]
+        .as_u64()
+        .expect("the binding limit is reported");
+    assert_eq!(
+        binding,
+        128 << 20,
+        "SURF_LIMITS=default asks for wgpu's defaults"
+    );
+    assert!(
+        250002 * 384 * 2 > binding,
+        "the table is larger than one binding"
+    );
+
+    let limited = embed_one(
+        &model,
+        "the word table stays on the host",
+        &[("SURF_LIMITS", "default")],
+    );
+    let unlimited = embed_one(&model, "the word table stays on the host", &[]);
+    assert_eq!(limited.len(), 384);
+    let cosine: f64 = limited.iter().zip(&unlimited).map(|(a, b)| a * b).sum();
+    assert!(cosine > 0.99999, "cosine {cosine}");
+}

@@ -116,8 +116,12 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 
 /// `(text, embedding)` of each golden line.
 fn golden() -> Vec<(String, Vec<f64>)> {
-    let path = root().join("../shared/golden/minilm-dev.candle.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    reference(&root().join("../shared/golden/minilm-dev.candle.json"))
+}
+
+/// `(text, embedding)` of each item of a reference file.
+fn reference(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let value: Value = serde_json::from_str(&text).expect("golden JSON");
     value["items"]
         .as_array()
@@ -368,4 +372,40 @@ fn the_official_openai_python_client_works_unchanged() {
         tokens >= 3 * 2,
         "at least [CLS] and [SEP] per input: {tokens}"
     );
+}
+
+#[test]
+fn the_xlm_roberta_fixture_through_the_service_matches_sentence_transformers() {
+    if !has_gpu() {
+        return;
+    }
+    let model = root().join("../shared/fixtures/xlmr");
+    let (_service, base) = start_http(&["--model", model.to_str().expect("a UTF-8 path")]);
+    let expected = reference(&model.join("reference.json"));
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let texts: Vec<&str> = expected.iter().map(|(text, _)| text.as_str()).collect();
+        let (status, body) =
+            post(&client, format!("{base}/embed"), json!({ "inputs": texts })).await;
+        assert_eq!(status, 200, "{body}");
+        for (i, (v, (_, reference))) in vectors(&body).iter().zip(&expected).enumerate() {
+            let c = cosine(v, reference);
+            assert!(c >= 0.9999, "line {}: cosine {c}", i + 1);
+        }
+        // The OpenAI route, one text.
+        let (status, body) = post(
+            &client,
+            format!("{base}/v1/embeddings"),
+            json!({ "input": expected[1].0, "model": "xlmr" }),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let vector: Vec<f64> = body["data"][0]["embedding"]
+            .as_array()
+            .expect("an embedding")
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        assert!(cosine(&vector, &expected[1].1) >= 0.9999);
+    });
 }

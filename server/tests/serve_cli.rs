@@ -101,7 +101,7 @@ fn serve_prints_its_address_pins_its_certificate_and_stops_on_sigterm() {
             .await
             .expect("connects with the pin");
         let pooler = client
-            .fetch_component("pooler")
+            .fetch_component("head")
             .await
             .expect("pooler arrives");
         assert!(!pooler.is_empty());

@@ -297,7 +297,7 @@ async fn a_bf16_checkpoint_is_served_converted_by_value() {
                 assert_eq!(tensor.dtype, expected, "{}", tensor.name);
             }
         }
-        for component in ["embeddings", "encoder.layer.0", "encoder.layer.1", "pooler"] {
+        for component in ["embeddings", "encoder.layer.0", "encoder.layer.1", "head"] {
             assert_component_is_the_converted_checkpoint(&client, component, &file).await;
         }
         client.close().await;
@@ -381,7 +381,7 @@ async fn a_client_asking_for_another_dtype_gets_a_typed_refusal_or_fails_over() 
     assert_eq!(client.current_server().await, Some(f32_server.local_addr()));
     assert_eq!(client.manifest().weight_dtype, Dtype::F32);
     client
-        .fetch_component("pooler")
+        .fetch_component("head")
         .await
         .expect("the pooler arrives from the f32 server");
     client.close().await;

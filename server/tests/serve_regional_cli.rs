@@ -147,11 +147,11 @@ fn a_regional_server_pulls_from_its_origin_and_counts_its_redis_tier() {
             .expect("the region answers without a token of its own");
         let pooler = client
             .manifest()
-            .component("pooler")
+            .component("head")
             .expect("listed")
             .byte_len;
         let first = client
-            .fetch_component("pooler")
+            .fetch_component("head")
             .await
             .expect("from the origin");
         // The write to Redis happens in the background: wait for it to land.
@@ -164,7 +164,7 @@ fn a_regional_server_pulls_from_its_origin_and_counts_its_redis_tier() {
             assert!(started.elapsed().as_secs() < 20, "{metrics}");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let second = client.fetch_component("pooler").await.expect("from Redis");
+        let second = client.fetch_component("head").await.expect("from Redis");
         assert_eq!(first, second);
         client.close().await;
         pooler

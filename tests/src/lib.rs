@@ -31,6 +31,18 @@ pub fn minilm_dir() -> PathBuf {
     dir
 }
 
+/// all-mpnet-base-v2, which `bash assets/setup.sh` fetches; fails with the
+/// command that fetches it.
+pub fn mpnet_dir() -> PathBuf {
+    let dir = root().join("assets/models/all-mpnet-base-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run `bash assets/fetch-model.sh all-mpnet-base-v2` first",
+        dir.display()
+    );
+    dir
+}
+
 /// `shared/golden/`, beside the checkout.
 pub fn golden_dir() -> PathBuf {
     let dir = std::env::var_os("SURF_GOLDEN_DIR")

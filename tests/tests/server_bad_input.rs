@@ -68,10 +68,10 @@ async fn assert_still_serving(server: &RunningServer) {
     let file = file_tensors(&model_dir());
     let client = connect(&[server]).await;
     let bytes = client
-        .fetch_component("pooler")
+        .fetch_component("head")
         .await
         .expect("pooler arrives");
-    assert_component_matches_file(client.manifest(), "pooler", &bytes, &file);
+    assert_component_matches_file(client.manifest(), "head", &bytes, &file);
     client.close().await;
 }
 
@@ -79,11 +79,7 @@ async fn assert_still_serving(server: &RunningServer) {
 async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_working() {
     let server = start_model_server().await;
     let client = connect(&[&server]).await;
-    let pooler_len = client
-        .manifest()
-        .component("pooler")
-        .expect("pooler")
-        .byte_len;
+    let pooler_len = client.manifest().component("head").expect("head").byte_len;
 
     let out_of_bounds = |start, end| FetchRefusal::RangeOutOfBounds {
         start,
@@ -102,7 +98,7 @@ async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_w
             FetchRefusal::UnknownObject,
         ),
         (
-            ObjectRef::Component("pooler".into()),
+            ObjectRef::Component("head".into()),
             0..pooler_len + 1,
             out_of_bounds(0, pooler_len + 1),
         ),
@@ -120,7 +116,7 @@ async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_w
     // request, below, shows that the server refuses it too).
     let reversed = client
         .fetch_unverified_range(
-            ObjectRef::Component("pooler".into()),
+            ObjectRef::Component("head".into()),
             std::ops::Range { start: 10, end: 5 },
         )
         .await;
@@ -136,7 +132,7 @@ async fn unknown_objects_and_bad_ranges_are_refused_on_a_connection_that_keeps_w
         "{reversed:?}"
     );
     let bytes = client
-        .fetch_component("pooler")
+        .fetch_component("head")
         .await
         .expect("the same connection still works");
     assert_eq!(bytes.len() as u64, pooler_len);
@@ -169,7 +165,7 @@ async fn oversized_and_malformed_requests_are_refused() {
     ));
 
     let reversed = FetchRequest {
-        object: ObjectRef::Component("pooler".into()),
+        object: ObjectRef::Component("head".into()),
         start: 10,
         end: 5,
     };
@@ -186,7 +182,7 @@ async fn oversized_and_malformed_requests_are_refused() {
 
     // The same connection still gets well-formed requests answered.
     let request = FetchRequest {
-        object: ObjectRef::Component("pooler".into()),
+        object: ObjectRef::Component("head".into()),
         start: 0,
         end: 16,
     };
@@ -322,7 +318,7 @@ async fn without_the_token_nothing_is_sent() {
         .await
         .expect("the right token is accepted");
     let bytes = client
-        .fetch_component("pooler")
+        .fetch_component("head")
         .await
         .expect("pooler arrives");
     assert!(!bytes.is_empty());

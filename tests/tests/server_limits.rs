@@ -25,7 +25,7 @@ async fn a_client_past_the_connection_limit_is_refused_while_the_first_is_served
     let server = start_server(config).await;
     let first = connect(&[&server]).await;
     first
-        .fetch_component("pooler")
+        .fetch_component("head")
         .await
         .expect("the first client is served");
 

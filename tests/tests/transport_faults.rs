@@ -17,7 +17,7 @@ async fn bits_flipped_in_flight_are_caught_and_fetched_again() {
     let plan = FaultPlan::new()
         .corrupt("embeddings", 10, 1)
         .corrupt("encoder.layer.1", 1_500_000, 2)
-        .corrupt("pooler", 0, 1);
+        .corrupt("head", 0, 1);
     let server =
         start_server(ServerConfig::new(&model, loopback()).with_faults(plan.clone())).await;
     let client = connect(&[&server]).await;
@@ -41,12 +41,12 @@ async fn bits_flipped_in_flight_are_caught_and_fetched_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_stay_damaged_are_never_handed_on() {
-    let plan = FaultPlan::new().corrupt("pooler", 5, u32::MAX);
+    let plan = FaultPlan::new().corrupt("head", 5, u32::MAX);
     let server =
         start_server(ServerConfig::new(model_dir(), loopback()).with_faults(plan.clone())).await;
     let client = connect(&[&server]).await;
 
-    let result = client.fetch_component("pooler").await;
+    let result = client.fetch_component("head").await;
     match result {
         Err(Error::RetriesExhausted { last, attempts, .. }) => {
             assert!(matches!(*last, Error::HashMismatch { start: 0, .. }));

@@ -71,7 +71,7 @@ async fn manifest_lists_every_weight_and_carries_the_small_files() {
     let layers = config["num_hidden_layers"].as_u64().expect("a layer count") as usize;
     let mut expected = vec!["embeddings".to_owned()];
     expected.extend((0..layers).map(|index| format!("encoder.layer.{index}")));
-    expected.push("pooler".to_owned());
+    expected.push("head".to_owned());
     assert_eq!(names, expected);
     assert_eq!(manifest.num_layers(), layers);
 

@@ -18,7 +18,7 @@ pub mod wire;
 pub use client::{ClientConfig, RetryPolicy, Timeouts, WeightClient};
 pub use error::{Error, ErrorKind, ServerFailure};
 pub use manifest::{
-    Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry, WEIGHTS_FILE, layer_component,
+    Component, Digest, Dtype, Manifest, ParseDtypeError, TensorEntry, WEIGHTS_FILE,
 };
 pub use wire::{ObjectRef, PROTOCOL_VERSION};
 

@@ -12,12 +12,6 @@ use crate::Error;
 /// The weights file of a model folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// The component holding encoder layer `index`; tensor names of that layer
-/// start with it and a dot.
-pub fn layer_component(index: usize) -> String {
-    format!("encoder.layer.{index}")
-}
-
 /// Components are hashed in chunks of this many bytes (the last chunk may be
 /// shorter), so that a client finds damage within one chunk and resumes from
 /// the chunk before it instead of from the start.
@@ -247,11 +241,17 @@ impl Manifest {
             .find_map(|component| component.tensor(name).map(|tensor| (component, tensor)))
     }
 
-    /// Number of `encoder.layer.N` components.
+    /// Number of layer components. The model's family names them
+    /// (`encoder.layer.N`, `encoder.block.N`); what they share is the
+    /// number after the last dot.
     pub fn num_layers(&self) -> usize {
         self.components
             .iter()
-            .filter(|component| component.name.starts_with("encoder.layer."))
+            .filter(|component| {
+                component.name.rsplit_once('.').is_some_and(|(_, index)| {
+                    !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
+                })
+            })
             .count()
     }
 

@@ -295,13 +295,19 @@ impl ModelConfig {
             ModelConfig::MPNet(c) => c.validate(path)?,
             ModelConfig::T5(c) => c.validate(path)?,
         }
+        let table_rows = match self {
+            ModelConfig::Bert(c) | ModelConfig::Roberta(c) => Some(c.max_position_embeddings),
+            ModelConfig::MPNet(c) => Some(c.max_position_embeddings),
+            ModelConfig::T5(_) => None,
+        };
+        validate_dims(path, &self.dims(), table_rows)?;
         if self.max_positions() == Some(0) {
             return Err(Error::bad_model(
                 path,
                 "max_position_embeddings leaves no position after the padding offset",
             ));
         }
-        validate_dims(path, &self.dims(), self.max_positions().unwrap_or(1))
+        Ok(())
     }
 }
 
@@ -333,15 +339,21 @@ const DIMENSION_LIMITS: [(&str, usize); 7] = [
     ("type_vocab_size", 1024),
 ];
 
-/// Checks the sizes every family's kernels rely on.
-fn validate_dims(path: &Path, dims: &Dims, positions: usize) -> Result<()> {
+/// Checks the sizes every family's kernels rely on; `position_rows` is the
+/// position table's, for families that have one.
+fn validate_dims(path: &Path, dims: &Dims, position_rows: Option<usize>) -> Result<()> {
+    let positions = position_rows.unwrap_or(0);
     let checked = [
         ("vocab_size", dims.vocab, true),
         ("hidden_size", dims.hidden, true),
         ("num_hidden_layers", dims.layers, true),
         ("num_attention_heads", dims.heads, true),
         ("intermediate_size", dims.ffn, true),
-        ("max_position_embeddings", positions, true),
+        (
+            "max_position_embeddings",
+            positions,
+            position_rows.is_some(),
+        ),
         ("type_vocab_size", dims.type_vocab, false),
     ];
     for (name, value, required) in checked {
@@ -359,11 +371,8 @@ fn validate_dims(path: &Path, dims: &Dims, positions: usize) -> Result<()> {
             ));
         }
     }
-    if dims.head_dim == 0 || dims.head_dim > 4096 {
-        return Err(Error::bad_model(
-            path,
-            format!("head size {} is out of range", dims.head_dim),
-        ));
+    if dims.head_dim == 0 {
+        return Err(Error::bad_model(path, "the head size must be positive"));
     }
     // Kernels address a layer and the tables with 32-bit element offsets.
     let h = dims.hidden;

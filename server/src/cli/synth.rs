@@ -246,16 +246,6 @@ fn read_tokenizer(path: &Path, spec: &SynthSpec) -> Result<Vec<u8>, EngineError>
     Ok(json)
 }
 
-/// Files of a model folder, relative to it, as `write_model` writes them.
-const MODEL_FILES: [&str; 6] = [
-    "config.json",
-    "modules.json",
-    "sentence_bert_config.json",
-    "1_Pooling/config.json",
-    "tokenizer.json",
-    "model.safetensors",
-];
-
 fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -296,10 +286,10 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let written = write_model(&args.out, &spec, &tokenizer);
     spinner.finish_and_clear();
-    written?;
+    let files = written?;
 
     let mut bytes = 0u64;
-    for name in MODEL_FILES {
+    for name in &files {
         let path = args.out.join(name);
         let metadata = std::fs::metadata(&path).map_err(|source| EngineError::Io {
             path: path.clone(),
