@@ -172,7 +172,10 @@ impl EngineArgs {
     }
 }
 
-fn default_model_dir() -> anyhow::Result<PathBuf> {
+/// The default model's folder, relative to the working directory; fetched
+/// with `assets/fetch-model.sh` first when it is missing. The Python package
+/// streams it when given neither a model folder nor a weight server.
+pub fn default_model_dir() -> anyhow::Result<PathBuf> {
     let dir = PathBuf::from(DEFAULT_MODEL_DIR);
     if !dir.join(surf_engine::engine::WEIGHTS_FILE).is_file() {
         if !std::path::Path::new(FETCH_SCRIPT).is_file() {
