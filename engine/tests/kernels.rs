@@ -641,6 +641,70 @@ fn layernorm_cases(gpu: &Gpu, dtype: WeightDtype) {
     }
 }
 
+/// The sizes of one attention launch: `lengths` real tokens of each
+/// sequence padded to `seq`.
+struct AttentionShape<'a> {
+    heads: usize,
+    head_dim: usize,
+    seq: usize,
+    lengths: &'a [usize],
+}
+
+/// The kernel's outputs on the real query rows, and the f64 reference for
+/// them: softmax(q k^T * scale + bias) v, where `bias` is `[heads, 2 seq -
+/// 1]` by key - query + seq - 1.
+fn attention_reference(
+    shape: &AttentionShape<'_>,
+    qkv: &[f32],
+    out: &[f32],
+    scale: f64,
+    bias: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f64>) {
+    let AttentionShape {
+        heads,
+        head_dim,
+        seq,
+        lengths,
+    } = *shape;
+    let hidden = heads * head_dim;
+    let span = 2 * seq - 1;
+    let at = |row: usize, part: usize, head: usize, d: usize| {
+        f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+    };
+    let mut actual = Vec::new();
+    let mut expected = Vec::new();
+    for (b, &len) in lengths.iter().enumerate() {
+        for i in 0..len {
+            let query_row = b * seq + i;
+            for head in 0..heads {
+                // Padding keys get probability exactly zero, so only real keys count.
+                let scores: Vec<f64> = (0..len)
+                    .map(|j| {
+                        let dot: f64 = (0..head_dim)
+                            .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
+                            .sum();
+                        let position =
+                            bias.map_or(0.0, |bias| f64::from(bias[head * span + j + seq - 1 - i]));
+                        dot * scale + position
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let context = (0..len)
+                        .map(|j| weights[j] * at(b * seq + j, 2, head, d))
+                        .sum::<f64>()
+                        / total;
+                    expected.push(context);
+                    actual.push(out[query_row * hidden + head * head_dim + d]);
+                }
+            }
+        }
+    }
+    (actual, expected)
+}
+
 #[test]
 fn attention_matches_reference_on_real_query_rows() {
     let Some(gpu) = gpu_for_tests() else { return };
@@ -696,39 +760,14 @@ fn attention_matches_reference_on_real_query_rows() {
         );
         let out = run_and_read(&gpu, plan, &out_buffer, rows * hidden);
 
-        let at = |row: usize, part: usize, head: usize, d: usize| {
-            f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
-        };
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let mut actual = Vec::new();
-        let mut expected = Vec::new();
-        for (b, &len) in lengths.iter().enumerate() {
-            for i in 0..len {
-                let query_row = b * seq + i;
-                for head in 0..heads {
-                    // Padding keys get probability exactly zero, so only real keys count.
-                    let scores: Vec<f64> = (0..len)
-                        .map(|j| {
-                            (0..head_dim)
-                                .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
-                                .sum::<f64>()
-                                * scale
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    for d in 0..head_dim {
-                        let context = (0..len)
-                            .map(|j| weights[j] * at(b * seq + j, 2, head, d))
-                            .sum::<f64>()
-                            / total;
-                        expected.push(context);
-                        actual.push(out[query_row * hidden + head * head_dim + d]);
-                    }
-                }
-            }
-        }
+        let shape = AttentionShape {
+            heads,
+            head_dim,
+            seq,
+            lengths: &lengths,
+        };
+        let (actual, expected) = attention_reference(&shape, &qkv, &out, scale, None);
         assert_close(
             &format!("attention {family} heads={heads} head_dim={head_dim} seq={seq}"),
             &actual,
@@ -982,37 +1021,14 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             &out_buffer,
         );
         let out = run_and_read(&gpu, plan, &out_buffer, rows * hidden);
-        let at = |row: usize, part: usize, head: usize, d: usize| {
-            f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+        let shape = AttentionShape {
+            heads,
+            head_dim,
+            seq,
+            lengths: &lengths,
         };
-        let mut actual = Vec::new();
-        let mut expected = Vec::new();
-        for (b, &len) in lengths.iter().enumerate() {
-            for i in 0..len {
-                let query_row = b * seq + i;
-                for head in 0..heads {
-                    let scores: Vec<f64> = (0..len)
-                        .map(|j| {
-                            let dot: f64 = (0..head_dim)
-                                .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
-                                .sum();
-                            dot * f64::from(scale) + f64::from(bias[head * span + j + seq - 1 - i])
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                    let total: f64 = weights.iter().sum();
-                    for d in 0..head_dim {
-                        let context = (0..len)
-                            .map(|j| weights[j] * at(b * seq + j, 2, head, d))
-                            .sum::<f64>()
-                            / total;
-                        expected.push(context);
-                        actual.push(out[query_row * hidden + head * head_dim + d]);
-                    }
-                }
-            }
-        }
+        let (actual, expected) =
+            attention_reference(&shape, &qkv, &out, f64::from(scale), Some(&bias));
         assert_close(
             &format!("biased attention {family} heads={heads} head_dim={head_dim}"),
             &actual,
