@@ -15,9 +15,11 @@ pub mod kernels;
 pub mod model;
 pub mod paging;
 pub mod queue;
+pub mod remote_rows;
 pub mod source;
 pub mod stats;
 pub mod synth;
+pub mod tensor_writer;
 pub mod tokenize;
 pub mod weights;
 
