@@ -14,6 +14,7 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod paging;
+pub mod process_memory;
 pub mod queue;
 pub mod remote_rows;
 pub mod source;
