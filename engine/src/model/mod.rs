@@ -33,8 +33,11 @@ use crate::kernels::choice::{self, ChoiceOrigin};
 use crate::kernels::family::{KernelFamily, KernelMode};
 use crate::kernels::layernorm::{LayerNormOperands, NormOptions};
 use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::rotary::RotaryTables;
 use crate::kernels::selection::{ModelShapes, Selection, TunedOp};
-use crate::kernels::{DispatchPlan, attention, embed, gate, layernorm, matmul, normalize, pool};
+use crate::kernels::{
+    DispatchPlan, attention, embed, gate, layernorm, matmul, normalize, pool, rotary,
+};
 use crate::weights::TensorSource;
 
 pub use bert::BertConfig;
@@ -85,9 +88,22 @@ pub struct Dims {
     pub type_vocab: usize,
     /// Buckets of the relative position bias; 0 for families without one.
     pub relative_buckets: usize,
+    /// Key/value heads: fewer than `heads` in grouped-query attention.
+    pub kv_heads: usize,
+    /// Rotary tables (distinct thetas) the layers use; 0 without rotary.
+    pub rotary_tables: usize,
 }
 
 impl Dims {
+    /// Where the attention finds each head.
+    pub fn head_layout(&self) -> crate::kernels::attention::HeadLayout {
+        crate::kernels::attention::HeadLayout {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Width of the attention's queries, keys and values, which T5 lets
     /// differ from the hidden size.
     pub fn attention_width(&self) -> usize {
@@ -374,13 +390,23 @@ fn validate_dims(path: &Path, dims: &Dims, position_rows: Option<usize>) -> Resu
     if dims.head_dim == 0 {
         return Err(Error::bad_model(path, "the head size must be positive"));
     }
+    if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+        return Err(Error::bad_model(
+            path,
+            format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                dims.heads, dims.kv_heads
+            ),
+        ));
+    }
     // Kernels address a layer and the tables with 32-bit element offsets.
     let h = dims.hidden;
-    let width = dims.attention_width();
+    let layout = dims.head_layout();
+    let width = layout.row_width() + layout.query_width();
     let ffn = dims.ffn * if dims.gated { 3 } else { 2 };
     let layer_elements = h
-        .checked_mul(4 * width + ffn + 9)
-        .and_then(|n| n.checked_add(dims.ffn * 2 + 3 * width));
+        .checked_mul(width + ffn + 9)
+        .and_then(|n| n.checked_add(dims.ffn * 2 + 3 * layout.row_width()));
     let table_elements = (dims.vocab + positions + dims.type_vocab).checked_mul(h);
     for (what, elements) in [
         ("one layer", layer_elements),
@@ -441,6 +467,11 @@ pub trait Architecture: Send + Sync {
     /// The relative position bias the layers share, for families that have one.
     fn relative_bias(&self, _source: &dyn TensorSource) -> Result<Option<blocks::RelativeBias>> {
         Ok(None)
+    }
+
+    /// The rotary tables the layers read, for families with rotary positions.
+    fn rotary(&self) -> Option<RotaryTables> {
+        None
     }
 
     /// Records the embedding sum (and its norm) into `batch.hidden`.
@@ -524,6 +555,7 @@ pub struct Kernels {
     pub layernorm: layernorm::LayerNorm,
     pub attention: attention::Attention,
     pub gate: gate::Gate,
+    pub rotary: rotary::Rotary,
     pub pool: pool::Pool,
     pub normalize: normalize::Normalize,
     pub selection: Selection,
@@ -539,6 +571,7 @@ impl Kernels {
             layernorm: layernorm::LayerNorm::new(gpu, dtype),
             attention: attention::Attention::new(gpu),
             gate: gate::Gate::new(gpu),
+            rotary: rotary::Rotary::new(gpu, dtype),
             pool: pool::Pool::new(gpu),
             normalize: normalize::Normalize::new(gpu),
             selection: Selection::Forced(KernelFamily::fixed_default(gpu)),
@@ -614,6 +647,9 @@ pub struct BatchBuffers {
     /// `[heads, 2 * seq_len - 1]` relative position biases, where the
     /// family has them.
     pub position_bias: Option<wgpu::Buffer>,
+    /// `[tables, seq_len, head_dim / 2]` (cos, sin) pairs, where the family
+    /// has rotary positions.
+    pub rotary: Option<wgpu::Buffer>,
     pub hidden: wgpu::Buffer,
     pub qkv: wgpu::Buffer,
     pub context: wgpu::Buffer,
@@ -632,7 +668,7 @@ pub struct BatchBuffers {
 impl BatchBuffers {
     pub fn new(gpu: &Gpu, dims: &Dims, head_width: usize, rows: usize, sequences: usize) -> Self {
         let h = dims.hidden as u64;
-        let width = dims.attention_width() as u64;
+        let layout = dims.head_layout();
         let r = rows as u64;
         let f = 4u64;
         let branches = if dims.gated { 2 } else { 1 };
@@ -649,9 +685,13 @@ impl BatchBuffers {
             lengths: gpu.storage_buffer("lengths", sequences as u64 * 4),
             position_bias: (dims.relative_buckets > 0)
                 .then(|| gpu.storage_buffer("position bias", dims.heads as u64 * 2 * r * f)),
+            rotary: (dims.rotary_tables > 0).then(|| {
+                let pairs = (dims.rotary_tables * dims.head_dim / 2) as u64;
+                gpu.storage_buffer("rotary tables", pairs * 2 * r * f)
+            }),
             hidden: gpu.storage_buffer("hidden", r * h * f),
-            qkv: gpu.storage_buffer("qkv", r * 3 * width * f),
-            context: gpu.storage_buffer("context", r * width * f),
+            qkv: gpu.storage_buffer("qkv", r * layout.row_width() as u64 * f),
+            context: gpu.storage_buffer("context", r * layout.query_width() as u64 * f),
             scratch: gpu.storage_buffer("scratch", r * h * f),
             attention_output: gpu.storage_buffer("attention_output", r * h * f),
             intermediate: gpu.storage_buffer("intermediate", r * (branches * dims.ffn) as u64 * f),
@@ -666,8 +706,11 @@ impl BatchBuffers {
     /// Bytes of the widest activation per row, which bounds rows per batch.
     pub fn widest_row_bytes(dims: &Dims) -> u64 {
         let branches = if dims.gated { 2 } else { 1 };
-        4 * (3 * dims.attention_width())
+        4 * dims
+            .head_layout()
+            .row_width()
             .max(branches * dims.ffn)
+            .max(dims.rotary_tables * dims.head_dim)
             .max(dims.hidden)
             .max(2 * dims.heads) as u64
     }
