@@ -110,7 +110,12 @@ impl Rotary {
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         let source = surf_shaders::with_weights(surf_shaders::ROTARY, dtype.words());
         Self {
-            kernel: Kernel::new(gpu, "rotary", &source, &[Access::ReadWrite, Access::Read]),
+            kernel: Kernel::new(
+                gpu,
+                "rotary",
+                &source,
+                &[Access::ReadWrite, Access::Read, Access::Read],
+            ),
         }
     }
 

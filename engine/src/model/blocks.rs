@@ -158,6 +158,24 @@ impl Norm {
         })
     }
 
+    /// Packs a LayerNorm without a bias (`norm_bias: false`): `{name}.weight`,
+    /// and zeros for the bias.
+    pub fn pack_layer_norm_without_bias<T: Element>(
+        p: &mut Packer<'_, T>,
+        name: &str,
+        width: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let gamma = p.put_tensor(&format!("{name}.weight"), &[width])?;
+        let beta = p.put_zeros(width);
+        Ok(Self {
+            gamma,
+            beta: Some(beta),
+            eps: eps as f32,
+            width,
+        })
+    }
+
     /// Packs the RMS norm whose gain is the tensor `weight_name`.
     pub fn pack_rms<T: Element>(
         p: &mut Packer<'_, T>,
@@ -244,6 +262,25 @@ impl LearnedEmbeddings {
             norm,
             hidden,
         })
+    }
+
+    /// The word rows, normalised by `norm` (ModernBERT).
+    pub fn normalised_words(hidden: usize, norm: Norm) -> Self {
+        Self {
+            tables: (None, None),
+            norm: Some(norm),
+            hidden,
+        }
+    }
+
+    /// The word rows alone: no position or type table, no norm (T5, the
+    /// decoders).
+    pub fn words_only(hidden: usize) -> Self {
+        Self {
+            tables: (None, None),
+            norm: None,
+            hidden,
+        }
     }
 
     /// Records the sum (and norm) into `batch.hidden`.
@@ -343,6 +380,10 @@ impl SelfAttention {
             window: Window::FULL,
             rotary: None,
         }
+    }
+
+    pub fn with_scale(self, scale: f32) -> Self {
+        Self { scale, ..self }
     }
 
     pub fn with_window(self, window: Window) -> Self {

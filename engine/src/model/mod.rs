@@ -1,4 +1,5 @@
-//! The model layer: one file per family (`bert`, `roberta`, `mpnet`, `t5`),
+//! The model layer: one file per family (`bert`, `roberta`, `mpnet`, `t5`,
+//! `modernbert`, `llama` for the LLaMA lineage of decoders, `gpt2`),
 //! each a serde config mirroring `config.json` and modules that pack their
 //! checkpoint tensors (host) and record their kernels (GPU). What families
 //! share (embedding sums, self-attention, feed-forward, norms, the relative
@@ -12,10 +13,14 @@
 
 pub mod bert;
 pub mod blocks;
+pub mod gpt2;
 pub mod head;
+pub mod llama;
+pub mod modernbert;
 pub mod mpnet;
 pub mod packing;
 pub mod roberta;
+pub mod rope;
 pub mod t5;
 
 use std::cell::RefCell;
@@ -41,12 +46,15 @@ use crate::kernels::{
 use crate::weights::TensorSource;
 
 pub use bert::BertConfig;
+pub use gpt2::Gpt2Config;
+pub use llama::LlamaConfig;
+pub use modernbert::ModernBertConfig;
 pub use mpnet::MPNetConfig;
 pub use packing::PackedWeights;
 pub use t5::T5Config;
 
 /// The `model_type` values the engine runs.
-pub const SUPPORTED_MODEL_TYPES: &str = "bert, roberta, xlm-roberta, camembert, mpnet, t5";
+pub const SUPPORTED_MODEL_TYPES: &str = "bert, roberta, xlm-roberta, camembert, mpnet, t5, modernbert, llama, mistral, qwen2, qwen3, gpt2";
 
 /// The component holding every tensor that all layers share.
 pub const PINNED_COMPONENT: &str = "embeddings";
@@ -60,6 +68,10 @@ pub enum Family {
     Roberta,
     MPNet,
     T5,
+    /// LLaMA, Mistral, Qwen2 and Qwen3 decoders.
+    Llama,
+    ModernBert,
+    Gpt2,
 }
 
 impl Family {
@@ -69,6 +81,9 @@ impl Family {
             Family::Roberta => "roberta",
             Family::MPNet => "mpnet",
             Family::T5 => "t5",
+            Family::Llama => "llama",
+            Family::ModernBert => "modernbert",
+            Family::Gpt2 => "gpt2",
         }
     }
 }
@@ -133,6 +148,10 @@ pub enum ModelConfig {
     Roberta(BertConfig),
     MPNet(MPNetConfig),
     T5(T5Config),
+    /// LLaMA, Mistral, Qwen2 and Qwen3: one lineage of decoders.
+    Llama(LlamaConfig),
+    ModernBert(ModernBertConfig),
+    Gpt2(Gpt2Config),
 }
 
 #[derive(Deserialize)]
@@ -159,6 +178,9 @@ impl ModelConfig {
             "roberta" | "xlm-roberta" | "camembert" => ModelConfig::Roberta(typed(path, value)?),
             "mpnet" => ModelConfig::MPNet(typed(path, value)?),
             "t5" => ModelConfig::T5(typed(path, value)?),
+            "llama" | "mistral" | "qwen2" | "qwen3" => ModelConfig::Llama(typed(path, value)?),
+            "modernbert" => ModelConfig::ModernBert(typed(path, value)?),
+            "gpt2" => ModelConfig::Gpt2(typed(path, value)?),
             other => {
                 return Err(Error::Unsupported {
                     path: path.into(),
@@ -178,6 +200,9 @@ impl ModelConfig {
             ModelConfig::Roberta(_) => Family::Roberta,
             ModelConfig::MPNet(_) => Family::MPNet,
             ModelConfig::T5(_) => Family::T5,
+            ModelConfig::Llama(_) => Family::Llama,
+            ModelConfig::ModernBert(_) => Family::ModernBert,
+            ModelConfig::Gpt2(_) => Family::Gpt2,
         }
     }
 
@@ -186,6 +211,9 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.dims(),
             ModelConfig::MPNet(c) => c.dims(),
             ModelConfig::T5(c) => c.dims(),
+            ModelConfig::Llama(c) => c.dims(),
+            ModelConfig::ModernBert(c) => c.dims(),
+            ModelConfig::Gpt2(c) => c.dims(),
         }
     }
 
@@ -206,6 +234,9 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.pad_token_id as u32,
             ModelConfig::MPNet(c) => c.pad_token_id as u32,
             ModelConfig::T5(c) => c.pad_token_id as u32,
+            ModelConfig::Llama(c) => c.pad_token_id.unwrap_or(0) as u32,
+            ModelConfig::ModernBert(c) => c.pad_token_id as u32,
+            ModelConfig::Gpt2(c) => c.pad_token_id.unwrap_or(0) as u32,
         }
     }
 
@@ -213,7 +244,11 @@ impl ModelConfig {
     /// from `pad_token_id + 1`; T5 has no position table.
     pub fn position_id(&self, p: usize) -> u32 {
         match self {
-            ModelConfig::Bert(_) | ModelConfig::T5(_) => p as u32,
+            ModelConfig::Bert(_)
+            | ModelConfig::T5(_)
+            | ModelConfig::Llama(_)
+            | ModelConfig::ModernBert(_)
+            | ModelConfig::Gpt2(_) => p as u32,
             ModelConfig::Roberta(c) => roberta::position_id(c, p),
             ModelConfig::MPNet(c) => mpnet::position_id(c, p),
         }
@@ -226,6 +261,9 @@ impl ModelConfig {
             ModelConfig::Roberta(c) => Some(roberta::max_positions(c)),
             ModelConfig::MPNet(c) => Some(mpnet::max_positions(c)),
             ModelConfig::T5(_) => None,
+            ModelConfig::Llama(c) => Some(c.max_position_embeddings),
+            ModelConfig::ModernBert(c) => Some(c.max_position_embeddings),
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
         }
     }
 
@@ -237,6 +275,8 @@ impl ModelConfig {
             ModelConfig::Roberta(_) => &["roberta."],
             ModelConfig::MPNet(_) => &["mpnet."],
             ModelConfig::T5(_) => &[],
+            ModelConfig::Llama(_) | ModelConfig::ModernBert(_) => &["model."],
+            ModelConfig::Gpt2(_) => &["transformer."],
         }
     }
 
@@ -244,6 +284,9 @@ impl ModelConfig {
     pub fn anchor_tensor(&self) -> &'static str {
         match self {
             ModelConfig::T5(_) => t5::SHARED_EMBEDDINGS,
+            ModelConfig::Llama(_) => llama::EMBED_TOKENS,
+            ModelConfig::ModernBert(_) => modernbert::TOKEN_EMBEDDINGS,
+            ModelConfig::Gpt2(_) => gpt2::TOKEN_EMBEDDINGS,
             _ => bert::WORD_EMBEDDINGS,
         }
     }
@@ -252,6 +295,9 @@ impl ModelConfig {
     pub fn layer_prefix(&self) -> &'static str {
         match self {
             ModelConfig::T5(_) => t5::LAYER_PREFIX,
+            ModelConfig::Llama(_) => llama::LAYER_PREFIX,
+            ModelConfig::ModernBert(_) => modernbert::LAYER_PREFIX,
+            ModelConfig::Gpt2(_) => gpt2::LAYER_PREFIX,
             _ => bert::LAYER_PREFIX,
         }
     }
@@ -283,13 +329,19 @@ impl ModelConfig {
         let pinned = match self {
             ModelConfig::T5(_) => t5::is_pinned(name),
             ModelConfig::MPNet(_) => mpnet::is_pinned(name),
+            ModelConfig::Llama(_) => llama::is_pinned(name),
+            ModelConfig::ModernBert(_) => modernbert::is_pinned(name),
+            ModelConfig::Gpt2(_) => gpt2::is_pinned(name),
             _ => name.starts_with("embeddings."),
         };
         if pinned {
             return Some(Component::Pinned);
         }
         let head = match self {
-            ModelConfig::T5(_) => false,
+            ModelConfig::T5(_)
+            | ModelConfig::Llama(_)
+            | ModelConfig::ModernBert(_)
+            | ModelConfig::Gpt2(_) => false,
             _ => name.starts_with("pooler.") || name.starts_with("classifier."),
         };
         head.then_some(Component::Head)
@@ -302,6 +354,9 @@ impl ModelConfig {
             ModelConfig::Roberta(c) => Arc::new(bert::Bert::new(self.clone(), c)),
             ModelConfig::MPNet(c) => Arc::new(mpnet::MPNet::new(self.clone(), c)),
             ModelConfig::T5(c) => Arc::new(t5::T5::new(self.clone(), c)),
+            ModelConfig::Llama(c) => Arc::new(llama::Llama::new(self.clone(), c)),
+            ModelConfig::ModernBert(c) => Arc::new(modernbert::ModernBert::new(self.clone(), c)),
+            ModelConfig::Gpt2(c) => Arc::new(gpt2::Gpt2::new(self.clone(), c)),
         }
     }
 
@@ -310,11 +365,15 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.validate(path)?,
             ModelConfig::MPNet(c) => c.validate(path)?,
             ModelConfig::T5(c) => c.validate(path)?,
+            ModelConfig::Llama(c) => c.validate(path)?,
+            ModelConfig::ModernBert(c) => c.validate(path)?,
+            ModelConfig::Gpt2(c) => c.validate(path)?,
         }
         let table_rows = match self {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => Some(c.max_position_embeddings),
             ModelConfig::MPNet(c) => Some(c.max_position_embeddings),
-            ModelConfig::T5(_) => None,
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
+            ModelConfig::T5(_) | ModelConfig::Llama(_) | ModelConfig::ModernBert(_) => None,
         };
         validate_dims(path, &self.dims(), table_rows)?;
         if self.max_positions() == Some(0) {
