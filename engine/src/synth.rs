@@ -422,3 +422,53 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
     written.push("model.safetensors".into());
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parameters of a preset: what `surf synth` writes.
+    fn parameters(spec: &SynthSpec) -> u64 {
+        spec.tensors()
+            .expect("the family's tensors")
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn presets_have_the_shapes_and_sizes_of_the_real_models() {
+        // (preset, layers, hidden, heads, key/value heads, head size, vocabulary,
+        // the published size without a language-model head, in millions)
+        let cases = [
+            (SynthPreset::TinyLlama, 22, 2048, 32, 4, 64, 32000, 1034),
+            (SynthPreset::Qwen3_0_6B, 28, 1024, 16, 8, 128, 151_669, 596),
+            (SynthPreset::Qwen3_4B, 36, 2560, 32, 8, 128, 151_665, 4022),
+            (SynthPreset::Qwen3_8B, 36, 4096, 32, 8, 128, 151_665, 7568),
+        ];
+        for (preset, layers, hidden, heads, kv_heads, head_dim, vocab, millions) in cases {
+            let spec = SynthSpec::preset(preset);
+            let config = spec
+                .model_config(Path::new("config.json"))
+                .expect("the engine reads the preset's config");
+            let dims = config.dims();
+            assert_eq!(
+                (
+                    dims.layers,
+                    dims.hidden,
+                    dims.heads,
+                    dims.head_dim,
+                    dims.vocab
+                ),
+                (layers, hidden, heads, head_dim, vocab),
+                "{preset:?}"
+            );
+            assert_eq!(spec.config_json()["num_key_value_heads"], kv_heads);
+            let found = parameters(&spec) as f64 / 1e6;
+            assert!(
+                (found - millions as f64).abs() < 0.005 * millions as f64,
+                "{preset:?}: {found:.1} M parameters, published {millions} M"
+            );
+        }
+    }
+}

@@ -362,7 +362,7 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
 
         let samples: Vec<_> = text.lines().filter(|line| !line.starts_with('#')).collect();
-        assert_eq!(samples.len(), 18, "{text}");
+        assert_eq!(samples.len(), 19, "{text}");
         assert!(samples.iter().all(|line| line.starts_with("surf_server_")));
         let mut names: Vec<_> = samples
             .iter()
@@ -370,7 +370,7 @@ mod tests {
             .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 18, "a metric appears twice in\n{text}");
+        assert_eq!(names.len(), 19, "a metric appears twice in\n{text}");
     }
 
     #[test]

@@ -15,15 +15,18 @@ use crate::wire::ObjectRef;
 use super::WeightClient;
 use super::assembly::Verification;
 
+/// One table's row hashes, fetched by the first caller; later ones wait on it.
+type HashListCell = Arc<OnceCell<Arc<[Digest]>>>;
+
 /// The row hashes of each table asked for so far; concurrent first uses of
 /// one table share one fetch.
 #[derive(Default)]
 pub(super) struct RowHashLists {
-    tables: Mutex<HashMap<String, Arc<OnceCell<Arc<[Digest]>>>>>,
+    tables: Mutex<HashMap<String, HashListCell>>,
 }
 
 impl RowHashLists {
-    fn cell(&self, table: &str) -> Arc<OnceCell<Arc<[Digest]>>> {
+    fn cell(&self, table: &str) -> HashListCell {
         let mut tables = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
         Arc::clone(tables.entry(table.to_owned()).or_default())
     }
