@@ -254,8 +254,32 @@ impl SynthSpec {
     /// Every tensor the model has: what its family reads, and a
     /// classifier's head.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let config = self.model_config(Path::new("config.json"))?;
-        let mut tensors = model_tensors(config.architecture().as_ref())?;
+        // The family names its tensors by packing zeros, a layer's worth of
+        // memory and work per layer; every layer after the first has the
+        // tensors of the second, so a two-layer model is asked and its second
+        // layer's tensors are named for each later layer.
+        let asked = SynthSpec {
+            layers: self.layers.min(2),
+            ..self.clone()
+        };
+        let config = asked.model_config(Path::new("config.json"))?;
+        let second_prefix = format!("{}.1.", config.layer_prefix());
+        let mut tensors = Vec::new();
+        let mut second = Vec::new();
+        for (name, shape) in model_tensors(config.architecture().as_ref())? {
+            match name.strip_prefix(&second_prefix) {
+                Some(rest) => second.push((rest.to_string(), shape)),
+                None => tensors.push((name, shape)),
+            }
+        }
+        for layer in 1..self.layers {
+            for (rest, shape) in &second {
+                tensors.push((
+                    format!("{}.{layer}.{rest}", config.layer_prefix()),
+                    shape.clone(),
+                ));
+            }
+        }
         if let Some(labels) = self.labels {
             let h = self.hidden;
             let (dense, out) = match self.family {
@@ -434,6 +458,38 @@ mod tests {
             .iter()
             .map(|(_, shape)| shape.iter().product::<usize>() as u64)
             .sum()
+    }
+
+    #[test]
+    fn the_tensors_named_from_two_layers_are_those_of_every_layer() {
+        let families = [
+            SynthFamily::Bert,
+            SynthFamily::XlmRoberta,
+            SynthFamily::MPNet,
+            SynthFamily::T5,
+            SynthFamily::Llama,
+            SynthFamily::Qwen3,
+        ];
+        for family in families {
+            let spec = if matches!(family, SynthFamily::Llama | SynthFamily::Qwen3) {
+                SynthSpec::decoder(family, 5, 64, 2, 1, 32, 128, 100, 64)
+            } else {
+                SynthSpec {
+                    family,
+                    ..SynthSpec::sized(5, 64, 2, 128)
+                }
+            };
+            let config = spec
+                .model_config(Path::new("config.json"))
+                .expect("a valid config");
+            let every_layer =
+                model_tensors(config.architecture().as_ref()).expect("the family's tensors");
+            assert_eq!(
+                spec.tensors().expect("named from two layers"),
+                every_layer,
+                "{family:?}"
+            );
+        }
     }
 
     #[test]
