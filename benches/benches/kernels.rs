@@ -325,7 +325,7 @@ fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<Family
     let selection = match surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS") {
         KernelMode::Forced(family) => Selection::Forced(family),
         KernelMode::Auto => {
-            let families = KernelFamily::incumbent_first(gpu);
+            let families = KernelFamily::incumbent_first(gpu, matmul.dtype());
             let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &families)
                 .expect("measuring the kernel families");
             Selection::Tuned {

@@ -119,6 +119,14 @@ impl TunedShape {
 /// same code.
 pub fn kernel_owner(op: TunedOp, k: usize, family: KernelFamily) -> KernelFamily {
     use super::attention::{SUBGROUP_HEAD_DIMS, TILED_HEAD_DIMS};
+    // The blocked and half families have a matmul of their own and run the
+    // tiled family's other kernels.
+    let family = match (op, family) {
+        (TunedOp::Attention | TunedOp::LayerNorm, KernelFamily::Blocked | KernelFamily::Half) => {
+            KernelFamily::Tiled
+        }
+        _ => family,
+    };
     match (op, family) {
         (TunedOp::LayerNorm, KernelFamily::Subgroup8) => KernelFamily::Portable,
         (TunedOp::Attention, KernelFamily::Subgroup8) if !SUBGROUP_HEAD_DIMS.contains(&k) => {
@@ -264,13 +272,19 @@ mod tests {
 
     #[test]
     fn families_without_a_kernel_of_their_own_share_their_owners() {
-        use KernelFamily::{Portable, Subgroup8, Tiled};
+        use KernelFamily::{Blocked, Half, Portable, Subgroup8, Tiled};
         assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Subgroup8), Portable);
         assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Tiled), Tiled);
         assert_eq!(kernel_owner(TunedOp::Attention, 32, Subgroup8), Subgroup8);
         assert_eq!(kernel_owner(TunedOp::Attention, 48, Subgroup8), Portable);
         assert_eq!(kernel_owner(TunedOp::Attention, 48, Tiled), Portable);
         assert_eq!(kernel_owner(TunedOp::Matmul, 384, Tiled), Tiled);
+        for family in [Blocked, Half] {
+            assert_eq!(kernel_owner(TunedOp::Matmul, 384, family), family);
+            assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, family), Tiled);
+            assert_eq!(kernel_owner(TunedOp::Attention, 64, family), Tiled);
+            assert_eq!(kernel_owner(TunedOp::Attention, 48, family), Portable);
+        }
     }
 
     #[test]
@@ -326,6 +340,7 @@ mod tests {
             max_invocations_per_workgroup: 1024,
             max_workgroup_storage: 49152,
             timestamps: true,
+            shader_f16: true,
         };
         let incumbent = KernelFamily::default_on(&gpu);
         assert_eq!(incumbent, Tiled);
