@@ -392,6 +392,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// Blocks until `submission` has run and the callbacks it completes
+    /// (buffer mappings) have been called; later submissions may still run.
+    pub fn wait_for(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        Ok(())
+    }
+
     /// Copies `bytes` bytes from the start of `buffer` back to the host.
     pub fn read_buffer(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {

@@ -867,19 +867,28 @@ fn pool_matches_reference_in_every_mode() {
         Pooling::WeightedMean,
         Pooling::LastToken,
     ] {
-        let out_buffer = gpu.storage_buffer("out", (batch * hidden * 4) as u64);
-        let mut plan = DispatchPlan::new(&gpu);
-        pool.push(
-            &mut plan,
-            batch,
-            seq,
-            hidden,
-            mode,
-            &x_buffer,
-            &lengths_buffer,
-            &out_buffer,
-        );
-        let out = run_and_read(&gpu, plan, &out_buffer, batch * hidden);
+        let run = |normalized: bool| {
+            let out_buffer = gpu.storage_buffer("out", (batch * hidden * 4) as u64);
+            let mut plan = DispatchPlan::new(&gpu);
+            let push = if normalized {
+                Pool::push_normalized
+            } else {
+                Pool::push
+            };
+            push(
+                &pool,
+                &mut plan,
+                batch,
+                seq,
+                hidden,
+                mode,
+                &x_buffer,
+                &lengths_buffer,
+                &out_buffer,
+            );
+            run_and_read(&gpu, plan, &out_buffer, batch * hidden)
+        };
+        let out = run(false);
 
         let mut expected = Vec::new();
         for (b, &len) in lengths.iter().enumerate() {
@@ -901,6 +910,17 @@ fn pool_matches_reference_in_every_mode() {
             }
         }
         assert_close(&format!("pool {mode:?}"), &out, &expected);
+
+        // Pooling and normalisation in one launch: each row over its L2 norm.
+        let normalized: Vec<f64> = expected
+            .chunks_exact(hidden)
+            .flat_map(|row| {
+                let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+                row.iter().map(move |v| v / norm)
+            })
+            .collect();
+        let what = format!("pool {mode:?} normalized");
+        assert_close(&what, &run(true), &normalized);
     }
 }
 

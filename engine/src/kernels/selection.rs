@@ -201,18 +201,24 @@ impl Selection {
     pub fn family(&self, op: TunedOp, rows: usize, k: usize, n: usize) -> KernelFamily {
         match self {
             Selection::Forced(family) => *family,
-            Selection::Tuned { shapes, fallback } => {
-                let distance = |bucket: usize| {
-                    let ratio = rows.max(1) as f64 / bucket.max(1) as f64;
-                    ratio.ln().abs()
-                };
-                shapes
-                    .iter()
-                    .filter(|t| t.shape.op == op && t.shape.k == k && t.shape.n == n)
-                    .min_by(|a, b| distance(a.shape.rows).total_cmp(&distance(b.shape.rows)))
-                    .map_or(*fallback, |t| t.family)
-            }
+            Selection::Tuned { fallback, .. } => self
+                .measured(op, rows, k, n)
+                .map_or(*fallback, |t| t.family),
         }
+    }
+
+    /// The measured shape a launch takes its family from: the nearest row
+    /// bucket of the same op, k and n. `None` when a family is forced or the
+    /// shape was not measured.
+    pub fn measured(&self, op: TunedOp, rows: usize, k: usize, n: usize) -> Option<&TunedShape> {
+        let distance = |bucket: usize| {
+            let ratio = rows.max(1) as f64 / bucket.max(1) as f64;
+            ratio.ln().abs()
+        };
+        self.tuned()
+            .iter()
+            .filter(|t| t.shape.op == op && t.shape.k == k && t.shape.n == n)
+            .min_by(|a, b| distance(a.shape.rows).total_cmp(&distance(b.shape.rows)))
     }
 
     /// The measured shapes, empty when a family is forced.
@@ -255,6 +261,9 @@ mod tests {
         assert_eq!(matmul(255), KernelFamily::Tiled);
         assert_eq!(matmul(300), KernelFamily::Portable);
         assert_eq!(matmul(100_000), KernelFamily::Portable);
+        let taken = selection.measured(TunedOp::Matmul, 300, 384, 1536);
+        assert_eq!(taken.map(|t| t.shape.rows), Some(512));
+        assert!(selection.measured(TunedOp::Matmul, 16, 1536, 384).is_none());
         // Another (k, n), or another op, is not measured: the fallback.
         assert_eq!(
             selection.family(TunedOp::Matmul, 16, 1536, 384),
