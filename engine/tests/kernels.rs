@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use surf_engine::gpu::{Gpu, gpu_for_tests};
 use surf_engine::kernels::DispatchPlan;
-use surf_engine::kernels::attention::{Attention, AttentionOptions, MASKED};
+use surf_engine::kernels::attention::{Attention, AttentionOptions, HeadLayout, MASKED, Window};
 use surf_engine::kernels::embed::{Embed, EmbeddingTables};
 use surf_engine::kernels::family::KernelFamily;
 use surf_engine::kernels::gate::Gate;
@@ -22,6 +22,7 @@ use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands, NormOptions}
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
 use surf_engine::kernels::normalize::Normalize;
 use surf_engine::kernels::pool::Pool;
+use surf_engine::kernels::rotary::{HeadNorm, Rotary, RotaryFrequencies, RotaryTables};
 use surf_engine::{Activation, Pooling, WeightDtype};
 
 const TOLERANCE: f64 = 1e-4;
@@ -720,6 +721,9 @@ struct AttentionShape<'a> {
     head_dim: usize,
     seq: usize,
     lengths: &'a [usize],
+    /// Key/value heads, fewer than `heads` in grouped-query attention.
+    kv_heads: usize,
+    window: Window,
 }
 
 /// The kernel's outputs on the real query rows, and the f64 reference for
@@ -737,11 +741,23 @@ fn attention_reference(
         head_dim,
         seq,
         lengths,
+        kv_heads,
+        window,
     } = *shape;
     let hidden = heads * head_dim;
+    let row_width = (heads + 2 * kv_heads) * head_dim;
     let span = 2 * seq - 1;
+    // Part 0 is the query of `head`; parts 1 and 2 the key and value of its
+    // key/value head.
     let at = |row: usize, part: usize, head: usize, d: usize| {
-        f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+        let offset = match part {
+            0 => head * head_dim,
+            _ => {
+                let kv_head = head / (heads / kv_heads);
+                hidden + (part - 1) * kv_heads * head_dim + kv_head * head_dim
+            }
+        };
+        f64::from(qkv[row * row_width + offset + d])
     };
     let mut actual = Vec::new();
     let mut expected = Vec::new();
@@ -749,9 +765,12 @@ fn attention_reference(
         for i in 0..len {
             let query_row = b * seq + i;
             for head in 0..heads {
-                // Padding keys get probability exactly zero, so only real keys count.
-                let scores: Vec<f64> = (0..len)
-                    .map(|j| {
+                // Padding keys and keys outside the window get probability
+                // exactly zero, so only the keys the query sees count.
+                let keys: Vec<usize> = (0..len).filter(|&j| window.sees(i, j)).collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
                         let dot: f64 = (0..head_dim)
                             .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
                             .sum();
@@ -764,8 +783,10 @@ fn attention_reference(
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..head_dim {
-                    let context = (0..len)
-                        .map(|j| weights[j] * at(b * seq + j, 2, head, d))
+                    let context = keys
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&j, w)| w * at(b * seq + j, 2, head, d))
                         .sum::<f64>()
                         / total;
                     expected.push(context);
@@ -838,6 +859,8 @@ fn attention_matches_reference_on_real_query_rows() {
             head_dim,
             seq,
             lengths: &lengths,
+            kv_heads: heads,
+            window: Window::FULL,
         };
         let (actual, expected) = attention_reference(&shape, &qkv, &out, scale, None);
         assert_close(
@@ -1102,11 +1125,11 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             &mut plan,
             batch,
             seq,
-            heads,
-            head_dim,
+            HeadLayout::multi_head(heads, head_dim),
             AttentionOptions {
                 scale,
                 position_bias: Some(&bias_buffer),
+                window: Window::FULL,
             },
             &qkv_buffer,
             &mask_buffer,
@@ -1118,6 +1141,8 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             head_dim,
             seq,
             lengths: &lengths,
+            kv_heads: heads,
+            window: Window::FULL,
         };
         let (actual, expected) =
             attention_reference(&shape, &qkv, &out, f64::from(scale), Some(&bias));
@@ -1126,5 +1151,177 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             &actual,
             &expected,
         );
+    }
+}
+
+#[test]
+fn attention_sees_only_its_window_and_shares_key_heads_at_every_head_size() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let attention = Attention::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(29);
+    // (heads, kv_heads, head_dim, seq, lengths): grouped-query layouts at the
+    // decoders' head sizes, sequences that are multiples of no key block.
+    let shapes = [
+        (4, 2, 64, 19, [19, 7]),
+        (2, 1, 128, 13, [13, 5]),
+        (2, 2, 256, 11, [11, 3]),
+    ];
+    let windows = [
+        Window::FULL,
+        Window::CAUSAL,
+        Window::causal_sliding(4),
+        Window::band(3),
+    ];
+    for family in KernelFamily::supported(&gpu) {
+        for (heads, kv_heads, head_dim, seq, lengths) in shapes {
+            for window in windows {
+                let batch = lengths.len();
+                let rows = batch * seq;
+                let layout = HeadLayout {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                };
+                let qkv: Vec<f32> = random_vec(&mut rng, rows * layout.row_width())
+                    .iter()
+                    .map(|v| 2.0 * v)
+                    .collect();
+                let mask: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        if r % seq < lengths[r / seq] {
+                            0.0
+                        } else {
+                            MASKED
+                        }
+                    })
+                    .collect();
+                let qkv_buffer = upload(&gpu, "qkv", &qkv);
+                let mask_buffer = upload(&gpu, "mask", &mask);
+                let out_len = rows * layout.query_width();
+                let out_buffer = gpu.storage_buffer("out", (out_len * 4) as u64);
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                let mut plan = DispatchPlan::new(&gpu);
+                attention.push_with(
+                    family,
+                    &mut plan,
+                    batch,
+                    seq,
+                    layout,
+                    AttentionOptions {
+                        scale,
+                        position_bias: None,
+                        window,
+                    },
+                    &qkv_buffer,
+                    &mask_buffer,
+                    &out_buffer,
+                );
+                let out = run_and_read(&gpu, plan, &out_buffer, out_len);
+                let shape = AttentionShape {
+                    heads,
+                    head_dim,
+                    seq,
+                    lengths: &lengths,
+                    kv_heads,
+                    window,
+                };
+                let (actual, expected) =
+                    attention_reference(&shape, &qkv, &out, f64::from(scale), None);
+                assert_close(
+                    &format!(
+                        "attention {family} heads={heads}/{kv_heads} head_dim={head_dim} {window:?}"
+                    ),
+                    &actual,
+                    &expected,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rotary_rotates_query_and_key_heads_after_their_norm_and_leaves_values() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = StdRng::seed_from_u64(31);
+    // 2 sequences of 7 positions, 4 query heads on 2 key/value heads of 8;
+    // two tables (ModernBERT's global and local thetas), the second used.
+    let layout = HeadLayout {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let (seq, rows, half) = (7, 14, 4);
+    let tables = RotaryTables {
+        frequencies: vec![
+            RotaryFrequencies::new(160000.0, layout.head_dim),
+            RotaryFrequencies::new(10000.0, layout.head_dim),
+        ],
+    };
+    let table = tables.for_length(seq);
+    let eps = 1e-6f32;
+    for dtype in DTYPES {
+        let rotary = Rotary::new(&gpu, dtype);
+        for with_norm in [false, true] {
+            let qkv = random_vec(&mut rng, rows * layout.row_width());
+            // Gains: the query's at 0, the key's at head_dim.
+            let (gains, weights) =
+                weights_for(&gpu, dtype, random_vec(&mut rng, 2 * layout.head_dim));
+            let qkv_buffer = upload(&gpu, "qkv", &qkv);
+            let table_buffer = upload(&gpu, "tables", &table);
+            let norm = with_norm.then_some(HeadNorm {
+                query_gain: 0,
+                key_gain: layout.head_dim as u32,
+                eps,
+            });
+            let mut plan = DispatchPlan::new(&gpu);
+            rotary.push(
+                &gpu,
+                &mut plan,
+                rows,
+                seq,
+                layout,
+                1,
+                norm,
+                &qkv_buffer,
+                &table_buffer,
+                &weights,
+            );
+            let out = run_and_read(&gpu, plan, &qkv_buffer, qkv.len());
+            let theta = 10000.0f64;
+            let mut expected: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
+            for row in 0..rows {
+                let position = (row % seq) as f64;
+                for head in 0..layout.heads + layout.kv_heads {
+                    let is_key = head >= layout.heads;
+                    let start = row * layout.row_width()
+                        + if is_key {
+                            layout.key_offset() + (head - layout.heads) * layout.head_dim
+                        } else {
+                            head * layout.head_dim
+                        };
+                    let x: Vec<f64> = (0..layout.head_dim)
+                        .map(|d| f64::from(qkv[start + d]))
+                        .collect();
+                    let x: Vec<f64> = if with_norm {
+                        let mean = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+                        let scale = 1.0 / (mean + f64::from(eps)).sqrt();
+                        let gain = if is_key { layout.head_dim } else { 0 };
+                        x.iter()
+                            .enumerate()
+                            .map(|(d, v)| v * scale * f64::from(gains[gain + d]))
+                            .collect()
+                    } else {
+                        x
+                    };
+                    for i in 0..half {
+                        let frequency = theta.powf(-((2 * i) as f64) / layout.head_dim as f64);
+                        let (sin, cos) = (position * frequency).sin_cos();
+                        expected[start + i] = x[i] * cos - x[i + half] * sin;
+                        expected[start + i + half] = x[i + half] * cos + x[i] * sin;
+                    }
+                }
+            }
+            assert_close(&format!("rotary {dtype} norm={with_norm}"), &out, &expected);
+        }
     }
 }

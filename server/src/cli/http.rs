@@ -43,6 +43,11 @@ pub struct HttpArgs {
     /// Model name to answer with, instead of the model's id.
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// The model's prompt (config_sentence_transformers.json) put before the
+    /// texts of requests that name none: every OpenAI request, and TEI
+    /// requests without `prompt_name`.
+    #[arg(long, value_name = "NAME")]
+    pub default_prompt_name: Option<String>,
 }
 
 pub fn run(args: HttpArgs) -> anyhow::Result<()> {
@@ -62,6 +67,7 @@ pub fn run(args: HttpArgs) -> anyhow::Result<()> {
         max_client_batch_size: args.max_client_batch_size,
         auto_truncate: args.auto_truncate,
         served_model_name: args.served_model_name.clone(),
+        default_prompt_name: args.default_prompt_name.clone(),
     };
     let service = Arc::new(EmbedService::start(Arc::new(engine), settings)?);
     let http = HttpSettings {

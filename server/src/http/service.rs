@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use surf_engine::engine::activate;
 use surf_engine::queue::{BatchLimits, BatchObserver};
-use surf_engine::{ClassifierInput, EmbedQueue, Engine, ModelKind, Tokens, Truncation};
+use surf_engine::{ClassifierInput, EmbedQueue, Engine, ModelKind, Prompt, Tokens, Truncation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{ApiError, ErrorKind};
@@ -26,6 +26,9 @@ pub struct ServiceSettings {
     pub auto_truncate: bool,
     /// The model name answered by `/v1/embeddings` and `/info`.
     pub served_model_name: Option<String>,
+    /// The prompt of requests that name none (`--default-prompt-name`);
+    /// without it, the model's own default, if any.
+    pub default_prompt_name: Option<String>,
 }
 
 impl Default for ServiceSettings {
@@ -36,6 +39,7 @@ impl Default for ServiceSettings {
             max_client_batch_size: 32,
             auto_truncate: true,
             served_model_name: None,
+            default_prompt_name: None,
         }
     }
 }
@@ -106,6 +110,9 @@ impl EmbedService {
             let metrics = Arc::clone(&metrics);
             Arc::new(move |report| metrics.batch_done(report))
         };
+        if let Some(name) = &settings.default_prompt_name {
+            engine.prompt_text(Prompt::Named(name))?;
+        }
         let queue = EmbedQueue::start(engine, settings.batch, Some(observer))?;
         if settings.max_concurrent_requests == 0 || settings.max_client_batch_size == 0 {
             return Err(surf_engine::Error::InvalidInput(
@@ -180,13 +187,42 @@ impl EmbedService {
         Ok(())
     }
 
-    /// Embeds `items` (texts or token ids) in input order.
+    /// Embeds `items` (texts or token ids) in input order, texts after the
+    /// default prompt.
     pub async fn embed(
         &self,
         items: Vec<InputItem>,
         options: EmbedOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
+        self.embed_prompted(items, options, None, param).await
+    }
+
+    /// Like `embed`, with the prompt `prompt_name` before each text; an
+    /// unknown name is a validation error listing the model's prompts.
+    pub async fn embed_prompted(
+        &self,
+        mut items: Vec<InputItem>,
+        options: EmbedOptions,
+        prompt_name: Option<String>,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        let name = prompt_name.or_else(|| self.settings.default_prompt_name.clone());
+        let prompt = match &name {
+            Some(name) => Prompt::Named(name),
+            None => Prompt::Default,
+        };
+        let prefix = self
+            .engine()
+            .prompt_text(prompt)
+            .map_err(|e| ApiError::validation("prompt_name", e.to_string()))?;
+        if let Some(prefix) = prefix.filter(|p| !p.is_empty()) {
+            for item in &mut items {
+                if let InputItem::Text(text) = item {
+                    text.insert_str(0, prefix);
+                }
+            }
+        }
         let started = Instant::now();
         let _permit = self.admit()?;
         self.require_kind(&[ModelKind::Embedding], "model is not an embedding model")?;
