@@ -405,12 +405,10 @@ fn edited_fixture(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> temp
     dir
 }
 
-/// A change made to a model's `config.json`.
-type ConfigEdit = fn(&mut serde_json::Value);
-
 #[test]
 fn an_unsupported_rope_variant_or_layer_type_exits_with_2_naming_it() {
-    let cases: [(&str, ConfigEdit); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 3] = [
         ("yarn", |config| {
             config["rope_parameters"] =
                 serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});
