@@ -43,6 +43,8 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("no model is named `{name}`; the models served are: {}", known.join(", "))]
+    UnknownModel { name: String, known: Vec<String> },
     #[error("{path}: {problem}")]
     InputFile { path: PathBuf, problem: String },
     #[error("no GPU adapter found{detail}. {hint}")]
@@ -120,6 +122,7 @@ impl Error {
             | Error::Unsupported { .. }
             | Error::Tokenizer { .. }
             | Error::InvalidInput(_)
+            | Error::UnknownModel { .. }
             | Error::InputFile { .. }
             | Error::KernelFamily { .. }
             | Error::KernelChoice { .. }

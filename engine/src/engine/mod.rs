@@ -35,6 +35,7 @@ use batching::batch_length;
 mod builder;
 mod forward;
 mod rerank;
+mod residency;
 pub use rerank::{
     ClassifierInput, ModelKind, Prediction, ScoreOptions, activate, label_scores, rank,
 };
@@ -44,6 +45,10 @@ pub use builder::{EngineBuilder, kernel_mode_from_env};
 /// What one inference call needs exclusively.
 struct RunState {
     workspace: Option<BatchBuffers>,
+    /// The pinned weights the kernels read (position and type tables,
+    /// norms); `None` while the model is idle and gave them up to another
+    /// model sharing the GPU (see `residency`).
+    pinned: Option<wgpu::Buffer>,
     pager: Pager,
     /// Bind groups and parameter buffers of the batches run so far; they name
     /// the activation buffers and slots, so they go when those do.
@@ -82,8 +87,9 @@ pub struct Engine {
     tokenizer: TextTokenizer,
     kernels: Kernels,
     architecture: Arc<dyn Architecture>,
-    /// The pinned weights the kernels read: position and type tables, norms.
-    pinned: wgpu::Buffer,
+    /// The packed pinned weights, kept on the host so that they can be
+    /// uploaded again after the model gave its GPU copy up.
+    pinned_host: Vec<u8>,
     words: WordTable,
     relative_bias: Option<RelativeBias>,
     head: Head,
@@ -94,6 +100,9 @@ pub struct Engine {
     revision: Option<String>,
     state: Mutex<RunState>,
     stats: Mutex<StatsState>,
+    /// GPU bytes held for weights after the last batch or change of
+    /// holding, readable without waiting for a batch to end.
+    vram_in_use: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -137,6 +146,7 @@ impl Engine {
         gpu.check_binding_size("the pinned weights", packed.bytes().len() as u64)?;
         let pinned = gpu.storage_buffer_with("pinned weights", packed.bytes());
         let relative_bias = architecture.relative_bias(fetched.tensors.as_ref())?;
+        let pinned_host = packed.bytes().to_vec();
         let words = WordTable {
             name: architecture.word_table(fetched.tensors.as_ref()),
             tensors: fetched.tensors,
@@ -153,7 +163,7 @@ impl Engine {
             }
             None => Head::load(&gpu, &spec, None, dtype)?,
         };
-        let pinned_bytes = pinned.size() + head.bytes();
+        let pinned_bytes = pinned_host.len() as u64 + head.bytes();
         let mut pager = Pager::new(
             gpu.clone(),
             Arc::clone(&source),
@@ -187,7 +197,7 @@ impl Engine {
             tokenizer,
             kernels,
             architecture,
-            pinned,
+            pinned_host,
             words,
             relative_bias,
             head,
@@ -198,13 +208,16 @@ impl Engine {
             revision: source.revision(),
             state: Mutex::new(RunState {
                 workspace: None,
+                pinned: Some(pinned),
                 pager,
                 bindings: BindingCache::default(),
             }),
             stats: Mutex::new(StatsState::default()),
+            vram_in_use: std::sync::atomic::AtomicU64::new(0),
         };
         let mut state = engine.state()?;
         engine.prime_pipelines(&mut state)?;
+        engine.note_vram(&state);
         drop(state);
         engine.gpu.save_pipeline_cache();
         tracing::info!(
@@ -442,7 +455,7 @@ impl Engine {
     /// Bytes of the pinned weights in GPU memory (position and type tables,
     /// norms, the head); the word table stays on the host.
     pub fn pinned_bytes(&self) -> u64 {
-        self.pinned.size() + self.head.bytes()
+        self.pinned_host.len() as u64 + self.head.bytes()
     }
 
     /// Refuses inputs the model cannot run: empty or longer than its limit,
@@ -486,11 +499,14 @@ impl Engine {
 
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut state = self.state()?;
-        let outcome = self.run_sorted(&mut state, inputs, &order, &mut results);
+        let outcome = self
+            .ensure_pinned(&mut state)
+            .and_then(|()| self.run_sorted(&mut state, inputs, &order, &mut results));
         let counters = state.pager.counters;
         if outcome.is_err() {
             Self::discard_gpu_state(&mut state);
         }
+        self.note_vram(&state);
         drop(state);
         let mut stats = self.stats();
         stats.paging = counters;

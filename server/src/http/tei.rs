@@ -29,6 +29,7 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
         )
         .into());
     }
+    let model = app.service.resolve(request.model.as_deref())?;
     let options = EmbedOptions {
         truncate: request.truncate,
         direction: truncation(request.truncation_direction),
@@ -37,7 +38,7 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
     };
     let answer = app
         .service
-        .embed(request.inputs.into_items(), options, "inputs")
+        .embed(model, request.inputs.into_items(), options, "inputs")
         .await?;
     let headers = timing_headers(&answer, app.compute_type);
     Ok((headers, Json(answer.vectors)).into_response())
@@ -45,6 +46,7 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
 
 pub async fn tokenize(State(app): State<AppState>, body: Body) -> Result<Response, TeiError> {
     let request: TokenizeRequest = parse(body)?;
+    let model = app.service.resolve(request.model.as_deref())?;
     let items = request.inputs.into_items();
     app.service.check_count(items.len(), "inputs")?;
     let mut texts = Vec::with_capacity(items.len());
@@ -58,7 +60,7 @@ pub async fn tokenize(State(app): State<AppState>, body: Body) -> Result<Respons
             }
         }
     }
-    let engine = std::sync::Arc::clone(app.service.engine());
+    let engine = std::sync::Arc::clone(app.service.engines().engine(model));
     let add_special = request.add_special_tokens;
     let truncation = if app.service.settings().auto_truncate {
         Truncation::Right
