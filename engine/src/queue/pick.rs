@@ -87,9 +87,9 @@ mod tests {
 
     fn lane(wait_ms: Option<u64>, resident: f64, since_served_ms: u64) -> LaneView {
         LaneView {
-            oldest_wait: wait_ms.map(|ms| ms * MS),
+            oldest_wait: wait_ms.map(Duration::from_millis),
             resident,
-            since_served: since_served_ms * MS,
+            since_served: Duration::from_millis(since_served_ms),
         }
     }
 

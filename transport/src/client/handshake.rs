@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::Error;
-use crate::manifest::{Dtype, Manifest};
+use crate::manifest::Manifest;
 use crate::wire::{self, Hello, HelloReply, PROTOCOL_VERSION, Refusal, close_code, limits};
 
 use super::ClientConfig;
