@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Engine, RunState};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::paging::VramBudget;
 use crate::paging::shared::{Footprint, Holding};
 
@@ -108,11 +108,6 @@ impl Engine {
     pub(super) fn ensure_pinned(&self, state: &mut RunState) -> Result<()> {
         if state.pinned.is_some() {
             return Ok(());
-        }
-        if self.pinned_host.is_empty() {
-            return Err(Error::Gpu(
-                "the model has no pinned weights to upload".into(),
-            ));
         }
         state.pinned = Some(
             self.gpu

@@ -95,20 +95,24 @@ pub struct ServeArgs {
     pub dtype: Vec<surf_transport::Dtype>,
 }
 
-/// The models to serve: the first, and the others by name.
-fn origins(
-    args: &ServeArgs,
-) -> Result<(Option<String>, OriginConfig, Vec<(String, OriginConfig)>), Error> {
+/// The models a server serves: the first (its name, where given) and the
+/// others by name.
+struct Origins {
+    first_name: Option<String>,
+    first: OriginConfig,
+    extra: Vec<(String, OriginConfig)>,
+}
+
+fn origins(args: &ServeArgs) -> Result<Origins, Error> {
     if let Some((first, rest)) = args.models.split_first() {
-        let extra = rest
-            .iter()
-            .map(|m| (m.name.clone(), OriginConfig::Model(m.dir.clone())))
-            .collect();
-        return Ok((
-            Some(first.name.clone()),
-            OriginConfig::Model(first.dir.clone()),
-            extra,
-        ));
+        return Ok(Origins {
+            first_name: Some(first.name.clone()),
+            first: OriginConfig::Model(first.dir.clone()),
+            extra: rest
+                .iter()
+                .map(|m| (m.name.clone(), OriginConfig::Model(m.dir.clone())))
+                .collect(),
+        });
     }
     let Some(cert) = &args.upstream_cert else {
         return Err(Error::NoOrigin);
@@ -119,20 +123,27 @@ fn origins(
         token: args.upstream_token.clone(),
         model: None,
     };
-    let from_upstream = |name: &String| UpstreamConfig {
-        model: Some(name.clone()),
-        ..upstream.clone()
+    let from_upstream = |name: &String| {
+        OriginConfig::Upstream(UpstreamConfig {
+            model: Some(name.clone()),
+            ..upstream.clone()
+        })
     };
-    match args.upstream_model.split_first() {
-        None => Ok((None, OriginConfig::Upstream(upstream), Vec::new())),
-        Some((first, rest)) => Ok((
-            Some(first.clone()),
-            OriginConfig::Upstream(from_upstream(first)),
-            rest.iter()
-                .map(|name| (name.clone(), OriginConfig::Upstream(from_upstream(name))))
+    Ok(match args.upstream_model.split_first() {
+        None => Origins {
+            first_name: None,
+            first: OriginConfig::Upstream(upstream.clone()),
+            extra: Vec::new(),
+        },
+        Some((first, rest)) => Origins {
+            first_name: Some(first.clone()),
+            first: from_upstream(first),
+            extra: rest
+                .iter()
+                .map(|name| (name.clone(), from_upstream(name)))
                 .collect(),
-        )),
-    }
+        },
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -151,7 +162,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         _ => Identity::SelfSigned,
     };
-    let (model_name, origin, extra_models) = origins(&args)?;
+    let Origins {
+        first_name: model_name,
+        first: origin,
+        extra: extra_models,
+    } = origins(&args)?;
     let (weight_dtype, extra_dtypes) = match args.dtype.split_first() {
         Some((first, rest)) => (*first, rest.to_vec()),
         None => (surf_transport::Dtype::F32, Vec::new()),
