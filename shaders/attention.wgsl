@@ -1,31 +1,43 @@
 // Multi-head self-attention over a padded batch.
-// qkv: [batch * seq, 3 * hidden] rows of (query | key | value), heads side by side.
+// qkv: [batch * seq, row_stride] rows holding the queries of every head side
+//   by side, then at `key_offset` the keys and at `value_offset` the values
+//   of the key/value heads. Grouped-query models have fewer key/value heads
+//   than query heads: query head h reads key/value head h / kv_group.
 // mask: [batch * seq] additive bias, 0 for real tokens, very negative for padding.
 // position_bias: [heads, 2 * seq - 1] additive bias by relative position
 //   (key - query + seq - 1), for models whose layers share a relative
 //   position table (MPNet, T5); read only when `has_position_bias` is set.
-// out:  [batch * seq, hidden] context vectors.
+// out:  [batch * seq, out_stride] context vectors, heads side by side.
+// A query sees the keys at most `window_before` positions before it and
+// `window_after` after it: all of them for encoders, none after it for
+// causal decoders, a band for sliding-window layers.
 // One workgroup per (QUERIES queries, head, sequence), one query per
 // invocation. Keys and values stream through workgroup memory in blocks of
-// KEY_BLOCK; each query keeps a running maximum and sum, so the softmax is
-// exact without storing the score matrix.
+// KEY_BLOCK, over the keys some query of the workgroup can see; each query
+// keeps a running maximum and sum, so the softmax is exact without storing
+// the score matrix.
 //
 // The constants below are specialized per kernel family by the launcher
 // (`surf_shaders::specialize`): the portable kernel takes any head size up to
-// 64 from the parameters; the GPU family fixes HEAD_DIM4, which turns the
-// loops over the head into constant-bound loops that a GPU compiler unrolls,
-// keeping the query and accumulator arrays in registers, and sizes the key
-// block to fill its workgroup memory.
+// 4 * MAX_DIM4 from the parameters (one kernel per MAX_DIM4, with a key block
+// that keeps both blocks within 16 KiB of workgroup memory); the GPU family
+// fixes HEAD_DIM4, which turns the loops over the head into constant-bound
+// loops that a GPU compiler unrolls, keeping the query and accumulator arrays
+// in registers.
 
 struct Params {
     seq: u32,
-    hidden: u32,
     head_dim: u32,
     has_position_bias: u32,
     scale: f32,
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
+    row_stride: u32,
+    key_offset: u32,
+    value_offset: u32,
+    out_stride: u32,
+    kv_group: u32,
+    window_before: u32,
+    window_after: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -45,6 +57,14 @@ var<workgroup> keys: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
 var<workgroup> values: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
 var<workgroup> bias: array<f32, KEY_BLOCK>;
 
+// Whether `query` sees `key` under the layer's window.
+fn visible(query: u32, key: u32) -> bool {
+    if (key < query) {
+        return query - key <= params.window_before;
+    }
+    return key - query <= params.window_after;
+}
+
 @compute @workgroup_size(QUERIES, 1, 1)
 fn main(
     @builtin(workgroup_id) group: vec3<u32>,
@@ -54,15 +74,22 @@ fn main(
     let dim4 = select(params.head_dim / 4u, HEAD_DIM4, HEAD_DIM4 != 0u);
     let head = group.y;
     let sequence = group.z;
-    let query = group.x * QUERIES + lane;
-    let row_stride4 = 3u * params.hidden / 4u;
+    let first_query = group.x * QUERIES;
+    let query = first_query + lane;
+    let row_stride4 = params.row_stride / 4u;
     let head4 = head * dim4;
-    let hidden4 = params.hidden / 4u;
+    let kv_head4 = (head / params.kv_group) * dim4;
+    let key4 = params.key_offset / 4u + kv_head4;
+    let value4 = params.value_offset / 4u + kv_head4;
     let first_row = sequence * seq;
     let in_range = query < seq;
     // Row of this query's relative position biases: key j reads entry j.
     let bias_row = head * (2u * seq - 1u) + seq - 1u - min(query, seq - 1u);
     let has_position_bias = params.has_position_bias != 0u;
+    // The keys some query of this workgroup sees.
+    let last_query = min(first_query + QUERIES, seq) - 1u;
+    let keys_begin = first_query - min(first_query, params.window_before);
+    let keys_end = min(seq, last_query + min(params.window_after, seq) + 1u);
 
     var q: array<vec4<f32>, MAX_DIM4>;
     var acc: array<vec4<f32>, MAX_DIM4>;
@@ -76,14 +103,14 @@ fn main(
     var running_max = -3.0e38;
     var running_sum = 0.0;
 
-    for (var k0 = 0u; k0 < seq; k0 += KEY_BLOCK) {
-        let block = min(KEY_BLOCK, seq - k0);
+    for (var k0 = keys_begin; k0 < keys_end; k0 += KEY_BLOCK) {
+        let block = min(KEY_BLOCK, keys_end - k0);
         for (var e = lane; e < block * dim4; e += QUERIES) {
             let j = e / dim4;
             let d = e % dim4;
-            let base = (first_row + k0 + j) * row_stride4 + head4 + d;
-            keys[j * MAX_DIM4 + d] = qkv[base + hidden4];
-            values[j * MAX_DIM4 + d] = qkv[base + 2u * hidden4];
+            let row = (first_row + k0 + j) * row_stride4;
+            keys[j * MAX_DIM4 + d] = qkv[row + key4 + d];
+            values[j * MAX_DIM4 + d] = qkv[row + value4 + d];
         }
         if (lane < block) {
             bias[lane] = mask[first_row + k0 + lane];
@@ -92,6 +119,9 @@ fn main(
 
         if (in_range) {
             for (var j = 0u; j < block; j++) {
+                if (!visible(query, k0 + j)) {
+                    continue;
+                }
                 var dot4 = vec4<f32>(0.0);
                 for (var d = 0u; d < dim4; d++) {
                     dot4 = fma(q[d], keys[j * MAX_DIM4 + d], dot4);
@@ -119,7 +149,7 @@ fn main(
     }
 
     if (in_range) {
-        let base = (first_row + query) * hidden4 + head4;
+        let base = (first_row + query) * (params.out_stride / 4u) + head4;
         let inv = 1.0 / running_sum;
         for (var d = 0u; d < dim4; d++) {
             out[base + d] = acc[d] * inv;

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use surf_engine::gpu::{Gpu, gpu_for_tests};
 use surf_engine::kernels::DispatchPlan;
-use surf_engine::kernels::attention::{Attention, AttentionOptions, MASKED};
+use surf_engine::kernels::attention::{Attention, AttentionOptions, HeadLayout, MASKED, Window};
 use surf_engine::kernels::embed::{Embed, EmbeddingTables};
 use surf_engine::kernels::family::KernelFamily;
 use surf_engine::kernels::gate::Gate;
@@ -648,6 +648,9 @@ struct AttentionShape<'a> {
     head_dim: usize,
     seq: usize,
     lengths: &'a [usize],
+    /// Key/value heads, fewer than `heads` in grouped-query attention.
+    kv_heads: usize,
+    window: Window,
 }
 
 /// The kernel's outputs on the real query rows, and the f64 reference for
@@ -665,11 +668,23 @@ fn attention_reference(
         head_dim,
         seq,
         lengths,
+        kv_heads,
+        window,
     } = *shape;
     let hidden = heads * head_dim;
+    let row_width = (heads + 2 * kv_heads) * head_dim;
     let span = 2 * seq - 1;
+    // Part 0 is the query of `head`; parts 1 and 2 the key and value of its
+    // key/value head.
     let at = |row: usize, part: usize, head: usize, d: usize| {
-        f64::from(qkv[row * 3 * hidden + part * hidden + head * head_dim + d])
+        let offset = match part {
+            0 => head * head_dim,
+            _ => {
+                let kv_head = head / (heads / kv_heads);
+                hidden + (part - 1) * kv_heads * head_dim + kv_head * head_dim
+            }
+        };
+        f64::from(qkv[row * row_width + offset + d])
     };
     let mut actual = Vec::new();
     let mut expected = Vec::new();
@@ -677,9 +692,12 @@ fn attention_reference(
         for i in 0..len {
             let query_row = b * seq + i;
             for head in 0..heads {
-                // Padding keys get probability exactly zero, so only real keys count.
-                let scores: Vec<f64> = (0..len)
-                    .map(|j| {
+                // Padding keys and keys outside the window get probability
+                // exactly zero, so only the keys the query sees count.
+                let keys: Vec<usize> = (0..len).filter(|&j| window.sees(i, j)).collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
                         let dot: f64 = (0..head_dim)
                             .map(|d| at(query_row, 0, head, d) * at(b * seq + j, 1, head, d))
                             .sum();
@@ -692,8 +710,10 @@ fn attention_reference(
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..head_dim {
-                    let context = (0..len)
-                        .map(|j| weights[j] * at(b * seq + j, 2, head, d))
+                    let context = keys
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&j, w)| w * at(b * seq + j, 2, head, d))
                         .sum::<f64>()
                         / total;
                     expected.push(context);
@@ -766,6 +786,8 @@ fn attention_matches_reference_on_real_query_rows() {
             head_dim,
             seq,
             lengths: &lengths,
+            kv_heads: heads,
+            window: Window::FULL,
         };
         let (actual, expected) = attention_reference(&shape, &qkv, &out, scale, None);
         assert_close(
@@ -1010,11 +1032,11 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             &mut plan,
             batch,
             seq,
-            heads,
-            head_dim,
+            HeadLayout::multi_head(heads, head_dim),
             AttentionOptions {
                 scale,
                 position_bias: Some(&bias_buffer),
+                window: Window::FULL,
             },
             &qkv_buffer,
             &mask_buffer,
@@ -1026,6 +1048,8 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             head_dim,
             seq,
             lengths: &lengths,
+            kv_heads: heads,
+            window: Window::FULL,
         };
         let (actual, expected) =
             attention_reference(&shape, &qkv, &out, f64::from(scale), Some(&bias));
@@ -1034,5 +1058,90 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
             &actual,
             &expected,
         );
+    }
+}
+
+#[test]
+fn attention_sees_only_its_window_and_shares_key_heads_at_every_head_size() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let attention = Attention::new(&gpu);
+    let mut rng = StdRng::seed_from_u64(29);
+    // (heads, kv_heads, head_dim, seq, lengths): grouped-query layouts at the
+    // decoders' head sizes, sequences that are multiples of no key block.
+    let shapes = [
+        (4, 2, 64, 19, [19, 7]),
+        (2, 1, 128, 13, [13, 5]),
+        (2, 2, 256, 11, [11, 3]),
+    ];
+    let windows = [
+        Window::FULL,
+        Window::CAUSAL,
+        Window::causal_sliding(4),
+        Window::band(3),
+    ];
+    for family in KernelFamily::supported(&gpu) {
+        for (heads, kv_heads, head_dim, seq, lengths) in shapes {
+            for window in windows {
+                let batch = lengths.len();
+                let rows = batch * seq;
+                let layout = HeadLayout {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                };
+                let qkv: Vec<f32> = random_vec(&mut rng, rows * layout.row_width())
+                    .iter()
+                    .map(|v| 2.0 * v)
+                    .collect();
+                let mask: Vec<f32> = (0..rows)
+                    .map(|r| {
+                        if r % seq < lengths[r / seq] {
+                            0.0
+                        } else {
+                            MASKED
+                        }
+                    })
+                    .collect();
+                let qkv_buffer = upload(&gpu, "qkv", &qkv);
+                let mask_buffer = upload(&gpu, "mask", &mask);
+                let out_len = rows * layout.query_width();
+                let out_buffer = gpu.storage_buffer("out", (out_len * 4) as u64);
+                let scale = 1.0 / (head_dim as f32).sqrt();
+                let mut plan = DispatchPlan::new(&gpu);
+                attention.push_with(
+                    family,
+                    &mut plan,
+                    batch,
+                    seq,
+                    layout,
+                    AttentionOptions {
+                        scale,
+                        position_bias: None,
+                        window,
+                    },
+                    &qkv_buffer,
+                    &mask_buffer,
+                    &out_buffer,
+                );
+                let out = run_and_read(&gpu, plan, &out_buffer, out_len);
+                let shape = AttentionShape {
+                    heads,
+                    head_dim,
+                    seq,
+                    lengths: &lengths,
+                    kv_heads,
+                    window,
+                };
+                let (actual, expected) =
+                    attention_reference(&shape, &qkv, &out, f64::from(scale), None);
+                assert_close(
+                    &format!(
+                        "attention {family} heads={heads}/{kv_heads} head_dim={head_dim} {window:?}"
+                    ),
+                    &actual,
+                    &expected,
+                );
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! Every encoder family against sentence-transformers' outputs: the
-//! fixtures of `shared/fixtures` (XLM-RoBERTa, MPNet, a T5 encoder with a
-//! Dense module) and all-mpnet-base-v2's real weights: token ids equal,
+//! Every family against sentence-transformers' outputs: the fixtures of
+//! `shared/fixtures` (XLM-RoBERTa, MPNet, a T5 encoder with a Dense module,
+//! ModernBERT, the decoders Qwen3 and LLaMA with grouped-query heads of 64
+//! and 128, GPT-2) and all-mpnet-base-v2's real weights: token ids equal,
 //! cosine >= 0.9999 (0.9995 with f16 weights), norms within 0.1%, in one
 //! padded batch and one text at a time, local and streamed from a weight
 //! server under a budget of one or two layers.
@@ -16,7 +17,15 @@ use surf_tests::{
 };
 use surf_transport::{ClientConfig, Dtype, WeightClient};
 
-const FIXTURES: [&str; 3] = ["xlmr", "mpnet", "t5enc"];
+const FIXTURES: [&str; 7] = [
+    "xlmr",
+    "mpnet",
+    "t5enc",
+    "qwen3",
+    "llama-wide",
+    "modernbert",
+    "gpt2",
+];
 
 fn engine(
     name: &str,

@@ -123,6 +123,10 @@ impl Engine {
             let table = bias.for_length(seq_len);
             queue.write_buffer(buffer, 0, bytemuck::cast_slice(&table));
         }
+        if let (Some(rotary), Some(buffer)) = (&self.rotary, &batch.rotary) {
+            let tables = rotary.for_length(seq_len);
+            queue.write_buffer(buffer, 0, bytemuck::cast_slice(&tables));
+        }
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::kernels::bindings::BindingCache;
 use crate::kernels::family::KernelMode;
+use crate::kernels::rotary::RotaryTables;
 use crate::model::blocks::RelativeBias;
 use crate::model::head::Head;
 use crate::model::{Architecture, BatchBuffers, Dims, HEAD_COMPONENT, Kernels, PINNED_COMPONENT};
@@ -92,6 +93,7 @@ pub struct Engine {
     pinned_host: Vec<u8>,
     words: WordTable,
     relative_bias: Option<RelativeBias>,
+    rotary: Option<RotaryTables>,
     head: Head,
     weight_dtype: crate::dtype::WeightDtype,
     batch_size: usize,
@@ -147,6 +149,7 @@ impl Engine {
         let pinned = gpu.storage_buffer_with("pinned weights", packed.bytes());
         let relative_bias = architecture.relative_bias(fetched.tensors.as_ref())?;
         let pinned_host = packed.bytes().to_vec();
+        let rotary = architecture.rotary();
         let words = WordTable {
             name: architecture.word_table(fetched.tensors.as_ref()),
             tensors: fetched.tensors,
@@ -200,6 +203,7 @@ impl Engine {
             pinned_host,
             words,
             relative_bias,
+            rotary,
             head,
             weight_dtype: dtype,
             batch_size,

@@ -13,6 +13,7 @@ pub mod layernorm;
 pub mod matmul;
 pub mod normalize;
 pub mod pool;
+pub mod rotary;
 pub mod selection;
 pub mod sources;
 pub mod tuning_cache;

@@ -74,16 +74,23 @@ pub fn every_source() -> Vec<KernelSource> {
             layernorm::tiled_source(dtype),
         ));
         sources.push(source(
+            format!("rotary {dtype}"),
+            plain,
+            surf_shaders::with_weights(surf_shaders::ROTARY, dtype.words()),
+        ));
+        sources.push(source(
             format!("embed {dtype}"),
             plain,
             surf_shaders::with_weights(surf_shaders::EMBED, dtype.words()),
         ));
     }
-    sources.push(source(
-        "attention".into(),
-        plain,
-        surf_shaders::ATTENTION.into(),
-    ));
+    for max_head_dim in attention::PORTABLE_MAX_HEAD_DIMS {
+        sources.push(source(
+            format!("attention head_dim<={max_head_dim}"),
+            plain,
+            attention::portable_source(max_head_dim),
+        ));
+    }
     for head_dim in attention::TILED_HEAD_DIMS {
         sources.push(source(
             format!("attention_tiled head_dim={head_dim}"),
@@ -124,6 +131,9 @@ mod tests {
             "layernorm_tiled f32",
             "attention_tiled head_dim=64",
             "attention_subgroups head_dim=32",
+            "attention_subgroups head_dim=256",
+            "attention_tiled head_dim=256",
+            "attention head_dim<=128",
             "embed f16",
             "gate",
         ] {

@@ -76,6 +76,8 @@ impl BertConfig {
             vocab: self.vocab_size,
             type_vocab: self.type_vocab_size,
             relative_buckets: 0,
+            kv_heads: self.num_attention_heads,
+            rotary_tables: 0,
         }
     }
 

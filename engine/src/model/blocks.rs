@@ -6,10 +6,11 @@
 use crate::config::Activation;
 use crate::error::Result;
 use crate::kernels::DispatchPlan;
-use crate::kernels::attention::AttentionOptions;
+use crate::kernels::attention::{AttentionOptions, HeadLayout, Window};
 use crate::kernels::embed::EmbeddingTables;
 use crate::kernels::layernorm::{LayerNormOperands, NormOptions};
 use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::rotary::HeadNorm;
 use crate::kernels::selection::TunedOp;
 
 use super::Recorder;
@@ -46,21 +47,51 @@ impl Linear {
         out_each: usize,
         bias: bool,
     ) -> Result<Self> {
-        let out_features = names.len() * out_each;
+        let parts: Vec<(&str, usize)> = names.iter().map(|name| (*name, out_each)).collect();
+        Self::pack_concat(p, &parts, in_features, bias)
+    }
+
+    /// Like `pack_fused`, for layers of different widths `(name, out)`:
+    /// grouped-query attention's queries and its fewer keys and values.
+    pub fn pack_concat<T: Element>(
+        p: &mut Packer<'_, T>,
+        parts: &[(&str, usize)],
+        in_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let out_features = parts.iter().map(|(_, out)| out).sum();
         let mut weight = Vec::with_capacity(out_features * in_features);
-        for name in names {
-            weight.extend(p.read(&format!("{name}.weight"), &[out_each, in_features])?);
+        for (name, out) in parts {
+            weight.extend(p.read(&format!("{name}.weight"), &[*out, in_features])?);
         }
         let weight = p.put_transposed(&weight, out_features, in_features);
         let bias = if bias {
             let mut values = Vec::with_capacity(out_features);
-            for name in names {
-                values.extend(p.read(&format!("{name}.bias"), &[out_each])?);
+            for (name, out) in parts {
+                values.extend(p.read(&format!("{name}.bias"), &[*out])?);
             }
             p.put(&values)
         } else {
             p.put_zeros(out_features)
         };
+        Ok(Self {
+            weight,
+            bias,
+            in_features,
+            out_features,
+        })
+    }
+
+    /// Packs GPT-2's `Conv1D` `{name}.weight`, stored `[in, out]` (already
+    /// the matmul's layout), and `{name}.bias`.
+    pub fn pack_conv1d<T: Element>(
+        p: &mut Packer<'_, T>,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Self> {
+        let weight = p.put_tensor(&format!("{name}.weight"), &[in_features, out_features])?;
+        let bias = p.put_tensor(&format!("{name}.bias"), &[out_features])?;
         Ok(Self {
             weight,
             bias,
@@ -119,6 +150,24 @@ impl Norm {
     ) -> Result<Self> {
         let gamma = p.put_tensor(&format!("{name}.weight"), &[width])?;
         let beta = p.put_tensor(&format!("{name}.bias"), &[width])?;
+        Ok(Self {
+            gamma,
+            beta: Some(beta),
+            eps: eps as f32,
+            width,
+        })
+    }
+
+    /// Packs a LayerNorm without a bias (`norm_bias: false`): `{name}.weight`,
+    /// and zeros for the bias.
+    pub fn pack_layer_norm_without_bias<T: Element>(
+        p: &mut Packer<'_, T>,
+        name: &str,
+        width: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let gamma = p.put_tensor(&format!("{name}.weight"), &[width])?;
+        let beta = p.put_zeros(width);
         Ok(Self {
             gamma,
             beta: Some(beta),
@@ -215,6 +264,25 @@ impl LearnedEmbeddings {
         })
     }
 
+    /// The word rows, normalised by `norm` (ModernBERT).
+    pub fn normalised_words(hidden: usize, norm: Norm) -> Self {
+        Self {
+            tables: (None, None),
+            norm: Some(norm),
+            hidden,
+        }
+    }
+
+    /// The word rows alone: no position or type table, no norm (T5, the
+    /// decoders).
+    pub fn words_only(hidden: usize) -> Self {
+        Self {
+            tables: (None, None),
+            norm: None,
+            hidden,
+        }
+    }
+
     /// Records the sum (and norm) into `batch.hidden`.
     pub fn record(&self, cx: &Recorder<'_>, plan: &mut DispatchPlan, pinned: &wgpu::Buffer) {
         let batch = cx.batch;
@@ -251,18 +319,29 @@ pub struct AttentionNames<'a> {
     pub output: &'a str,
 }
 
+/// The rotary embedding a layer applies to its queries and keys: which of
+/// the model's tables, and the per-head norm before it where there is one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RotaryUse {
+    pub table: usize,
+    pub norm: Option<HeadNorm>,
+}
+
 /// Multi-head self-attention: the fused query-key-value projection, the
-/// attention itself and the output projection.
+/// rotary embedding where the family has one, the attention itself and the
+/// output projection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SelfAttention {
     qkv: Linear,
     output: Linear,
-    heads: usize,
-    head_dim: usize,
+    layout: HeadLayout,
     scale: f32,
+    window: Window,
+    rotary: Option<RotaryUse>,
 }
 
 impl SelfAttention {
+    /// Packs separate query, key and value layers of `heads` heads each.
     #[allow(clippy::too_many_arguments)]
     pub fn pack<T: Element>(
         p: &mut Packer<'_, T>,
@@ -282,13 +361,40 @@ impl SelfAttention {
             bias,
         )?;
         let output = Linear::pack(p, names.output, width, hidden, bias)?;
-        Ok(Self {
+        Ok(Self::new(
             qkv,
             output,
-            heads,
-            head_dim,
+            HeadLayout::multi_head(heads, head_dim),
             scale,
-        })
+        ))
+    }
+
+    /// An attention over projections packed by the family: `qkv` writes
+    /// rows laid out as `layout` says.
+    pub fn new(qkv: Linear, output: Linear, layout: HeadLayout, scale: f32) -> Self {
+        Self {
+            qkv,
+            output,
+            layout,
+            scale,
+            window: Window::FULL,
+            rotary: None,
+        }
+    }
+
+    pub fn with_scale(self, scale: f32) -> Self {
+        Self { scale, ..self }
+    }
+
+    pub fn with_window(self, window: Window) -> Self {
+        Self { window, ..self }
+    }
+
+    pub fn with_rotary(self, rotary: RotaryUse) -> Self {
+        Self {
+            rotary: Some(rotary),
+            ..self
+        }
     }
 
     /// Records the attention of `input` into `batch.scratch`.
@@ -311,22 +417,36 @@ impl SelfAttention {
             weights,
             &batch.qkv,
         );
+        if let (Some(rotary), Some(tables)) = (&self.rotary, &batch.rotary) {
+            cx.kernels.rotary.push(
+                cx.gpu,
+                plan,
+                rows,
+                batch.seq_len,
+                self.layout,
+                rotary.table,
+                rotary.norm,
+                &batch.qkv,
+                tables,
+                weights,
+            );
+        }
         let family = cx.kernels.selection.family(
             TunedOp::Attention,
             batch.sequences * batch.seq_len,
-            self.head_dim,
-            self.heads,
+            self.layout.head_dim,
+            self.layout.heads,
         );
         cx.kernels.attention.push_with(
             family,
             plan,
             batch.sequences,
             batch.seq_len,
-            self.heads,
-            self.head_dim,
+            self.layout,
             AttentionOptions {
                 scale: self.scale,
                 position_bias,
+                window: self.window,
             },
             &batch.qkv,
             &batch.mask,
@@ -355,6 +475,17 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// A feed-forward over projections packed by the family; a gated one's
+    /// `up` writes the activated half first.
+    pub fn new(up: Linear, down: Linear, activation: Activation, gated: bool) -> Self {
+        Self {
+            up,
+            down,
+            activation,
+            gated,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn pack_plain<T: Element>(
         p: &mut Packer<'_, T>,
@@ -557,6 +688,99 @@ impl PostNormLayer {
             weights,
             &batch.hidden,
         );
+    }
+}
+
+/// The pre-norm layer of T5, the decoders, GPT-2 and ModernBERT: norm,
+/// attention, residual; norm, feed-forward, residual. The residual stream
+/// stays in `batch.hidden`; each sublayer's output (left in `batch.scratch`)
+/// is added to it by the norm that follows, the next sublayer's or the
+/// model's final one, in the same kernel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreNormLayer {
+    /// `None` where the layer reads the stream as it is (ModernBERT's
+    /// first layer, whose input is already normalised).
+    pub attention_norm: Option<Norm>,
+    pub attention: SelfAttention,
+    pub ffn_norm: Norm,
+    pub ffn: FeedForward,
+}
+
+impl PreNormLayer {
+    /// Records the layer; `first` is the model's first layer, which finds the
+    /// embeddings in `batch.hidden` and no sublayer output to add.
+    pub fn record(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        first: bool,
+        weights: &wgpu::Buffer,
+        position_bias: Option<&wgpu::Buffer>,
+    ) {
+        let batch = cx.batch;
+        let input = match (&self.attention_norm, first) {
+            (Some(norm), true) => {
+                norm.record(
+                    cx,
+                    plan,
+                    &batch.hidden,
+                    None,
+                    false,
+                    weights,
+                    &batch.attention_output,
+                );
+                &batch.attention_output
+            }
+            (Some(norm), false) => {
+                norm.record(
+                    cx,
+                    plan,
+                    &batch.scratch,
+                    Some(&batch.hidden),
+                    true,
+                    weights,
+                    &batch.attention_output,
+                );
+                &batch.attention_output
+            }
+            (None, first) => {
+                debug_assert!(first, "only a first layer reads the stream unnormalised");
+                &batch.hidden
+            }
+        };
+        self.attention
+            .record(cx, plan, input, weights, position_bias);
+        self.ffn_norm.record(
+            cx,
+            plan,
+            &batch.scratch,
+            Some(&batch.hidden),
+            true,
+            weights,
+            &batch.attention_output,
+        );
+        self.ffn.record(cx, plan, &batch.attention_output, weights);
+    }
+
+    /// Records the model's final norm (gains in `weights`) over the stream
+    /// plus the last layer's output; returns the buffer it writes.
+    pub fn record_final<'b>(
+        norm: &Norm,
+        cx: &Recorder<'b>,
+        plan: &mut DispatchPlan,
+        weights: &wgpu::Buffer,
+    ) -> &'b wgpu::Buffer {
+        let batch = cx.batch;
+        norm.record(
+            cx,
+            plan,
+            &batch.scratch,
+            Some(&batch.hidden),
+            true,
+            weights,
+            &batch.attention_output,
+        );
+        &batch.attention_output
     }
 }
 

@@ -86,7 +86,11 @@ fn classifier_projections(
     let (dense, out) = match config {
         ModelConfig::Bert(_) => ("pooler.dense", "classifier"),
         ModelConfig::Roberta(_) => ("classifier.dense", "classifier.out_proj"),
-        ModelConfig::MPNet(_) | ModelConfig::T5(_) => {
+        ModelConfig::MPNet(_)
+        | ModelConfig::T5(_)
+        | ModelConfig::Llama(_)
+        | ModelConfig::ModernBert(_)
+        | ModelConfig::Gpt2(_) => {
             return Err(Error::Unsupported {
                 path: origin.join(crate::config::CONFIG_FILE),
                 field: "architectures",

@@ -1,4 +1,5 @@
-//! The model layer: one file per family (`bert`, `roberta`, `mpnet`, `t5`),
+//! The model layer: one file per family (`bert`, `roberta`, `mpnet`, `t5`,
+//! `modernbert`, `llama` for the LLaMA lineage of decoders, `gpt2`),
 //! each a serde config mirroring `config.json` and modules that pack their
 //! checkpoint tensors (host) and record their kernels (GPU). What families
 //! share (embedding sums, self-attention, feed-forward, norms, the relative
@@ -12,10 +13,14 @@
 
 pub mod bert;
 pub mod blocks;
+pub mod gpt2;
 pub mod head;
+pub mod llama;
+pub mod modernbert;
 pub mod mpnet;
 pub mod packing;
 pub mod roberta;
+pub mod rope;
 pub mod t5;
 
 use std::cell::RefCell;
@@ -33,17 +38,23 @@ use crate::kernels::choice::{self, ChoiceOrigin};
 use crate::kernels::family::{KernelFamily, KernelMode};
 use crate::kernels::layernorm::{LayerNormOperands, NormOptions};
 use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::rotary::RotaryTables;
 use crate::kernels::selection::{ModelShapes, Selection, TunedOp};
-use crate::kernels::{DispatchPlan, attention, embed, gate, layernorm, matmul, normalize, pool};
+use crate::kernels::{
+    DispatchPlan, attention, embed, gate, layernorm, matmul, normalize, pool, rotary,
+};
 use crate::weights::TensorSource;
 
 pub use bert::BertConfig;
+pub use gpt2::Gpt2Config;
+pub use llama::LlamaConfig;
+pub use modernbert::ModernBertConfig;
 pub use mpnet::MPNetConfig;
 pub use packing::PackedWeights;
 pub use t5::T5Config;
 
 /// The `model_type` values the engine runs.
-pub const SUPPORTED_MODEL_TYPES: &str = "bert, roberta, xlm-roberta, camembert, mpnet, t5";
+pub const SUPPORTED_MODEL_TYPES: &str = "bert, roberta, xlm-roberta, camembert, mpnet, t5, modernbert, llama, mistral, qwen2, qwen3, gpt2";
 
 /// The component holding every tensor that all layers share.
 pub const PINNED_COMPONENT: &str = "embeddings";
@@ -57,6 +68,10 @@ pub enum Family {
     Roberta,
     MPNet,
     T5,
+    /// LLaMA, Mistral, Qwen2 and Qwen3 decoders.
+    Llama,
+    ModernBert,
+    Gpt2,
 }
 
 impl Family {
@@ -66,6 +81,9 @@ impl Family {
             Family::Roberta => "roberta",
             Family::MPNet => "mpnet",
             Family::T5 => "t5",
+            Family::Llama => "llama",
+            Family::ModernBert => "modernbert",
+            Family::Gpt2 => "gpt2",
         }
     }
 }
@@ -85,9 +103,22 @@ pub struct Dims {
     pub type_vocab: usize,
     /// Buckets of the relative position bias; 0 for families without one.
     pub relative_buckets: usize,
+    /// Key/value heads: fewer than `heads` in grouped-query attention.
+    pub kv_heads: usize,
+    /// Rotary tables (distinct thetas) the layers use; 0 without rotary.
+    pub rotary_tables: usize,
 }
 
 impl Dims {
+    /// Where the attention finds each head.
+    pub fn head_layout(&self) -> crate::kernels::attention::HeadLayout {
+        crate::kernels::attention::HeadLayout {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Width of the attention's queries, keys and values, which T5 lets
     /// differ from the hidden size.
     pub fn attention_width(&self) -> usize {
@@ -117,6 +148,10 @@ pub enum ModelConfig {
     Roberta(BertConfig),
     MPNet(MPNetConfig),
     T5(T5Config),
+    /// LLaMA, Mistral, Qwen2 and Qwen3: one lineage of decoders.
+    Llama(LlamaConfig),
+    ModernBert(ModernBertConfig),
+    Gpt2(Gpt2Config),
 }
 
 #[derive(Deserialize)]
@@ -143,6 +178,9 @@ impl ModelConfig {
             "roberta" | "xlm-roberta" | "camembert" => ModelConfig::Roberta(typed(path, value)?),
             "mpnet" => ModelConfig::MPNet(typed(path, value)?),
             "t5" => ModelConfig::T5(typed(path, value)?),
+            "llama" | "mistral" | "qwen2" | "qwen3" => ModelConfig::Llama(typed(path, value)?),
+            "modernbert" => ModelConfig::ModernBert(typed(path, value)?),
+            "gpt2" => ModelConfig::Gpt2(typed(path, value)?),
             other => {
                 return Err(Error::Unsupported {
                     path: path.into(),
@@ -162,6 +200,9 @@ impl ModelConfig {
             ModelConfig::Roberta(_) => Family::Roberta,
             ModelConfig::MPNet(_) => Family::MPNet,
             ModelConfig::T5(_) => Family::T5,
+            ModelConfig::Llama(_) => Family::Llama,
+            ModelConfig::ModernBert(_) => Family::ModernBert,
+            ModelConfig::Gpt2(_) => Family::Gpt2,
         }
     }
 
@@ -170,6 +211,9 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.dims(),
             ModelConfig::MPNet(c) => c.dims(),
             ModelConfig::T5(c) => c.dims(),
+            ModelConfig::Llama(c) => c.dims(),
+            ModelConfig::ModernBert(c) => c.dims(),
+            ModelConfig::Gpt2(c) => c.dims(),
         }
     }
 
@@ -190,6 +234,9 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.pad_token_id as u32,
             ModelConfig::MPNet(c) => c.pad_token_id as u32,
             ModelConfig::T5(c) => c.pad_token_id as u32,
+            ModelConfig::Llama(c) => c.pad_token_id.unwrap_or(0) as u32,
+            ModelConfig::ModernBert(c) => c.pad_token_id as u32,
+            ModelConfig::Gpt2(c) => c.pad_token_id.unwrap_or(0) as u32,
         }
     }
 
@@ -197,7 +244,11 @@ impl ModelConfig {
     /// from `pad_token_id + 1`; T5 has no position table.
     pub fn position_id(&self, p: usize) -> u32 {
         match self {
-            ModelConfig::Bert(_) | ModelConfig::T5(_) => p as u32,
+            ModelConfig::Bert(_)
+            | ModelConfig::T5(_)
+            | ModelConfig::Llama(_)
+            | ModelConfig::ModernBert(_)
+            | ModelConfig::Gpt2(_) => p as u32,
             ModelConfig::Roberta(c) => roberta::position_id(c, p),
             ModelConfig::MPNet(c) => mpnet::position_id(c, p),
         }
@@ -210,6 +261,9 @@ impl ModelConfig {
             ModelConfig::Roberta(c) => Some(roberta::max_positions(c)),
             ModelConfig::MPNet(c) => Some(mpnet::max_positions(c)),
             ModelConfig::T5(_) => None,
+            ModelConfig::Llama(c) => Some(c.max_position_embeddings),
+            ModelConfig::ModernBert(c) => Some(c.max_position_embeddings),
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
         }
     }
 
@@ -221,6 +275,8 @@ impl ModelConfig {
             ModelConfig::Roberta(_) => &["roberta."],
             ModelConfig::MPNet(_) => &["mpnet."],
             ModelConfig::T5(_) => &[],
+            ModelConfig::Llama(_) | ModelConfig::ModernBert(_) => &["model."],
+            ModelConfig::Gpt2(_) => &["transformer."],
         }
     }
 
@@ -228,6 +284,9 @@ impl ModelConfig {
     pub fn anchor_tensor(&self) -> &'static str {
         match self {
             ModelConfig::T5(_) => t5::SHARED_EMBEDDINGS,
+            ModelConfig::Llama(_) => llama::EMBED_TOKENS,
+            ModelConfig::ModernBert(_) => modernbert::TOKEN_EMBEDDINGS,
+            ModelConfig::Gpt2(_) => gpt2::TOKEN_EMBEDDINGS,
             _ => bert::WORD_EMBEDDINGS,
         }
     }
@@ -236,6 +295,9 @@ impl ModelConfig {
     pub fn layer_prefix(&self) -> &'static str {
         match self {
             ModelConfig::T5(_) => t5::LAYER_PREFIX,
+            ModelConfig::Llama(_) => llama::LAYER_PREFIX,
+            ModelConfig::ModernBert(_) => modernbert::LAYER_PREFIX,
+            ModelConfig::Gpt2(_) => gpt2::LAYER_PREFIX,
             _ => bert::LAYER_PREFIX,
         }
     }
@@ -267,13 +329,19 @@ impl ModelConfig {
         let pinned = match self {
             ModelConfig::T5(_) => t5::is_pinned(name),
             ModelConfig::MPNet(_) => mpnet::is_pinned(name),
+            ModelConfig::Llama(_) => llama::is_pinned(name),
+            ModelConfig::ModernBert(_) => modernbert::is_pinned(name),
+            ModelConfig::Gpt2(_) => gpt2::is_pinned(name),
             _ => name.starts_with("embeddings."),
         };
         if pinned {
             return Some(Component::Pinned);
         }
         let head = match self {
-            ModelConfig::T5(_) => false,
+            ModelConfig::T5(_)
+            | ModelConfig::Llama(_)
+            | ModelConfig::ModernBert(_)
+            | ModelConfig::Gpt2(_) => false,
             _ => name.starts_with("pooler.") || name.starts_with("classifier."),
         };
         head.then_some(Component::Head)
@@ -286,6 +354,9 @@ impl ModelConfig {
             ModelConfig::Roberta(c) => Arc::new(bert::Bert::new(self.clone(), c)),
             ModelConfig::MPNet(c) => Arc::new(mpnet::MPNet::new(self.clone(), c)),
             ModelConfig::T5(c) => Arc::new(t5::T5::new(self.clone(), c)),
+            ModelConfig::Llama(c) => Arc::new(llama::Llama::new(self.clone(), c)),
+            ModelConfig::ModernBert(c) => Arc::new(modernbert::ModernBert::new(self.clone(), c)),
+            ModelConfig::Gpt2(c) => Arc::new(gpt2::Gpt2::new(self.clone(), c)),
         }
     }
 
@@ -294,11 +365,15 @@ impl ModelConfig {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => c.validate(path)?,
             ModelConfig::MPNet(c) => c.validate(path)?,
             ModelConfig::T5(c) => c.validate(path)?,
+            ModelConfig::Llama(c) => c.validate(path)?,
+            ModelConfig::ModernBert(c) => c.validate(path)?,
+            ModelConfig::Gpt2(c) => c.validate(path)?,
         }
         let table_rows = match self {
             ModelConfig::Bert(c) | ModelConfig::Roberta(c) => Some(c.max_position_embeddings),
             ModelConfig::MPNet(c) => Some(c.max_position_embeddings),
-            ModelConfig::T5(_) => None,
+            ModelConfig::Gpt2(c) => Some(c.n_positions),
+            ModelConfig::T5(_) | ModelConfig::Llama(_) | ModelConfig::ModernBert(_) => None,
         };
         validate_dims(path, &self.dims(), table_rows)?;
         if self.max_positions() == Some(0) {
@@ -374,13 +449,23 @@ fn validate_dims(path: &Path, dims: &Dims, position_rows: Option<usize>) -> Resu
     if dims.head_dim == 0 {
         return Err(Error::bad_model(path, "the head size must be positive"));
     }
+    if dims.kv_heads == 0 || !dims.heads.is_multiple_of(dims.kv_heads) {
+        return Err(Error::bad_model(
+            path,
+            format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                dims.heads, dims.kv_heads
+            ),
+        ));
+    }
     // Kernels address a layer and the tables with 32-bit element offsets.
     let h = dims.hidden;
-    let width = dims.attention_width();
+    let layout = dims.head_layout();
+    let width = layout.row_width() + layout.query_width();
     let ffn = dims.ffn * if dims.gated { 3 } else { 2 };
     let layer_elements = h
-        .checked_mul(4 * width + ffn + 9)
-        .and_then(|n| n.checked_add(dims.ffn * 2 + 3 * width));
+        .checked_mul(width + ffn + 9)
+        .and_then(|n| n.checked_add(dims.ffn * 2 + 3 * layout.row_width()));
     let table_elements = (dims.vocab + positions + dims.type_vocab).checked_mul(h);
     for (what, elements) in [
         ("one layer", layer_elements),
@@ -441,6 +526,11 @@ pub trait Architecture: Send + Sync {
     /// The relative position bias the layers share, for families that have one.
     fn relative_bias(&self, _source: &dyn TensorSource) -> Result<Option<blocks::RelativeBias>> {
         Ok(None)
+    }
+
+    /// The rotary tables the layers read, for families with rotary positions.
+    fn rotary(&self) -> Option<RotaryTables> {
+        None
     }
 
     /// Records the embedding sum (and its norm) into `batch.hidden`.
@@ -524,6 +614,7 @@ pub struct Kernels {
     pub layernorm: layernorm::LayerNorm,
     pub attention: attention::Attention,
     pub gate: gate::Gate,
+    pub rotary: rotary::Rotary,
     pub pool: pool::Pool,
     pub normalize: normalize::Normalize,
     pub selection: Selection,
@@ -539,6 +630,7 @@ impl Kernels {
             layernorm: layernorm::LayerNorm::new(gpu, dtype),
             attention: attention::Attention::new(gpu),
             gate: gate::Gate::new(gpu),
+            rotary: rotary::Rotary::new(gpu, dtype),
             pool: pool::Pool::new(gpu),
             normalize: normalize::Normalize::new(gpu),
             selection: Selection::Forced(KernelFamily::fixed_default(gpu)),
@@ -614,6 +706,9 @@ pub struct BatchBuffers {
     /// `[heads, 2 * seq_len - 1]` relative position biases, where the
     /// family has them.
     pub position_bias: Option<wgpu::Buffer>,
+    /// `[tables, seq_len, head_dim / 2]` (cos, sin) pairs, where the family
+    /// has rotary positions.
+    pub rotary: Option<wgpu::Buffer>,
     pub hidden: wgpu::Buffer,
     pub qkv: wgpu::Buffer,
     pub context: wgpu::Buffer,
@@ -632,7 +727,7 @@ pub struct BatchBuffers {
 impl BatchBuffers {
     pub fn new(gpu: &Gpu, dims: &Dims, head_width: usize, rows: usize, sequences: usize) -> Self {
         let h = dims.hidden as u64;
-        let width = dims.attention_width() as u64;
+        let layout = dims.head_layout();
         let r = rows as u64;
         let f = 4u64;
         let branches = if dims.gated { 2 } else { 1 };
@@ -649,9 +744,13 @@ impl BatchBuffers {
             lengths: gpu.storage_buffer("lengths", sequences as u64 * 4),
             position_bias: (dims.relative_buckets > 0)
                 .then(|| gpu.storage_buffer("position bias", dims.heads as u64 * 2 * r * f)),
+            rotary: (dims.rotary_tables > 0).then(|| {
+                let pairs = (dims.rotary_tables * dims.head_dim / 2) as u64;
+                gpu.storage_buffer("rotary tables", pairs * 2 * r * f)
+            }),
             hidden: gpu.storage_buffer("hidden", r * h * f),
-            qkv: gpu.storage_buffer("qkv", r * 3 * width * f),
-            context: gpu.storage_buffer("context", r * width * f),
+            qkv: gpu.storage_buffer("qkv", r * layout.row_width() as u64 * f),
+            context: gpu.storage_buffer("context", r * layout.query_width() as u64 * f),
             scratch: gpu.storage_buffer("scratch", r * h * f),
             attention_output: gpu.storage_buffer("attention_output", r * h * f),
             intermediate: gpu.storage_buffer("intermediate", r * (branches * dims.ffn) as u64 * f),
@@ -666,8 +765,11 @@ impl BatchBuffers {
     /// Bytes of the widest activation per row, which bounds rows per batch.
     pub fn widest_row_bytes(dims: &Dims) -> u64 {
         let branches = if dims.gated { 2 } else { 1 };
-        4 * (3 * dims.attention_width())
+        4 * dims
+            .head_layout()
+            .row_width()
             .max(branches * dims.ffn)
+            .max(dims.rotary_tables * dims.head_dim)
             .max(dims.hidden)
             .max(2 * dims.heads) as u64
     }

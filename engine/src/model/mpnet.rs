@@ -68,6 +68,8 @@ impl MPNetConfig {
             vocab: self.vocab_size,
             type_vocab: 0,
             relative_buckets: self.relative_attention_num_buckets,
+            kv_heads: self.num_attention_heads,
+            rotary_tables: 0,
         }
     }
 

@@ -4,17 +4,13 @@
 //! biases, no score scaling, a relative position bias from the first block
 //! shared by all, a `relu` or gated (`gated-gelu`) feed-forward, and a final
 //! norm.
-//!
-//! The residual stream stays in `batch.hidden`; each sublayer's output is
-//! added to it by the norm that follows (the next sublayer's, or the final
-//! one), in the same kernel.
 
 use std::path::Path;
 
 use serde::Deserialize;
 
 use super::blocks::{
-    AttentionNames, FeedForward, LearnedEmbeddings, Norm, RelativeBias, SelfAttention,
+    AttentionNames, FeedForward, LearnedEmbeddings, Norm, PreNormLayer, RelativeBias, SelfAttention,
 };
 use super::packing::{Element, PackedWeights, Packer, Zeros, for_dtype};
 use super::{Architecture, Dims, ModelConfig, Recorder, hidden_activation};
@@ -79,6 +75,8 @@ impl T5Config {
             vocab: self.vocab_size,
             type_vocab: 0,
             relative_buckets: self.relative_attention_num_buckets,
+            kv_heads: self.num_heads,
+            rotary_tables: 0,
         }
     }
 
@@ -132,23 +130,15 @@ pub fn is_pinned(name: &str) -> bool {
     matches!(name, SHARED_EMBEDDINGS | ENCODER_EMBEDDINGS | FINAL_NORM)
 }
 
-/// `encoder.block.{i}`: `layer.0` (norm, self-attention), `layer.1`
-/// (norm, feed-forward).
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Block {
-    attention_norm: Norm,
-    attention: SelfAttention,
-    ffn_norm: Norm,
-    ffn: FeedForward,
-}
-
 pub struct T5 {
     config: ModelConfig,
     t5: T5Config,
     /// No positions, no token types, no norm: the word rows as they are.
     embeddings: LearnedEmbeddings,
     final_norm: Norm,
-    block: Block,
+    /// `encoder.block.{i}`: `layer.0` (norm, self-attention), `layer.1`
+    /// (norm, feed-forward).
+    block: PreNormLayer,
     block_len: usize,
 }
 
@@ -159,18 +149,10 @@ impl T5 {
             .unwrap_or_else(|_| unreachable!("packing zeros cannot fail"));
         let (block, packed) = pack_block::<half::f16>(&t5, &Zeros, 0)
             .unwrap_or_else(|_| unreachable!("packing zeros cannot fail"));
-        let embeddings = LearnedEmbeddings::pack(
-            &mut Packer::<half::f16>::new(&Zeros, 0),
-            t5.d_model,
-            None,
-            None,
-            None,
-        )
-        .unwrap_or_else(|_| unreachable!("an embedding sum without tables reads nothing"));
         Self {
+            embeddings: LearnedEmbeddings::words_only(t5.d_model),
             config,
             t5,
-            embeddings,
             final_norm,
             block,
             block_len: packed.len(),
@@ -191,7 +173,7 @@ fn pack_block<T: Element>(
     t5: &T5Config,
     source: &dyn TensorSource,
     index: usize,
-) -> Result<(Block, PackedWeights)> {
+) -> Result<(PreNormLayer, PackedWeights)> {
     let (gated, activation) = t5.feed_forward(Path::new(""))?;
     let h = t5.d_model;
     let width = t5.num_heads * t5.d_kv;
@@ -245,8 +227,8 @@ fn pack_block<T: Element>(
             activation,
         )?
     };
-    let block = Block {
-        attention_norm,
+    let block = PreNormLayer {
+        attention_norm: Some(attention_norm),
         attention,
         ffn_norm,
         ffn,
@@ -317,48 +299,13 @@ impl Architecture for T5 {
         index: usize,
         weights: &wgpu::Buffer,
     ) {
-        let batch = cx.batch;
-        let block = &self.block;
-        // The first block normalises the embeddings; every later one first
-        // adds the previous block's feed-forward output to the stream.
-        if index == 0 {
-            block.attention_norm.record(
-                cx,
-                plan,
-                &batch.hidden,
-                None,
-                false,
-                weights,
-                &batch.attention_output,
-            );
-        } else {
-            block.attention_norm.record(
-                cx,
-                plan,
-                &batch.scratch,
-                Some(&batch.hidden),
-                true,
-                weights,
-                &batch.attention_output,
-            );
-        }
-        block.attention.record(
+        self.block.record(
             cx,
             plan,
-            &batch.attention_output,
+            index == 0,
             weights,
-            batch.position_bias.as_ref(),
+            cx.batch.position_bias.as_ref(),
         );
-        block.ffn_norm.record(
-            cx,
-            plan,
-            &batch.scratch,
-            Some(&batch.hidden),
-            true,
-            weights,
-            &batch.attention_output,
-        );
-        block.ffn.record(cx, plan, &batch.attention_output, weights);
     }
 
     fn record_final<'b>(
@@ -367,16 +314,6 @@ impl Architecture for T5 {
         plan: &mut DispatchPlan,
         pinned: &wgpu::Buffer,
     ) -> &'b wgpu::Buffer {
-        let batch = cx.batch;
-        self.final_norm.record(
-            cx,
-            plan,
-            &batch.scratch,
-            Some(&batch.hidden),
-            true,
-            pinned,
-            &batch.attention_output,
-        );
-        &batch.attention_output
+        PreNormLayer::record_final(&self.final_norm, cx, plan, pinned)
     }
 }
