@@ -141,13 +141,21 @@ fn reference(path: &Path) -> Vec<(String, Vec<f64>)> {
 }
 
 /// Reads one unlabelled sample from a metrics exposition.
+/// The value of `name`, summed over its label sets (one per model).
 fn sample(metrics: &str, name: &str) -> f64 {
-    let prefix = format!("{name} ");
-    metrics
+    let values: Vec<f64> = metrics
         .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .collect();
+    assert!(!values.is_empty(), "{name} missing from\n{metrics}");
+    values.iter().sum()
 }
 
 #[test]
