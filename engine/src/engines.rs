@@ -254,15 +254,17 @@ impl Engines {
 
     /// What each model holds now.
     pub fn residency(&self) -> Result<Vec<Residency>> {
-        let memory = self.memory();
-        let shared = memory.vram.budget().is_some();
+        // Read before any engine is waited on: submitters need this lock.
+        let granted: Vec<Option<u64>> = (0..self.models.len())
+            .map(|model| self.granted_bytes(model))
+            .collect();
         let mut out = Vec::with_capacity(self.models.len());
-        for (i, model) in self.models.iter().enumerate() {
+        for (model, granted_bytes) in self.models.iter().zip(granted) {
             let footprint = model.engine.vram_footprint()?;
             out.push(Residency {
                 name: model.name.clone(),
                 vram_bytes: model.engine.vram_in_use(),
-                granted_bytes: shared.then(|| memory.vram.held_bytes(i)),
+                granted_bytes,
                 resident_layers: model.engine.resident_layer_count()?,
                 layers: footprint.layers,
                 pinned_resident: model.engine.pinned_resident()?,
