@@ -174,6 +174,20 @@ pub struct ModelSpec {
     /// Whether the tokenizer hands token type ids to the model, from
     /// `tokenizer_config.json` (see [`crate::tokenize::returns_token_types`]).
     pub token_types: bool,
+    /// Prompts by name from `config_sentence_transformers.json`, put before
+    /// each text (Qwen3-Embedding's `query` instruction).
+    pub prompts: std::collections::BTreeMap<String, String>,
+    /// The prompt used when a request names none.
+    pub default_prompt_name: Option<String>,
+}
+
+/// `config_sentence_transformers.json`: the prompts a model was trained with.
+#[derive(Debug, Default, Deserialize)]
+struct SentenceTransformersConfig {
+    #[serde(default)]
+    prompts: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    default_prompt_name: Option<String>,
 }
 
 /// The weights file of a Dense module's folder.
@@ -184,6 +198,7 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const SENTENCE_BERT_CONFIG_FILE: &str = "sentence_bert_config.json";
 pub const MODULES_FILE: &str = "modules.json";
 pub const DEFAULT_POOLING_FILE: &str = "1_Pooling/config.json";
+pub const SENTENCE_TRANSFORMERS_CONFIG_FILE: &str = "config_sentence_transformers.json";
 
 impl ModelSpec {
     /// Reads the spec from a model folder on disk.
@@ -301,6 +316,23 @@ impl ModelSpec {
             }
         };
 
+        let st_config = match read(SENTENCE_TRANSFORMERS_CONFIG_FILE)? {
+            Some(bytes) => {
+                let path = origin.join(SENTENCE_TRANSFORMERS_CONFIG_FILE);
+                let st: SentenceTransformersConfig = parse_json(&path, &bytes)?;
+                if let Some(name) = &st.default_prompt_name
+                    && !st.prompts.contains_key(name)
+                {
+                    return Err(Error::bad_model(
+                        path,
+                        format!("default_prompt_name `{name}` is not one of its prompts"),
+                    ));
+                }
+                st
+            }
+            None => SentenceTransformersConfig::default(),
+        };
+
         Ok(ModelSpec {
             origin: origin.into(),
             config,
@@ -311,7 +343,33 @@ impl ModelSpec {
             tokenizer_json,
             labels,
             token_types,
+            prompts: st_config.prompts,
+            default_prompt_name: st_config.default_prompt_name,
         })
+    }
+
+    /// The text put before each input: the prompt called `name`, or the
+    /// model's default one when `name` is `None`; an unknown name is an error
+    /// listing the names the model has.
+    pub fn prompt(&self, name: Option<&str>) -> Result<Option<&str>> {
+        let Some(name) = name.or(self.default_prompt_name.as_deref()) else {
+            return Ok(None);
+        };
+        match self.prompts.get(name) {
+            Some(text) => Ok(Some(text.as_str())),
+            None => Err(Error::UnknownPrompt {
+                name: name.into(),
+                available: self.prompt_names(),
+            }),
+        }
+    }
+
+    /// The model's prompt names, comma-separated, or `none`.
+    pub fn prompt_names(&self) -> String {
+        if self.prompts.is_empty() {
+            return "none".into();
+        }
+        self.prompts.keys().cloned().collect::<Vec<_>>().join(", ")
     }
 
     /// Length of each output: the embedding, or a classifier's logits.

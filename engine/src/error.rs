@@ -45,6 +45,8 @@ pub enum Error {
     InvalidInput(String),
     #[error("no model is named `{name}`; the models served are: {}", known.join(", "))]
     UnknownModel { name: String, known: Vec<String> },
+    #[error("prompt `{name}` is not defined; this model's prompts: {available}")]
+    UnknownPrompt { name: String, available: String },
     #[error("{path}: {problem}")]
     InputFile { path: PathBuf, problem: String },
     #[error("no GPU adapter found{detail}. {hint}")]
@@ -123,6 +125,7 @@ impl Error {
             | Error::Tokenizer { .. }
             | Error::InvalidInput(_)
             | Error::UnknownModel { .. }
+            | Error::UnknownPrompt { .. }
             | Error::InputFile { .. }
             | Error::KernelFamily { .. }
             | Error::KernelChoice { .. }

@@ -26,7 +26,7 @@ pub mod weights;
 pub use config::{Activation, ModelSpec, Pooling};
 pub use dtype::WeightDtype;
 pub use engine::{
-    ClassifierInput, Embedding, Engine, EngineBuilder, ModelKind, Prediction, ScoreOptions,
+    ClassifierInput, Embedding, Engine, EngineBuilder, ModelKind, Prediction, Prompt, ScoreOptions,
 };
 pub use engines::{Engines, EnginesBuilder, NamedEngine, Residency};
 pub use error::{Error, ErrorKind, Result};

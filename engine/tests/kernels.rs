@@ -22,6 +22,7 @@ use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands, NormOptions}
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
 use surf_engine::kernels::normalize::Normalize;
 use surf_engine::kernels::pool::Pool;
+use surf_engine::kernels::rotary::{HeadNorm, Rotary, RotaryFrequencies, RotaryTables};
 use surf_engine::{Activation, Pooling, WeightDtype};
 
 const TOLERANCE: f64 = 1e-4;
@@ -1142,6 +1143,93 @@ fn attention_sees_only_its_window_and_shares_key_heads_at_every_head_size() {
                     &expected,
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn rotary_rotates_query_and_key_heads_after_their_norm_and_leaves_values() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = StdRng::seed_from_u64(31);
+    // 2 sequences of 7 positions, 4 query heads on 2 key/value heads of 8;
+    // two tables (ModernBERT's global and local thetas), the second used.
+    let layout = HeadLayout {
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+    };
+    let (seq, rows, half) = (7, 14, 4);
+    let tables = RotaryTables {
+        frequencies: vec![
+            RotaryFrequencies::new(160000.0, layout.head_dim),
+            RotaryFrequencies::new(10000.0, layout.head_dim),
+        ],
+    };
+    let table = tables.for_length(seq);
+    let eps = 1e-6f32;
+    for dtype in DTYPES {
+        let rotary = Rotary::new(&gpu, dtype);
+        for with_norm in [false, true] {
+            let qkv = random_vec(&mut rng, rows * layout.row_width());
+            // Gains: the query's at 0, the key's at head_dim.
+            let (gains, weights) =
+                weights_for(&gpu, dtype, random_vec(&mut rng, 2 * layout.head_dim));
+            let qkv_buffer = upload(&gpu, "qkv", &qkv);
+            let table_buffer = upload(&gpu, "tables", &table);
+            let norm = with_norm.then_some(HeadNorm {
+                query_gain: 0,
+                key_gain: layout.head_dim as u32,
+                eps,
+            });
+            let mut plan = DispatchPlan::new(&gpu);
+            rotary.push(
+                &gpu,
+                &mut plan,
+                rows,
+                seq,
+                layout,
+                1,
+                norm,
+                &qkv_buffer,
+                &table_buffer,
+                &weights,
+            );
+            let out = run_and_read(&gpu, plan, &qkv_buffer, qkv.len());
+            let theta = 10000.0f64;
+            let mut expected: Vec<f64> = qkv.iter().map(|&v| f64::from(v)).collect();
+            for row in 0..rows {
+                let position = (row % seq) as f64;
+                for head in 0..layout.heads + layout.kv_heads {
+                    let is_key = head >= layout.heads;
+                    let start = row * layout.row_width()
+                        + if is_key {
+                            layout.key_offset() + (head - layout.heads) * layout.head_dim
+                        } else {
+                            head * layout.head_dim
+                        };
+                    let x: Vec<f64> = (0..layout.head_dim)
+                        .map(|d| f64::from(qkv[start + d]))
+                        .collect();
+                    let x: Vec<f64> = if with_norm {
+                        let mean = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+                        let scale = 1.0 / (mean + f64::from(eps)).sqrt();
+                        let gain = if is_key { layout.head_dim } else { 0 };
+                        x.iter()
+                            .enumerate()
+                            .map(|(d, v)| v * scale * f64::from(gains[gain + d]))
+                            .collect()
+                    } else {
+                        x
+                    };
+                    for i in 0..half {
+                        let frequency = theta.powf(-((2 * i) as f64) / layout.head_dim as f64);
+                        let (sin, cos) = (position * frequency).sin_cos();
+                        expected[start + i] = x[i] * cos - x[i + half] * sin;
+                        expected[start + i + half] = x[i + half] * cos + x[i] * sin;
+                    }
+                }
+            }
+            assert_close(&format!("rotary {dtype} norm={with_norm}"), &out, &expected);
         }
     }
 }

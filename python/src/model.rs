@@ -10,7 +10,7 @@ use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString};
 use rustls::pki_types::pem::PemObject;
-use surf_engine::{Engine, Eviction, RemoteSource, Tokens, VramBudget, WeightDtype};
+use surf_engine::{Engine, Eviction, Prompt, RemoteSource, Tokens, VramBudget, WeightDtype};
 use surf_transport::{CertificateDer, ClientConfig};
 
 use crate::error::{BindingError, without_gil};
@@ -347,7 +347,7 @@ impl StreamingModel {
     /// (an array of shape `(n, dimension)`), as sentence-transformers does.
     #[pyo3(signature = (
         sentences, batch_size=32, normalize_embeddings=None, prompt_name=None,
-        convert_to_numpy=true, show_progress_bar=false
+        convert_to_numpy=true, show_progress_bar=false, prompt=None
     ))]
     #[allow(clippy::too_many_arguments)] // sentence-transformers' keywords, one by one
     fn encode<'py>(
@@ -359,18 +359,30 @@ impl StreamingModel {
         prompt_name: Option<&str>,
         convert_to_numpy: bool,
         show_progress_bar: bool,
+        prompt: Option<&str>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(name) = prompt_name {
-            return Err(BindingError::invalid(format!(
-                "prompt_name {name:?}: the model {} defines no prompts",
-                self.engine.model_id()
-            ))
-            .into());
-        }
         if batch_size == 0 {
             return Err(BindingError::invalid("batch_size must be at least 1").into());
         }
-        let (texts, single) = texts_of(sentences, "sentences")?;
+        // As sentence-transformers: `prompt` wins over `prompt_name`, and
+        // with neither, the model's default prompt, if it names one.
+        let chosen = match (prompt, prompt_name) {
+            (Some(text), _) => Prompt::Text(text),
+            (None, Some(name)) => Prompt::Named(name),
+            (None, None) => Prompt::Default,
+        };
+        let prefix = self
+            .engine
+            .prompt_text(chosen)
+            .map_err(|e| BindingError::invalid(e.to_string()))?
+            .unwrap_or_default()
+            .to_string();
+        let (mut texts, single) = texts_of(sentences, "sentences")?;
+        if !prefix.is_empty() {
+            texts
+                .iter_mut()
+                .for_each(|text| text.insert_str(0, &prefix));
+        }
         let progress = if show_progress_bar {
             Some(Progress::new(py, texts.len())?)
         } else {

@@ -385,3 +385,99 @@ fn an_unknown_sentence_transformers_module_exits_with_2_naming_it() {
     );
     assert!(message.contains("Dense"), "{message}");
 }
+
+/// A copy of a shared fixture folder with `edit` applied to its config.json.
+fn edited_fixture(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let source = root().join("../shared/fixtures").join(name);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&source).expect("the fixture folder") {
+        let path = entry.expect("an entry").path();
+        if path.is_file() {
+            let target = dir.path().join(path.file_name().expect("a name"));
+            std::fs::copy(&path, target).expect("copied");
+        }
+    }
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("config")).expect("JSON");
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).expect("written");
+    dir
+}
+
+#[test]
+fn an_unsupported_rope_variant_or_layer_type_exits_with_2_naming_it() {
+    let cases: [(&str, fn(&mut serde_json::Value)); 3] = [
+        ("yarn", |config| {
+            config["rope_parameters"] =
+                serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});
+        }),
+        ("llama3", |config| {
+            config["rope_scaling"] = serde_json::json!({"type": "llama3", "factor": 8.0});
+        }),
+        ("chunked_attention", |config| {
+            config["layer_types"] =
+                serde_json::json!(["full_attention", "chunked_attention", "full_attention"]);
+        }),
+    ];
+    for (name, edit) in cases {
+        let dir = edited_fixture("qwen3", edit);
+        let output = surf(&[
+            "embed",
+            "--model",
+            dir.path().to_str().expect("utf-8"),
+            "hello",
+        ]);
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{name}: {message}");
+        assert!(message.contains(name), "{message}");
+        assert!(!message.contains("panicked"), "{message}");
+    }
+}
+
+#[test]
+fn a_prompt_by_name_or_as_text_goes_before_each_text_and_an_unknown_name_exits_with_2() {
+    if !has_gpu() {
+        return;
+    }
+    let model = root().join("../shared/fixtures/qwen3");
+    let model = model.to_str().expect("utf-8");
+    let reference: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root().join("../shared/fixtures/qwen3/reference-prompt-query.json"))
+            .expect("the prompt reference"),
+    )
+    .expect("JSON");
+    let item = &reference["items"][1];
+    let text = item["text"].as_str().expect("text");
+    let expected: Vec<f64> = item["embedding"]
+        .as_array()
+        .expect("embedding")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect();
+    let prompt = "Instruct: Given a web search query, retrieve relevant passages\nQuery:";
+    for args in [["--prompt-name", "query"], ["--prompt", prompt]] {
+        let output = surf(&["embed", "--model", model, args[0], args[1], text]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let line: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("one JSON line");
+        assert_eq!(line["tokens"], item["n_tokens"]);
+        let vector: Vec<f64> = line["embedding"]
+            .as_array()
+            .expect("embedding")
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        let dot: f64 = vector.iter().zip(&expected).map(|(a, b)| a * b).sum();
+        let norms = vector.iter().map(|x| x * x).sum::<f64>().sqrt()
+            * expected.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(dot / norms >= 0.9999, "{args:?}: cosine {}", dot / norms);
+    }
+    let output = surf(&["embed", "--model", model, "--prompt-name", "passage", text]);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("passage") && message.contains("document, query"),
+        "{message}"
+    );
+}

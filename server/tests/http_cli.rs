@@ -501,3 +501,69 @@ fn a_service_of_a_local_model_and_one_named_on_a_two_model_weight_server() {
         assert_eq!(body["error"]["code"], "model_not_found");
     });
 }
+
+#[test]
+fn prompts_by_name_on_embed_and_by_default_on_the_openai_route() {
+    if !has_gpu() {
+        return;
+    }
+    let model = root().join("../shared/fixtures/qwen3");
+    let (_service, base) = start_http(&[
+        "--model",
+        model.to_str().expect("a UTF-8 path"),
+        "--default-prompt-name",
+        "query",
+    ]);
+    let plain = reference(&model.join("reference.json"));
+    let prompted = reference(&model.join("reference-prompt-query.json"));
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let texts: Vec<&str> = plain
+            .iter()
+            .take(4)
+            .map(|(text, _)| text.as_str())
+            .collect();
+        // The server's default prompt, then the empty `document` prompt by name.
+        for (body, expected) in [
+            (json!({ "inputs": texts }), &prompted),
+            (
+                json!({ "inputs": texts, "prompt_name": "document" }),
+                &plain,
+            ),
+        ] {
+            let (status, answer) = post(&client, format!("{base}/embed"), body).await;
+            assert_eq!(status, 200, "{answer}");
+            for (i, v) in vectors(&answer).iter().enumerate() {
+                let c = cosine(v, &expected[i].1);
+                assert!(c >= 0.9999, "line {}: cosine {c}", i + 1);
+            }
+        }
+        let (status, answer) = post(
+            &client,
+            format!("{base}/v1/embeddings"),
+            json!({ "input": texts[1], "model": "qwen3" }),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let vector: Vec<f64> = answer["data"][0]["embedding"]
+            .as_array()
+            .expect("an embedding")
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        assert!(cosine(&vector, &prompted[1].1) >= 0.9999);
+        // An unknown name is the client's error, naming the model's prompts.
+        let (status, answer) = post(
+            &client,
+            format!("{base}/embed"),
+            json!({ "inputs": texts, "prompt_name": "passage" }),
+        )
+        .await;
+        assert_eq!(status, 422, "{answer}");
+        let message = answer["error"].as_str().expect("an error message");
+        assert!(
+            message.contains("passage") && message.contains("document, query"),
+            "{message}"
+        );
+    });
+}

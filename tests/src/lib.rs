@@ -1,6 +1,6 @@
 //! Shared helpers of the end-to-end tests in `tests/tests/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -59,6 +59,14 @@ pub fn golden_dir() -> PathBuf {
 /// `shared/fixtures/<name>`: a small random-weight model of another family
 /// with sentence-transformers' outputs on `dev-sentences.txt`.
 pub fn fixture_dir(name: &str) -> PathBuf {
+    // The project's own fixtures (`tests/fixtures`, made by its
+    // `make_fixtures.py`) first, then the shared ones.
+    let own = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    if own.join("reference.json").is_file() {
+        return own;
+    }
     let dir = std::env::var_os("SURF_FIXTURES_DIR")
         .filter(|d| !d.is_empty())
         .map_or_else(|| golden_dir().join("../fixtures"), PathBuf::from)

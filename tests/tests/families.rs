@@ -1,7 +1,9 @@
 //! Every family against sentence-transformers' outputs: the fixtures of
 //! `shared/fixtures` (XLM-RoBERTa, MPNet, a T5 encoder with a Dense module,
 //! ModernBERT, the decoders Qwen3 and LLaMA with grouped-query heads of 64
-//! and 128, GPT-2) and all-mpnet-base-v2's real weights: token ids equal,
+//! and 128, GPT-2), the project's own `tests/fixtures` (Mistral with heads
+//! of 256 and a sliding window, Qwen2 with query/key/value biases) and
+//! all-mpnet-base-v2's real weights: token ids equal,
 //! cosine >= 0.9999 (0.9995 with f16 weights), norms within 0.1%, in one
 //! padded batch and one text at a time, local and streamed from a weight
 //! server under a budget of one or two layers.
@@ -9,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use surf_engine::{Engine, RemoteSource, VramBudget, WeightDtype};
+use surf_engine::{Engine, Prompt, RemoteSource, VramBudget, WeightDtype};
 use surf_server::{RunningServer, ServerConfig, WeightServer};
 use surf_tests::{
     Golden, assert_matches_golden_within, assert_norms_match, dev_sentences, fixture_dir,
@@ -17,7 +19,7 @@ use surf_tests::{
 };
 use surf_transport::{ClientConfig, Dtype, WeightClient};
 
-const FIXTURES: [&str; 7] = [
+const FIXTURES: [&str; 9] = [
     "xlmr",
     "mpnet",
     "t5enc",
@@ -25,6 +27,8 @@ const FIXTURES: [&str; 7] = [
     "llama-wide",
     "modernbert",
     "gpt2",
+    "mistral-256",
+    "qwen2",
 ];
 
 fn engine(
@@ -170,24 +174,62 @@ fn the_t5_fixture_projects_through_its_dense_module() {
     assert_eq!(vector[0].len(), 64);
 }
 
-#[test]
-fn every_fixture_streams_from_a_weight_server_one_layer_at_a_time() {
+fn check_streamed(dtype: WeightDtype) {
     let runtime = runtime();
     for name in FIXTURES {
-        let Some((_server, engine)) = streamed(&runtime, &fixture_dir(name), WeightDtype::F32, 1)
-        else {
+        let Some((_server, engine)) = streamed(&runtime, &fixture_dir(name), dtype, 1) else {
             return;
         };
         let golden = load_fixture_reference(name, "reference.json");
-        check_engine(
-            &engine,
-            &golden,
-            WeightDtype::F32,
-            &format!("{name} streamed"),
-        );
+        check_engine(&engine, &golden, dtype, &format!("{name} streamed"));
         let info = engine.cache_info().expect("cache info");
         assert_eq!(info.layer_slots, 1);
     }
+}
+
+#[test]
+fn every_fixture_streams_from_a_weight_server_one_layer_at_a_time() {
+    check_streamed(WeightDtype::F32);
+}
+
+#[test]
+fn every_fixture_streams_f16_weights_from_a_weight_server_one_layer_at_a_time() {
+    check_streamed(WeightDtype::F16);
+}
+
+#[test]
+fn the_qwen3_query_prompt_goes_before_each_text_as_sentence_transformers_puts_it() {
+    let Some(engine) = engine("qwen3", 8, WeightDtype::F32, None) else {
+        return;
+    };
+    assert_eq!(engine.spec().prompt_names(), "document, query");
+    let golden = load_fixture_reference("qwen3", "reference-prompt-query.json");
+    let sentences = dev_sentences();
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let out = engine
+        .embed_with_prompt(&texts, Prompt::Named("query"))
+        .expect("inference succeeds");
+    let ids: Vec<Vec<u32>> = out.iter().map(|e| e.token_ids.clone()).collect();
+    let vectors: Vec<Vec<f32>> = out.into_iter().map(|e| e.vector).collect();
+    let worst = assert_matches_golden_within(&golden, &ids, &vectors, 0.9999);
+    assert_norms_match(&golden, &vectors, 1e-3);
+    eprintln!("qwen3 with the query prompt: lowest cosine {worst:.9}");
+    // The prompt as text is the same thing.
+    let text = engine.spec().prompts["query"].clone();
+    let literal = engine
+        .embed_with_prompt(&texts[..2], Prompt::Text(&text))
+        .expect("inference succeeds");
+    assert_eq!(literal[0].token_ids, ids[0]);
+    // An unknown name is refused, naming the model's prompts.
+    let error = engine
+        .embed_with_prompt(&texts[..1], Prompt::Named("passage"))
+        .expect_err("refused");
+    let message = error.to_string();
+    assert!(
+        message.contains("passage") && message.contains("document, query"),
+        "{message}"
+    );
+    assert!(error.is_bad_input());
 }
 
 #[test]

@@ -23,6 +23,17 @@ use crate::weights::TensorSource;
 pub use surf_transport::WEIGHTS_FILE;
 pub const DEFAULT_BATCH_SIZE: usize = 32;
 
+/// What goes before each text to embed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompt<'a> {
+    /// The model's `default_prompt_name`, or nothing.
+    Default,
+    /// One of the model's prompts by name (`config_sentence_transformers.json`).
+    Named(&'a str),
+    /// This text.
+    Text(&'a str),
+}
+
 /// One embedded text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Embedding {
@@ -328,11 +339,37 @@ impl Engine {
         Ok(self.embed(texts)?.into_iter().map(|e| e.vector).collect())
     }
 
-    /// Embeds `texts`, returning token ids and vectors in input order.
+    /// Embeds `texts`, returning token ids and vectors in input order; the
+    /// model's default prompt, where it has one, goes before each text.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Embedding>> {
+        self.embed_with_prompt(texts, Prompt::Default)
+    }
+
+    /// The text `prompt` puts before each input, if any.
+    pub fn prompt_text<'a>(&'a self, prompt: Prompt<'a>) -> Result<Option<&'a str>> {
+        match prompt {
+            Prompt::Default => self.spec.prompt(None),
+            Prompt::Named(name) => self.spec.prompt(Some(name)),
+            Prompt::Text(text) => Ok(Some(text)),
+        }
+    }
+
+    /// Like `embed`, with `prompt` before each text, as sentence-transformers
+    /// does: the prompt and the text are tokenized together, so the token
+    /// ids include the prompt's.
+    pub fn embed_with_prompt(&self, texts: &[&str], prompt: Prompt<'_>) -> Result<Vec<Embedding>> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
+        let prompted: Vec<String>;
+        let texts = match self.prompt_text(prompt)? {
+            Some(prefix) if !prefix.is_empty() => {
+                prompted = texts.iter().map(|text| format!("{prefix}{text}")).collect();
+                prompted.iter().map(String::as_str).collect()
+            }
+            _ => texts.to_vec(),
+        };
+        let texts = texts.as_slice();
         let tokens = self.tokenizer.encode(texts)?;
         let vectors = self.embed_tokens(&tokens)?;
         Ok(tokens

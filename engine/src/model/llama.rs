@@ -218,7 +218,7 @@ impl LlamaConfig {
                 });
             }
         }
-        if self.num_attention_heads == 0 || self.head_dim() % 2 != 0 {
+        if self.num_attention_heads == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(Error::bad_model(
                 path,
                 "`num_attention_heads` must be positive and the head size even",

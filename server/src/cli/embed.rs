@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
-use surf_engine::Error as EngineError;
+use surf_engine::{Error as EngineError, Prompt};
 
 use super::engine_args::{EngineArgs, OpenedEngine};
 
@@ -19,6 +19,14 @@ pub struct EmbedArgs {
     /// File with one text per line; an empty line is an empty text.
     #[arg(long, value_name = "FILE", conflicts_with = "texts")]
     pub input: Option<PathBuf>,
+    /// Put the model's prompt NAME (from its config_sentence_transformers.json)
+    /// before each text, as sentence-transformers' `prompt_name` does.
+    #[arg(long, value_name = "NAME", conflicts_with = "prompt")]
+    pub prompt_name: Option<String>,
+    /// Put TEXT before each text. Without this or --prompt-name, the model's
+    /// default prompt, if it names one.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
     /// Texts to embed, when --input is not given.
     pub texts: Vec<String>,
 }
@@ -70,8 +78,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         progress,
     ) = args.engine.open_with_progress()?;
 
+    let prompt = match (&args.prompt_name, &args.prompt) {
+        (Some(name), _) => Prompt::Named(name),
+        (None, Some(text)) => Prompt::Text(text),
+        (None, None) => Prompt::Default,
+    };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let embeddings = engine.embed(&refs);
+    let embeddings = engine.embed_with_prompt(&refs, prompt);
     progress.finish_and_clear();
     let embeddings = embeddings?;
     let stdout = std::io::stdout();

@@ -52,6 +52,11 @@ pub struct HttpArgs {
     /// model whose weights are resident runs first.
     #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_wait_ms: u64,
+    /// The model's prompt (config_sentence_transformers.json) put before the
+    /// texts of requests that name none: every OpenAI request, and TEI
+    /// requests without `prompt_name` (with several models, the default one's).
+    #[arg(long, value_name = "NAME")]
+    pub default_prompt_name: Option<String>,
 }
 
 impl HttpArgs {
@@ -70,6 +75,7 @@ impl HttpArgs {
                 .or_else(|| self.engine.models.first().map(|m| m.name.clone()))
                 .or_else(|| self.engine.serve_model.first().cloned()),
             fairness: Fairness::with_max_wait(std::time::Duration::from_millis(self.max_wait_ms)),
+            default_prompt_name: self.default_prompt_name.clone(),
         }
     }
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use surf_engine::engine::activate;
 use surf_engine::queue::{BatchLimits, BatchObserver, Fairness};
-use surf_engine::{ClassifierInput, EmbedQueue, Engine, Engines, ModelKind, Tokens, Truncation};
+use surf_engine::{
+    ClassifierInput, EmbedQueue, Engine, Engines, ModelKind, Prompt, Tokens, Truncation,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{ApiError, ErrorKind};
@@ -31,6 +33,9 @@ pub struct ServiceSettings {
     pub served_model_name: Option<String>,
     /// How long the oldest request of any model may wait before its model runs.
     pub fairness: Fairness,
+    /// The prompt of requests that name none (`--default-prompt-name`);
+    /// without it, the model's own default, if any.
+    pub default_prompt_name: Option<String>,
 }
 
 impl Default for ServiceSettings {
@@ -42,6 +47,7 @@ impl Default for ServiceSettings {
             auto_truncate: true,
             served_model_name: None,
             fairness: Fairness::default(),
+            default_prompt_name: None,
         }
     }
 }
@@ -125,6 +131,11 @@ impl EmbedService {
             return Err(surf_engine::Error::InvalidInput(
                 "--max-concurrent-requests and --max-client-batch-size must be at least 1".into(),
             ));
+        }
+        if let Some(name) = &settings.default_prompt_name {
+            engines
+                .engine(engines.default_index())
+                .prompt_text(Prompt::Named(name))?;
         }
         let metrics = Arc::new(ServiceMetrics::new(engines.names()));
         let observer: BatchObserver = {
@@ -257,7 +268,8 @@ impl EmbedService {
         Ok(())
     }
 
-    /// Embeds `items` (texts or token ids) in input order.
+    /// Embeds `items` (texts or token ids) in input order, texts after the
+    /// default prompt.
     pub async fn embed(
         &self,
         model: usize,
@@ -265,6 +277,43 @@ impl EmbedService {
         options: EmbedOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
+        self.embed_prompted(model, items, options, None, param)
+            .await
+    }
+
+    /// Like `embed`, with the prompt `prompt_name` before each text; an
+    /// unknown name is a validation error listing the model's prompts.
+    /// `--default-prompt-name` applies to the default model only: other
+    /// models take their own default prompt.
+    pub async fn embed_prompted(
+        &self,
+        model: usize,
+        mut items: Vec<InputItem>,
+        options: EmbedOptions,
+        prompt_name: Option<String>,
+        param: &'static str,
+    ) -> Result<EmbedAnswer, ApiError> {
+        let name = prompt_name.or_else(|| {
+            (model == self.engines().default_index())
+                .then(|| self.settings.default_prompt_name.clone())
+                .flatten()
+        });
+        let prompt = match &name {
+            Some(name) => Prompt::Named(name),
+            None => Prompt::Default,
+        };
+        let prefix = self
+            .engines()
+            .engine(model)
+            .prompt_text(prompt)
+            .map_err(|e| ApiError::validation("prompt_name", e.to_string()))?;
+        if let Some(prefix) = prefix.filter(|p| !p.is_empty()) {
+            for item in &mut items {
+                if let InputItem::Text(text) = item {
+                    text.insert_str(0, prefix);
+                }
+            }
+        }
         let started = Instant::now();
         let _permit = self.admit()?;
         self.require_kind(

@@ -22,13 +22,6 @@ fn truncation(direction: TruncationDirection) -> Truncation {
 
 pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, TeiError> {
     let request: EmbedRequest = parse(body)?;
-    if let Some(name) = &request.prompt_name {
-        return Err(ApiError::validation(
-            "prompt_name",
-            format!("prompt `{name}` is not defined: this model has no prompts"),
-        )
-        .into());
-    }
     let model = app.service.resolve(request.model.as_deref())?;
     let options = EmbedOptions {
         truncate: request.truncate,
@@ -38,7 +31,13 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
     };
     let answer = app
         .service
-        .embed(model, request.inputs.into_items(), options, "inputs")
+        .embed_prompted(
+            model,
+            request.inputs.into_items(),
+            options,
+            request.prompt_name,
+            "inputs",
+        )
         .await?;
     let headers = timing_headers(&answer, app.compute_type);
     Ok((headers, Json(answer.vectors)).into_response())
