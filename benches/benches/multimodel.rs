@@ -224,8 +224,8 @@ fn main() {
         whole as f64 / 1e6
     );
     println!(
-        "{:>7} {:>9} {:>9} {:>6} {:>16} {}",
-        "budget", "emb/s", "resident", "ratio", "MB up/1000 req", "p50/p99 ms per model"
+        "{:>7} {:>9} {:>9} {:>6} {:>16} p50/p99 ms per model",
+        "budget", "emb/s", "resident", "ratio", "MB up/1000 req"
     );
     let mut rows = Vec::new();
     for share in [1.0, 0.5, 0.25] {

@@ -167,7 +167,7 @@ mod tests {
             // every 7 batches, staggered.
             oldest[chosen] = if chosen == 0 { Some(now) } else { None };
             for (i, slot) in oldest.iter_mut().enumerate().skip(1) {
-                if slot.is_none() && (step + i as u32) % 7 == 0 {
+                if slot.is_none() && (step + i as u32).is_multiple_of(7) {
                     *slot = Some(now);
                 }
             }

@@ -116,9 +116,9 @@ fn open_models(args: &HttpArgs) -> anyhow::Result<Engines> {
     }
     let mut names: Vec<&str> = engine.models.iter().map(|m| m.name.as_str()).collect();
     names.extend(engine.serve_model.iter().map(String::as_str));
-    Ok(builder
+    builder
         .build()
-        .with_context(|| format!("loading the models {}", names.join(", ")))?)
+        .with_context(|| format!("loading the models {}", names.join(", ")))
 }
 
 pub fn run(args: HttpArgs) -> anyhow::Result<()> {
