@@ -204,7 +204,7 @@ if k:
     print(f'| FMA peak | {k["fma_peak_gflop_s"]:.0f} GFLOP/s |')
     for row in k.get("families", []):
         per_family = row.get("rates", row)
-        rates = ", ".join(f"{f} {per_family[f]:.1f}" for f in ("portable", "subgroup8", "tiled") if f in per_family)
+        rates = ", ".join(f"{f} {per_family[f]:.1f}" for f in ("portable", "subgroup8", "tiled", "blocked", "half") if f in per_family)
         print(f'| {row["op"]} rows {row["rows"]} k {row["k"]} n {row["n"]} ({row["unit"]}) | {rates}; '
               f'autotuned {row["autotuned"]}, {row["autotuned_over_fixed"]:.2f} x {row["fixed"]} |')
     if k.get("engine_per_s_32_short"):

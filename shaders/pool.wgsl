@@ -1,13 +1,16 @@
 // Sentence vectors from token vectors: mean, CLS, max, mean/sqrt(len),
 // position-weighted mean (token t weighs t + 1) or the last token, over the
 // real tokens of each sequence (padding is at the end). One workgroup per
-// sequence.
+// sequence. With `normalize` set, the same workgroup then scales the vector
+// to unit L2 length as normalize.wgsl does, saving that launch and its
+// second pass over the vectors: each invocation rescales the elements it
+// wrote itself, so only the sum of squares crosses invocations.
 
 struct Params {
     seq: u32,
     hidden: u32,
     mode: u32,
-    _pad: u32,
+    normalize: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -22,7 +25,10 @@ const MODE_MEAN_SQRT_LEN: u32 = 3u;
 const MODE_WEIGHTED_MEAN: u32 = 4u;
 const MODE_LAST_TOKEN: u32 = 5u;
 
-@compute @workgroup_size(128, 1, 1)
+const THREADS: u32 = 128u;
+var<workgroup> partial: array<f32, THREADS>;
+
+@compute @workgroup_size(THREADS, 1, 1)
 fn main(
     @builtin(workgroup_id) group: vec3<u32>,
     @builtin(local_invocation_index) lane: u32,
@@ -31,7 +37,8 @@ fn main(
     let len = lengths[sequence];
     let hidden = params.hidden;
     let first = sequence * params.seq * hidden;
-    for (var h = lane; h < hidden; h += 128u) {
+    var squares = 0.0;
+    for (var h = lane; h < hidden; h += THREADS) {
         var result = 0.0;
         switch params.mode {
             case MODE_CLS: {
@@ -68,5 +75,22 @@ fn main(
             }
         }
         out[sequence * hidden + h] = result;
+        squares += result * result;
+    }
+    if (params.normalize == 0u) {
+        return;
+    }
+    partial[lane] = squares;
+    workgroupBarrier();
+    for (var stride = THREADS / 2u; stride > 0u; stride /= 2u) {
+        if (lane < stride) {
+            partial[lane] += partial[lane + stride];
+        }
+        workgroupBarrier();
+    }
+    // torch.nn.functional.normalize's floor on the norm.
+    let scale = 1.0 / max(sqrt(partial[0]), 1e-12);
+    for (var h = lane; h < hidden; h += THREADS) {
+        out[sequence * hidden + h] *= scale;
     }
 }

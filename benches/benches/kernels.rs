@@ -106,16 +106,16 @@ fn fma_peak(criterion: &mut Criterion, gpu: &Gpu, peak: &FmaPeak) -> f64 {
     tally.rate(flops as f64) / 1e9
 }
 
-/// Measures one matmul shape with `variant`, or the launcher's own choice,
-/// as the criterion bench `name`; returns GFLOP/s and the variant that ran.
+/// Measures one matmul shape with `variant` as the criterion bench `name`;
+/// returns GFLOP/s.
 fn time_matmul(
     group: &mut BenchmarkGroup<'_, WallTime>,
     gpu: &Gpu,
     matmul: &Matmul,
     name: String,
     (m, k, n): (usize, usize, usize),
-    variant: Option<MatmulVariant>,
-) -> (f64, MatmulVariant) {
+    variant: MatmulVariant,
+) -> f64 {
     let flops = 2 * (m * k * n) as u64;
     let lhs = gpu.storage_buffer("lhs", (m * k * 4) as u64);
     let weights = gpu.storage_buffer(
@@ -132,12 +132,10 @@ fn time_matmul(
         out: &out,
         c_offset: 0,
     };
-    let variant = variant.unwrap_or_else(|| matmul.choose(m, n, k, &operands()));
     let push = |plan: &mut DispatchPlan| {
         matmul.push_variant(variant, plan, m, n, k, Epilogue::Bias, operands());
     };
-    let rate = time_kernel(group, gpu, name, (Throughput::Elements, flops), push);
-    (rate / 1e9, variant)
+    time_kernel(group, gpu, name, (Throughput::Elements, flops), push) / 1e9
 }
 
 /// Times the launches `push` records as the criterion bench `name`, each
@@ -218,9 +216,24 @@ fn layernorm(criterion: &mut Criterion, gpu: &Gpu, rows: usize) -> f64 {
     rate / 1e9
 }
 
-/// Returns GFLOP/s and the kernel used per shape, in the order of `SHAPES`,
-/// with the weight dtype `matmul` reads.
-fn matmuls(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<(f64, MatmulVariant)> {
+/// One headline matmul: the family the engine's selection runs at the
+/// shape, its rate, and how the selection timed the shape.
+struct Headline {
+    gflops: f64,
+    family: KernelFamily,
+    /// `None` when a family was forced.
+    timing: Option<TimingSource>,
+}
+
+/// The rate of each shape of `SHAPES` with the weight dtype `matmul` reads,
+/// run with the family that `selection`, the engine's choice for that dtype,
+/// takes at the shape.
+fn matmuls(
+    criterion: &mut Criterion,
+    gpu: &Gpu,
+    matmul: &Matmul,
+    selection: &Selection,
+) -> Vec<Headline> {
     let mut group = criterion.benchmark_group(match matmul.dtype() {
         WeightDtype::F32 => "matmul".to_string(),
         dtype => format!("matmul_{dtype}"),
@@ -229,13 +242,52 @@ fn matmuls(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<(f64, M
     let rates = SHAPES
         .iter()
         .map(|&(m, k, n)| {
+            let family = selection.family(TunedOp::Matmul, m, k, n);
             let name = format!("{m}x{k}x{n}");
-            time_matmul(&mut group, gpu, matmul, name, (m, k, n), None)
+            let shape = Shape {
+                op: TunedOp::Matmul,
+                rows: m,
+                k,
+                n,
+            };
+            Headline {
+                gflops: time_family_matmul(&mut group, gpu, matmul, name, shape, family),
+                family,
+                timing: selection
+                    .measured(TunedOp::Matmul, m, k, n)
+                    .map(|t| t.timing),
+            }
         })
         .collect();
     group.finish();
     gpu.check_errors().expect("the GPU reported an error");
     rates
+}
+
+/// The engine's selection for weights stored as `matmul`'s dtype: the
+/// family `SURF_KERNELS` forces, or every family the engine measures timed
+/// at `MODEL`'s shapes afresh in this run rather than read from the cache
+/// (an earlier measurement may have run on a busier machine).
+fn engine_selection(gpu: &Gpu, matmul: &Matmul) -> Selection {
+    match surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS") {
+        KernelMode::Forced(family) => Selection::Forced(family),
+        KernelMode::Auto => {
+            let attention = Attention::new(gpu);
+            let layernorm = LayerNorm::new(gpu, matmul.dtype());
+            let launchers = Launchers {
+                matmul,
+                attention: &attention,
+                layernorm: &layernorm,
+            };
+            let families = KernelFamily::incumbent_first(gpu, matmul.dtype());
+            let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &families)
+                .expect("measuring the kernel families");
+            Selection::Tuned {
+                shapes,
+                fallback: KernelFamily::fixed_default(gpu),
+            }
+        }
+    }
 }
 
 /// GFLOP/s of every variant at each of `VARIANT_ROWS`, indexed [rows][variant]
@@ -251,7 +303,7 @@ fn matmul_variants(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec
             .into_iter()
             .map(|variant| {
                 let name = format!("{}/m{m}", variant_name(variant));
-                time_matmul(&mut group, gpu, matmul, name, (m, k, n), Some(variant)).0
+                time_matmul(&mut group, gpu, matmul, name, (m, k, n), variant)
             })
             .collect();
         rates.push(row);
@@ -268,7 +320,7 @@ fn aligned_choice(matmul: &Matmul, m: usize, n: usize, k: usize) -> MatmulVarian
         .into_iter()
         .filter_map(|variant| match variant {
             MatmulVariant::Subgroups { rows } => Some(rows),
-            MatmulVariant::General | MatmulVariant::Tiled => None,
+            _ => None,
         })
         .collect();
     if tiles.is_empty() || !n.is_multiple_of(4) || !k.is_multiple_of(4) {
@@ -284,6 +336,8 @@ fn variant_name(variant: MatmulVariant) -> String {
         MatmulVariant::General => "general".to_string(),
         MatmulVariant::Subgroups { rows } => format!("subgroups{rows}"),
         MatmulVariant::Tiled => "tiled".to_string(),
+        MatmulVariant::Blocked { rows } => format!("blocked{rows}"),
+        MatmulVariant::Half { rows } => format!("half{rows}"),
     }
 }
 
@@ -310,30 +364,17 @@ impl FamilyRow {
 
 /// Every family the adapter runs at every shape of `MODEL`'s layer, timed
 /// through the launchers' `push_family`, next to the choice the engine's
-/// measuring makes, measured afresh in this run rather than read from the
-/// cache (an earlier measurement may have run on a busier machine).
-fn families(criterion: &mut Criterion, gpu: &Gpu, matmul: &Matmul) -> Vec<FamilyRow> {
+/// measuring made in `selection`.
+fn families(
+    criterion: &mut Criterion,
+    gpu: &Gpu,
+    matmul: &Matmul,
+    selection: &Selection,
+) -> Vec<FamilyRow> {
     let attention = Attention::new(gpu);
-    let layernorm = LayerNorm::new(gpu, WeightDtype::F32);
-    let launchers = Launchers {
-        matmul,
-        attention: &attention,
-        layernorm: &layernorm,
-    };
+    let layernorm = LayerNorm::new(gpu, matmul.dtype());
     let fixed = KernelFamily::fixed_default(gpu);
     let supported = KernelFamily::supported(gpu);
-    let selection = match surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS") {
-        KernelMode::Forced(family) => Selection::Forced(family),
-        KernelMode::Auto => {
-            let families = KernelFamily::incumbent_first(gpu);
-            let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &families)
-                .expect("measuring the kernel families");
-            Selection::Tuned {
-                shapes,
-                fallback: fixed,
-            }
-        }
-    };
     let mut group = criterion.benchmark_group("families");
     group.sampling_mode(SamplingMode::Flat);
     let mut rows = Vec::new();
@@ -607,11 +648,15 @@ fn main() {
 
     // The peak is measured on both sides of the matmuls because other load on
     // the machine moves it; the matmuls are compared with the mean.
+    // The engine's choices, measured the way an engine measures them at
+    // its first start on this adapter, one selection per weight dtype.
+    let selection = engine_selection(&gpu, &matmul);
+    let selection_f16 = engine_selection(&gpu, &matmul_f16);
     let peak_before = fma_peak(&mut criterion, &gpu, &peak);
-    let rates = matmuls(&mut criterion, &gpu, &matmul);
-    let rates_f16 = matmuls(&mut criterion, &gpu, &matmul_f16);
+    let rates = matmuls(&mut criterion, &gpu, &matmul, &selection);
+    let rates_f16 = matmuls(&mut criterion, &gpu, &matmul_f16, &selection_f16);
     let variant_rates = matmul_variants(&mut criterion, &gpu, &matmul);
-    let family_rows = families(&mut criterion, &gpu, &matmul);
+    let family_rows = families(&mut criterion, &gpu, &matmul, &selection);
     let attention_rates = attention(&mut criterion, &gpu);
     let layernorm_rows = 1024;
     let layernorm_rate = layernorm(&mut criterion, &gpu, layernorm_rows);
@@ -632,10 +677,14 @@ fn main() {
         "FMA-chain peak: {peak_gflops:.2} GFLOP/s (before the matmuls {peak_before:.2}, after {peak_after:.2})"
     );
     for (dtype, rates) in [("f32", &rates), ("f16", &rates_f16)] {
-        for ((m, k, n), (gflops, variant)) in SHAPES.iter().zip(rates) {
+        for ((m, k, n), row) in SHAPES.iter().zip(rates) {
             println!(
-                "matmul {dtype} weights m={m:<5} k={k:<5} n={n:<5} {gflops:8.2} GFLOP/s  {:5.1}% of peak  ({variant:?} kernel)",
-                100.0 * gflops / peak_gflops
+                "matmul {dtype} weights m={m:<5} k={k:<5} n={n:<5} {:8.2} GFLOP/s  {:5.1}% of peak  (the engine's {} family, {})",
+                row.gflops,
+                100.0 * row.gflops / peak_gflops,
+                row.family,
+                row.timing
+                    .map_or("forced by SURF_KERNELS", TimingSource::name)
             );
         }
     }
@@ -675,18 +724,17 @@ fn main() {
     let mut kernels: Vec<serde_json::Value> = [("f32", &rates), ("f16", &rates_f16)]
         .into_iter()
         .flat_map(|(dtype, rates)| {
-            SHAPES
-                .iter()
-                .zip(rates)
-                .map(move |(&(m, k, n), &(gflops, variant))| {
-                    serde_json::json!({
-                        "kernel": format!("matmul ({})", variant_name(variant)),
-                        "weights": dtype,
-                        "shape": format!("m={m} k={k} n={n}"),
-                        "gflop_s": gflops,
-                        "share_of_peak": share(gflops),
-                    })
+            SHAPES.iter().zip(rates).map(move |(&(m, k, n), row)| {
+                serde_json::json!({
+                    "kernel": format!("matmul ({})", row.family),
+                    "family": row.family.name(),
+                    "timing": row.timing.map_or("forced", TimingSource::name),
+                    "weights": dtype,
+                    "shape": format!("m={m} k={k} n={n}"),
+                    "gflop_s": row.gflops,
+                    "share_of_peak": share(row.gflops),
                 })
+            })
         })
         .collect();
     kernels.extend(ATTENTION_SHAPES.iter().zip(&attention_rates).map(

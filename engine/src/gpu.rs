@@ -95,6 +95,9 @@ pub struct Gpu {
     /// Whether the device was created with timestamp queries, which time
     /// kernels on the GPU's own clock.
     pub timestamps: bool,
+    /// Whether the device was created with f16 arithmetic in shaders, which
+    /// the half-precision kernel family needs.
+    pub shader_f16: bool,
     /// Validation and out-of-memory errors the device raised since the last
     /// `check_errors`; wgpu would otherwise panic on them.
     errors: Arc<std::sync::Mutex<Vec<String>>>,
@@ -209,6 +212,10 @@ impl Gpu {
         if timestamps {
             required_features |= wgpu::Features::TIMESTAMP_QUERY;
         }
+        let shader_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+        if shader_f16 {
+            required_features |= wgpu::Features::SHADER_F16;
+        }
         let cache_file = wgpu::util::pipeline_cache_key(&info)
             .filter(|_| adapter.features().contains(wgpu::Features::PIPELINE_CACHE))
             .and_then(|key| Some(crate::kernels::tuning_cache::cache_dir()?.join(key)));
@@ -255,6 +262,7 @@ impl Gpu {
             adapter_features: adapter.features(),
             subgroups,
             timestamps,
+            shader_f16,
             errors,
             pipeline_cache,
         })
@@ -380,6 +388,18 @@ impl Gpu {
     pub fn wait_idle(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
+        Ok(())
+    }
+
+    /// Blocks until `submission` has run and the callbacks it completes
+    /// (buffer mappings) have been called; later submissions may still run.
+    pub fn wait_for(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(submission),
+                timeout: None,
+            })
             .map_err(|e| Error::Gpu(format!("waiting for the GPU failed: {e}")))?;
         Ok(())
     }

@@ -407,7 +407,8 @@ fn edited_fixture(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> temp
 
 #[test]
 fn an_unsupported_rope_variant_or_layer_type_exits_with_2_naming_it() {
-    let cases: [(&str, fn(&mut serde_json::Value)); 3] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 3] = [
         ("yarn", |config| {
             config["rope_parameters"] =
                 serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});

@@ -48,6 +48,14 @@ pub const MATMUL_TILED: &str = concat!(
     include_str!("../activation.wgsl"),
     include_str!("../matmul_tiled.wgsl")
 );
+/// The multiply shaped for fast GPUs: tiles of 16 * `ROWS_PER_LANE` rows by
+/// 64 columns (128x64 at 8 rows a lane), register blocks of `ROWS_PER_LANE`
+/// by 4, the next K step prefetched into registers; k, n and every offset
+/// must be multiples of 4. [`half_arithmetic`] turns it into the f16 kernel.
+pub const MATMUL_BLOCKED: &str = concat!(
+    include_str!("../activation.wgsl"),
+    include_str!("../matmul_blocked.wgsl")
+);
 /// Gated feed-forward activation (`act(gate) * up`), behind the activations.
 pub const GATE: &str = concat!(
     include_str!("../activation.wgsl"),
@@ -126,6 +134,24 @@ pub fn specialize(source: &str, values: &[(&str, u32)]) -> String {
     out
 }
 
+/// `source` computing in f16 instead of f32: the `shader-f16` extension
+/// enabled, its `alias Compute = f32;` line made f16 and its
+/// `HALF_ARITHMETIC` constant set. Panics on a source without them, which is
+/// a bug in this crate's kernels.
+pub fn half_arithmetic(source: &str) -> String {
+    const ALIAS: &str = "alias Compute = f32;";
+    assert_eq!(
+        source.matches(ALIAS).count(),
+        1,
+        "kernel source has no single `{ALIAS}` line"
+    );
+    let half = source.replace(ALIAS, "alias Compute = f16;");
+    format!(
+        "enable f16;\n{}",
+        specialize(&half, &[("HALF_ARITHMETIC", 1)])
+    )
+}
+
 /// How weights are stored in their GPU buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightWords {
@@ -196,8 +222,8 @@ fn weights_declaration(binding: u32, access: &str, words: WeightWords) -> String
 #[cfg(test)]
 mod tests {
     use super::{
-        ATTENTION, ATTENTION_SUBGROUPS, EMBED, LAYERNORM, MATMUL, MATMUL_SUBGROUPS, MATMUL_TILED,
-        WeightWords, specialize, with_weights,
+        ATTENTION, ATTENTION_SUBGROUPS, EMBED, LAYERNORM, MATMUL, MATMUL_BLOCKED, MATMUL_SUBGROUPS,
+        MATMUL_TILED, WeightWords, half_arithmetic, specialize, with_weights,
     };
 
     #[test]
@@ -220,9 +246,16 @@ mod tests {
 
     #[test]
     fn every_weight_reading_kernel_gets_one_declaration_per_format() {
-        let sources = [MATMUL, MATMUL_TILED, EMBED, LAYERNORM, super::ROTARY]
-            .into_iter()
-            .chain(MATMUL_SUBGROUPS.iter().map(|(_, source)| *source));
+        let sources = [
+            MATMUL,
+            MATMUL_TILED,
+            MATMUL_BLOCKED,
+            EMBED,
+            LAYERNORM,
+            super::ROTARY,
+        ]
+        .into_iter()
+        .chain(MATMUL_SUBGROUPS.iter().map(|(_, source)| *source));
         for source in sources {
             assert!(!source.contains("var<storage, read> weights"));
             for (words, element) in [
@@ -342,6 +375,7 @@ mod tests {
         let sources = [
             MATMUL,
             MATMUL_TILED,
+            MATMUL_BLOCKED,
             EMBED,
             LAYERNORM,
             ATTENTION,
@@ -358,6 +392,27 @@ mod tests {
             let stores = component_stores_to_workgroup_memory(source);
             assert!(stores.is_empty(), "component stores: {stores:?}");
         }
+    }
+
+    #[test]
+    fn half_arithmetic_switches_the_compute_type_and_nothing_else() {
+        let half = half_arithmetic(MATMUL_BLOCKED);
+        assert!(half.starts_with("enable f16;\n"));
+        assert!(half.contains("alias Compute = f16;"));
+        assert!(!half.contains("alias Compute = f32;"));
+        assert!(half.contains("const HALF_ARITHMETIC: u32 = 1u;"));
+        // The activations, the accumulators and the buffers stay f32.
+        assert_eq!(
+            half.matches("vec4<f32>").count(),
+            MATMUL_BLOCKED.matches("vec4<f32>").count()
+        );
+        assert_eq!(half.lines().count(), MATMUL_BLOCKED.lines().count() + 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "no single `alias Compute = f32;` line")]
+    fn half_arithmetic_rejects_a_kernel_without_a_compute_type() {
+        half_arithmetic(MATMUL_TILED);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! pager makes them resident, and reading the pooled vectors back; and the
 //! start-up run that compiles every pipeline.
 
+use super::in_flight::PendingVectors;
 use super::{Engine, RunState};
 use crate::error::{Error, Result};
 use crate::kernels::DispatchPlan;
@@ -170,13 +171,19 @@ impl Engine {
         self.gpu.check_errors()
     }
 
-    pub(super) fn run_batch(
+    /// Uploads and records one batch and submits it, ending with the copy
+    /// of its vectors into this turn's read-back buffer; the vectors come
+    /// back through the returned `PendingVectors` once the batch has run.
+    /// The batch runs on the other turn's activation buffers, so that it
+    /// is recorded and submitted while the one before it still runs.
+    pub(super) fn submit_batch(
         &self,
         state: &mut RunState,
         inputs: &[Tokens],
         members: &[usize],
         seq_len: usize,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<PendingVectors> {
+        state.turns.next_batch(&mut state.workspace);
         self.load_batch(state, inputs, members, seq_len)?;
         let sequences = members.len();
         let Some(batch) = state.workspace.as_ref() else {
@@ -224,14 +231,25 @@ impl Engine {
         }
         pager.end_pass();
         let outputs = self.record_head(&mut plan, batch, pinned);
-        plan.submit_cached(&self.gpu, bindings);
-
-        let dimension = self.head.dimension();
-        let bytes = self
+        let mut encoder = self
             .gpu
-            .read_buffer(outputs, (sequences * dimension * 4) as u64)?;
-        let floats: &[f32] = bytemuck::cast_slice(&bytes);
-        let vectors: Vec<Vec<f32>> = floats.chunks_exact(dimension).map(|c| c.to_vec()).collect();
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("surf"),
+            });
+        plan.record_cached(&self.gpu, &mut encoder, bindings);
+        let bytes = (sequences * self.head.dimension() * 4) as u64;
+        Ok(state.turns.submit(&self.gpu, encoder, outputs, bytes))
+    }
+
+    /// The vectors of a batch `submit_batch` submitted, in its members'
+    /// order, once it has run.
+    pub(super) fn finish_batch(
+        &self,
+        pending: PendingVectors,
+        members: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let vectors = pending.finish(&self.gpu, self.head.dimension())?;
         if let Some(position) = vectors
             .iter()
             .position(|v| v.iter().any(|x| !x.is_finite()))

@@ -46,6 +46,7 @@ mod batching;
 use batching::batch_length;
 mod builder;
 mod forward;
+mod in_flight;
 mod rerank;
 mod residency;
 pub use rerank::{
@@ -61,6 +62,9 @@ struct RunState {
     /// norms); `None` while the model is idle and gave them up to another
     /// model sharing the GPU (see `residency`).
     pinned: Option<wgpu::Buffer>,
+    /// The second set of activation buffers and the read-back buffers, so
+    /// that a batch is submitted while the one before it runs.
+    turns: in_flight::TakingTurns,
     pager: Pager,
     /// Bind groups and parameter buffers of the batches run so far; they name
     /// the activation buffers and slots, so they go when those do.
@@ -224,6 +228,7 @@ impl Engine {
             state: Mutex::new(RunState {
                 workspace: None,
                 pinned: Some(pinned),
+                turns: in_flight::TakingTurns::default(),
                 pager,
                 bindings: BindingCache::default(),
             }),
@@ -271,6 +276,7 @@ impl Engine {
     /// activation buffers and every layer slot.
     fn discard_gpu_state(state: &mut RunState) {
         state.workspace = None;
+        state.turns = in_flight::TakingTurns::default();
         state.bindings.clear();
         state.pager.reset_after_failure();
     }
@@ -559,8 +565,10 @@ impl Engine {
     }
 
     /// Runs `order` (input indices, longest first) in padded batches, each
-    /// inside its own GPU error scope: an error raised while one batch is
-    /// recorded fails that batch alone, whichever engine shares the device.
+    /// recorded inside its own GPU error scope: an error raised while one
+    /// batch is recorded fails that batch alone, whichever engine shares the
+    /// device. Each batch is submitted before the vectors of the one before
+    /// it are read, so the GPU runs one while the host prepares the next.
     fn run_sorted(
         &self,
         state: &mut RunState,
@@ -569,6 +577,7 @@ impl Engine {
         results: &mut [Vec<f32>],
     ) -> Result<()> {
         let mut start = 0;
+        let mut previous: Option<(&[usize], in_flight::PendingVectors)> = None;
         while start < order.len() {
             let seq_len = inputs[order[start]].ids.len();
             let end = start
@@ -580,14 +589,21 @@ impl Engine {
                 );
             let members = &order[start..end];
             let scope = self.gpu.error_scope();
-            let vectors = self.run_batch(state, inputs, members, seq_len);
+            let submitted = self.submit_batch(state, inputs, members, seq_len);
             let scoped = scope.finish();
-            let vectors = vectors?;
+            let submitted = submitted?;
             scoped?;
-            for (&i, v) in members.iter().zip(vectors) {
-                results[i] = v;
+            if let Some((members, pending)) = previous.replace((members, submitted)) {
+                for (&i, v) in members.iter().zip(self.finish_batch(pending, members)?) {
+                    results[i] = v;
+                }
             }
             start = end;
+        }
+        if let Some((members, pending)) = previous {
+            for (&i, v) in members.iter().zip(self.finish_batch(pending, members)?) {
+                results[i] = v;
+            }
         }
         Ok(())
     }

@@ -54,6 +54,7 @@ impl Engine {
         if !holding.base {
             state.pinned = None;
             state.workspace = None;
+            state.turns = super::in_flight::TakingTurns::default();
             state.bindings.clear();
             state.pager.set_pinned_bytes(self.head.bytes());
             return state.pager.release_slots();

@@ -267,7 +267,8 @@ impl Attention {
                 Some(kernel) => (kernel.get(), SUBGROUP_QUERIES),
                 None => (portable, QUERIES_PER_GROUP),
             },
-            KernelFamily::Tiled => (
+            // The blocked and half families run the tiled attention.
+            KernelFamily::Tiled | KernelFamily::Blocked | KernelFamily::Half => (
                 of_head(&self.tiled, head_dim).unwrap_or(portable),
                 QUERIES_PER_GROUP,
             ),

@@ -101,7 +101,7 @@ fn measured_choices(
         );
     }
     if !missing.is_empty() {
-        let families = KernelFamily::incumbent_first(gpu);
+        let families = KernelFamily::incumbent_first(gpu, launchers.matmul.dtype());
         let start = Instant::now();
         let found = autotune::measure(gpu, launchers, &missing, &families)?;
         tracing::info!(

@@ -3,6 +3,7 @@
 //! measuring them on the adapter at hand (`autotune`), or forced with
 //! `SURF_KERNELS`.
 
+use crate::dtype::WeightDtype;
 use crate::gpu::Gpu;
 
 /// Environment variable that forces one family (`SURF_KERNELS=tiled`) or asks
@@ -12,6 +13,12 @@ pub const KERNELS_ENV: &str = "SURF_KERNELS";
 /// Invocations in a workgroup of the subgroup kernels (`matmul_subgroups`,
 /// `attention_subgroups`): one SIMD vector of a software rasterizer.
 pub const SUBGROUP_LANES: u32 = 8;
+
+/// Workgroup memory of the tiled matmul: two 64x16 blocks of f32.
+const TILED_WORKGROUP_BYTES: u32 = 8192;
+/// Workgroup memory of the blocked matmul at its tallest tile: a 128x16
+/// block of A and a 16x64 block of B in f32 (the half family's are f16).
+const BLOCKED_WORKGROUP_BYTES: u32 = 12288;
 
 /// Invocations of a LayerNorm workgroup in the GPU family: enough lanes that
 /// a BERT row (96 to 256 vec4s) is read in a few steps.
@@ -31,13 +38,24 @@ pub enum KernelFamily {
     /// Workgroups of 256 invocations staging 64x64 tiles in workgroup memory,
     /// 4x4 register blocks: the shape desktop GPUs want.
     Tiled,
+    /// The tiled family with a matmul of larger tiles (up to 128x64, 8x4
+    /// register blocks, the next K step prefetched into registers, shorter
+    /// tiles when m is short); its attention and LayerNorm are the tiled ones.
+    Blocked,
+    /// The blocked matmul computing in f16 with f32 accumulators, on adapters
+    /// with `SHADER_F16`; its attention and LayerNorm are the tiled ones.
+    /// Measured only for engines whose weights are f16, whose vectors already
+    /// stand at the f16 bar.
+    Half,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 3] = [
+    pub const ALL: [KernelFamily; 5] = [
         KernelFamily::Portable,
         KernelFamily::Subgroup8,
         KernelFamily::Tiled,
+        KernelFamily::Blocked,
+        KernelFamily::Half,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +63,8 @@ impl KernelFamily {
             KernelFamily::Portable => "portable",
             KernelFamily::Subgroup8 => "subgroup8",
             KernelFamily::Tiled => "tiled",
+            KernelFamily::Blocked => "blocked",
+            KernelFamily::Half => "half",
         }
     }
 
@@ -57,14 +77,17 @@ impl KernelFamily {
         match self {
             KernelFamily::Portable => 64,
             KernelFamily::Subgroup8 => SUBGROUP_LANES,
-            KernelFamily::Tiled => 256,
+            KernelFamily::Tiled | KernelFamily::Blocked | KernelFamily::Half => 256,
         }
     }
 
     /// Whether the family's matmul stages its operands in workgroup memory.
     pub fn workgroup_memory(self) -> bool {
         match self {
-            KernelFamily::Portable | KernelFamily::Tiled => true,
+            KernelFamily::Portable
+            | KernelFamily::Tiled
+            | KernelFamily::Blocked
+            | KernelFamily::Half => true,
             KernelFamily::Subgroup8 => false,
         }
     }
@@ -82,7 +105,10 @@ impl KernelFamily {
                 min: SUBGROUP_LANES,
                 max: wgpu::MAXIMUM_SUBGROUP_MAX_SIZE,
             }),
-            KernelFamily::Portable | KernelFamily::Tiled => None,
+            KernelFamily::Portable
+            | KernelFamily::Tiled
+            | KernelFamily::Blocked
+            | KernelFamily::Half => None,
         }
     }
 
@@ -105,17 +131,29 @@ impl KernelFamily {
                 ));
             }
         }
-        match self {
-            KernelFamily::Tiled if facts.max_invocations_per_workgroup < 256 => Some(format!(
+        if self == KernelFamily::Half && !facts.shader_f16 {
+            return Some("the adapter has no f16 arithmetic (SHADER_F16)".into());
+        }
+        // The blocked and half families run the tiled attention and
+        // LayerNorm, so they need what the tiled family needs too.
+        let workgroup_bytes = match self {
+            KernelFamily::Portable | KernelFamily::Subgroup8 => return None,
+            KernelFamily::Tiled | KernelFamily::Half => TILED_WORKGROUP_BYTES,
+            KernelFamily::Blocked => BLOCKED_WORKGROUP_BYTES,
+        };
+        if facts.max_invocations_per_workgroup < 256 {
+            return Some(format!(
                 "workgroups are limited to {} invocations, under 256",
                 facts.max_invocations_per_workgroup
-            )),
-            KernelFamily::Tiled if facts.max_workgroup_storage < 8192 => Some(format!(
-                "workgroup memory is limited to {} bytes, under 8192",
-                facts.max_workgroup_storage
-            )),
-            _ => None,
+            ));
         }
+        if facts.max_workgroup_storage < workgroup_bytes {
+            return Some(format!(
+                "workgroup memory is limited to {} bytes, under {workgroup_bytes}",
+                facts.max_workgroup_storage
+            ));
+        }
+        None
     }
 
     /// The families `gpu` can run, in `ALL` order.
@@ -131,21 +169,22 @@ impl KernelFamily {
             .collect()
     }
 
-    /// The families `gpu` can run, the one to beat first: measuring drops a
-    /// family whose first launch already loses to the incumbent's whole run.
-    pub fn incumbent_first(gpu: &Gpu) -> Vec<KernelFamily> {
-        Self::incumbent_first_on(&AdapterFacts::of(gpu))
+    /// The families measured on `gpu` for weights stored as `dtype`, the one
+    /// to beat first: measuring drops a family whose first launch already
+    /// loses to the incumbent's whole run.
+    pub fn incumbent_first(gpu: &Gpu, dtype: WeightDtype) -> Vec<KernelFamily> {
+        Self::incumbent_first_on(&AdapterFacts::of(gpu), dtype)
     }
 
-    /// `incumbent_first` for an adapter with these facts.
-    pub fn incumbent_first_on(facts: &AdapterFacts) -> Vec<KernelFamily> {
+    /// `incumbent_first` for an adapter with these facts. The half family
+    /// is measured only for f16 weights: f32 weights ask for f32 precision,
+    /// which f16 arithmetic would give up whenever it measured faster.
+    pub fn incumbent_first_on(facts: &AdapterFacts, dtype: WeightDtype) -> Vec<KernelFamily> {
         let incumbent = Self::default_on(facts);
         std::iter::once(incumbent)
-            .chain(
-                Self::supported_on(facts)
-                    .into_iter()
-                    .filter(|f| *f != incumbent),
-            )
+            .chain(Self::supported_on(facts).into_iter().filter(|&family| {
+                family != incumbent && (family != KernelFamily::Half || dtype == WeightDtype::F16)
+            }))
             .collect()
     }
 
@@ -198,6 +237,8 @@ pub struct AdapterFacts {
     pub max_workgroup_storage: u32,
     /// Whether the device was created with timestamp queries.
     pub timestamps: bool,
+    /// Whether the device was created with f16 arithmetic (`SHADER_F16`).
+    pub shader_f16: bool,
 }
 
 impl AdapterFacts {
@@ -210,6 +251,7 @@ impl AdapterFacts {
             max_invocations_per_workgroup: gpu.limits.max_compute_invocations_per_workgroup,
             max_workgroup_storage: gpu.limits.max_compute_workgroup_storage_size,
             timestamps: gpu.timestamps,
+            shader_f16: gpu.shader_f16,
         }
     }
 }
@@ -252,6 +294,7 @@ impl KernelMode {
 #[cfg(test)]
 mod tests {
     use super::{AdapterFacts, KernelFamily, KernelMode};
+    use crate::dtype::WeightDtype;
 
     /// An adapter of `device_type` whose subgroups hold `min` to `max`
     /// invocations, with wgpu's default limits.
@@ -264,6 +307,7 @@ mod tests {
             max_invocations_per_workgroup: 256,
             max_workgroup_storage: 16384,
             timestamps: true,
+            shader_f16: true,
         }
     }
 
@@ -306,8 +350,11 @@ mod tests {
             for (min, max) in [(4, 4), (8, 8), (8, 32), (32, 32), (32, 64), (64, 64)] {
                 let facts = adapter(device_type, min, max);
                 assert_eq!(KernelFamily::default_on(&facts), KernelFamily::Tiled);
-                let order = KernelFamily::incumbent_first_on(&facts);
-                assert_eq!(order[0], KernelFamily::Tiled, "{facts:?}");
+                for dtype in [WeightDtype::F32, WeightDtype::F16] {
+                    let order = KernelFamily::incumbent_first_on(&facts, dtype);
+                    assert_eq!(order[0], KernelFamily::Tiled, "{facts:?}");
+                    assert!(!order[1..].contains(&KernelFamily::Tiled));
+                }
             }
             // Without the tiled family's limits the portable one stands in.
             let small = AdapterFacts {
@@ -325,6 +372,52 @@ mod tests {
             KernelFamily::default_on(&adapter(Cpu, 4, 4)),
             KernelFamily::Portable
         );
+    }
+
+    #[test]
+    fn the_larger_and_half_families_are_challengers_where_the_adapter_allows() {
+        use KernelFamily::{Blocked, Half, Portable, Subgroup8, Tiled};
+        use wgpu::DeviceType::{Cpu, DiscreteGpu};
+        let gpu = adapter(DiscreteGpu, 32, 32);
+        // f16 arithmetic only for f16 weights, and never the incumbent.
+        assert_eq!(
+            KernelFamily::incumbent_first_on(&gpu, WeightDtype::F16),
+            [Tiled, Portable, Subgroup8, Blocked, Half]
+        );
+        assert_eq!(
+            KernelFamily::incumbent_first_on(&gpu, WeightDtype::F32),
+            [Tiled, Portable, Subgroup8, Blocked]
+        );
+        // llvmpipe at 256-bit vectors: the subgroup kernels first.
+        assert_eq!(
+            KernelFamily::incumbent_first_on(&adapter(Cpu, 8, 8), WeightDtype::F16)[0],
+            Subgroup8
+        );
+        // Without SHADER_F16 there is no half family.
+        let no_f16 = AdapterFacts {
+            shader_f16: false,
+            ..gpu.clone()
+        };
+        let reason = Half.unsupported_on(&no_f16).expect("refused");
+        assert!(reason.contains("SHADER_F16"), "{reason}");
+        assert!(Blocked.unsupported_on(&no_f16).is_none());
+        // The blocked tiles need 12 KiB of workgroup memory; wgpu's default
+        // 16 KiB holds them, 8 KiB holds only the tiled ones.
+        let small = AdapterFacts {
+            max_workgroup_storage: 8192,
+            ..gpu.clone()
+        };
+        assert!(Tiled.unsupported_on(&small).is_none());
+        assert!(Half.unsupported_on(&small).is_none());
+        let reason = Blocked.unsupported_on(&small).expect("refused");
+        assert!(reason.contains("under 12288"), "{reason}");
+        let narrow = AdapterFacts {
+            max_invocations_per_workgroup: 128,
+            ..gpu
+        };
+        for family in [Tiled, Blocked, Half] {
+            assert!(family.unsupported_on(&narrow).is_some(), "{family}");
+        }
     }
 
     #[test]

@@ -156,7 +156,10 @@ impl LayerNorm {
         // Without a residual the kernel never touches binding 2.
         let residual = operands.residual.unwrap_or(&self.no_residual);
         let kernel = match (family, &self.tiled) {
-            (KernelFamily::Tiled, Some(tiled)) => tiled.get(),
+            // The blocked and half families run the tiled LayerNorm.
+            (KernelFamily::Tiled | KernelFamily::Blocked | KernelFamily::Half, Some(tiled)) => {
+                tiled.get()
+            }
             _ => self.kernel.get(),
         };
         plan.push(

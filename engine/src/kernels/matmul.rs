@@ -65,6 +65,11 @@ pub enum MatmulVariant {
     Subgroups { rows: u32 },
     /// 64x64 tiles in workgroup memory, 256 invocations: `matmul_tiled.wgsl`.
     Tiled,
+    /// `rows` x 64 tiles, register blocks of rows / 16 by 4, f32 arithmetic:
+    /// `matmul_blocked.wgsl` specialized for that height.
+    Blocked { rows: u32 },
+    /// The blocked kernel computing in f16 with f32 accumulators.
+    Half { rows: u32 },
 }
 
 impl MatmulVariant {
@@ -74,6 +79,7 @@ impl MatmulVariant {
             MatmulVariant::General => (128, 64),
             MatmulVariant::Subgroups { rows } => (rows, 64),
             MatmulVariant::Tiled => (64, 64),
+            MatmulVariant::Blocked { rows } | MatmulVariant::Half { rows } => (rows, 64),
         }
     }
 }
@@ -148,6 +154,29 @@ pub fn subgroup_parts(m: usize, tiles: &[u32]) -> Vec<(u32, usize, usize)> {
         .collect()
 }
 
+/// Tile heights of the blocked kernels, shortest first: 2, 4 and 8 rows per
+/// invocation.
+pub const BLOCKED_ROWS: [u32; 3] = [32, 64, 128];
+
+/// Workgroups a blocked multiply should launch so that every compute unit of
+/// a desktop GPU gets work; taller tiles, which reuse each element of B over
+/// more rows, are taken only while they still launch this many.
+pub const FILL_WORKGROUPS: usize = 64;
+
+/// The blocked tile height for an m x n product: the tallest of `tiles` that
+/// launches at least `FILL_WORKGROUPS` workgroups, else the shortest.
+pub fn blocked_rows(m: usize, n: usize, tiles: &[u32]) -> u32 {
+    let columns = n.div_ceil(64).max(1);
+    let launched = |rows: u32| m.max(1).div_ceil(rows as usize) * columns;
+    tiles
+        .iter()
+        .copied()
+        .filter(|&rows| launched(rows) >= FILL_WORKGROUPS)
+        .max()
+        .or_else(|| tiles.iter().copied().min())
+        .expect("at least one tile")
+}
+
 /// Row counts whose `push` dispatches, together, run every subgroup tile:
 /// software adapters compile a pipeline on its first dispatch, so an engine
 /// runs one probe of each length at start-up.
@@ -173,6 +202,30 @@ pub fn tiled_source(dtype: WeightDtype) -> String {
     surf_shaders::with_weights(surf_shaders::MATMUL_TILED, dtype.words())
 }
 
+/// The blocked matmul for weights stored as `dtype`, one source per tile
+/// height of `BLOCKED_ROWS`.
+pub fn blocked_sources(dtype: WeightDtype) -> Vec<(u32, String)> {
+    BLOCKED_ROWS
+        .iter()
+        .map(|&rows| {
+            let source = surf_shaders::specialize(
+                surf_shaders::MATMUL_BLOCKED,
+                &[("ROWS_PER_LANE", rows / 16)],
+            );
+            (rows, surf_shaders::with_weights(&source, dtype.words()))
+        })
+        .collect()
+}
+
+/// The blocked matmul computing in f16, for weights stored as `dtype`, one
+/// source per tile height of `BLOCKED_ROWS`.
+pub fn half_sources(dtype: WeightDtype) -> Vec<(u32, String)> {
+    blocked_sources(dtype)
+        .into_iter()
+        .map(|(rows, source)| (rows, surf_shaders::half_arithmetic(&source)))
+        .collect()
+}
+
 pub struct Matmul {
     dtype: WeightDtype,
     general: LazyKernel,
@@ -180,6 +233,11 @@ pub struct Matmul {
     subgroups: Vec<(u32, LazyKernel)>,
     /// None where the adapter cannot run workgroups of 256.
     tiled: Option<LazyKernel>,
+    /// (rows, pipeline) per blocked tile height, shortest first; empty where
+    /// the adapter cannot run the blocked family.
+    blocked: Vec<(u32, LazyKernel)>,
+    /// The same in f16 arithmetic; empty without `SHADER_F16`.
+    half: Vec<(u32, LazyKernel)>,
 }
 
 impl Matmul {
@@ -196,11 +254,26 @@ impl Matmul {
             .unsupported_reason(gpu)
             .is_none()
             .then(|| LazyKernel::new(gpu, "matmul_tiled", &tiled_source(dtype), &storage));
+        let family_kernels = |family: KernelFamily, label, sources: Vec<(u32, String)>| {
+            if family.unsupported_reason(gpu).is_some() {
+                return Vec::new();
+            }
+            sources
+                .iter()
+                .map(|(rows, source)| (*rows, LazyKernel::new(gpu, label, source, &storage)))
+                .collect()
+        };
         Self {
             dtype,
             general: LazyKernel::new(gpu, "matmul", &general_source(dtype), &storage),
             subgroups,
             tiled,
+            blocked: family_kernels(
+                KernelFamily::Blocked,
+                "matmul_blocked",
+                blocked_sources(dtype),
+            ),
+            half: family_kernels(KernelFamily::Half, "matmul_half", half_sources(dtype)),
         }
     }
 
@@ -220,6 +293,16 @@ impl Matmul {
         if self.tiled.is_some() {
             variants.push(MatmulVariant::Tiled);
         }
+        variants.extend(
+            self.blocked
+                .iter()
+                .map(|&(rows, _)| MatmulVariant::Blocked { rows }),
+        );
+        variants.extend(
+            self.half
+                .iter()
+                .map(|&(rows, _)| MatmulVariant::Half { rows }),
+        );
         variants
     }
 
@@ -295,6 +378,14 @@ impl Matmul {
                 }
             }
             KernelFamily::Tiled if aligned && self.tiled.is_some() => MatmulVariant::Tiled,
+            KernelFamily::Blocked if aligned && !self.blocked.is_empty() => {
+                MatmulVariant::Blocked {
+                    rows: blocked_rows(m, n, &heights(&self.blocked)),
+                }
+            }
+            KernelFamily::Half if aligned && !self.half.is_empty() => MatmulVariant::Half {
+                rows: blocked_rows(m, n, &heights(&self.half)),
+            },
             _ => MatmulVariant::General,
         };
         self.push_chosen(variant, plan, m, n, k, epilogue, operands);
@@ -378,6 +469,21 @@ impl Matmul {
                     .expect("the adapter runs workgroups of 256 for the tiled matmul")
                     .get()
             }
+            MatmulVariant::Blocked { rows } | MatmulVariant::Half { rows } => {
+                assert!(
+                    Self::aligned(n, k, &operands),
+                    "the blocked matmuls need vec4-aligned operands"
+                );
+                let kernels = match variant {
+                    MatmulVariant::Half { .. } => &self.half,
+                    _ => &self.blocked,
+                };
+                kernels
+                    .iter()
+                    .find_map(|(tile, kernel)| (*tile == rows).then_some(kernel))
+                    .unwrap_or_else(|| panic!("no {variant:?} matmul on this adapter"))
+                    .get()
+            }
         };
         let params = MatmulParams {
             m: m as u32,
@@ -400,9 +506,41 @@ impl Matmul {
     }
 }
 
+/// The tile heights of `kernels`.
+fn heights(kernels: &[(u32, LazyKernel)]) -> Vec<u32> {
+    kernels.iter().map(|&(rows, _)| rows).collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{subgroup_parts, subgroup_rows};
+    use super::{BLOCKED_ROWS, FILL_WORKGROUPS, blocked_rows, subgroup_parts, subgroup_rows};
+
+    #[test]
+    fn short_products_get_short_blocked_tiles_so_every_unit_gets_work() {
+        // MiniLM at one sentence: nothing fills the GPU, so the shortest tile.
+        assert_eq!(blocked_rows(16, 384, &BLOCKED_ROWS), 32);
+        // A batch of 32 short sentences (512 rows): the 384-wide products
+        // need 32-row tiles to launch 96 workgroups, the FFN's 1536 columns
+        // fill it with the tallest.
+        assert_eq!(blocked_rows(512, 384, &BLOCKED_ROWS), 32);
+        assert_eq!(blocked_rows(512, 1152, &BLOCKED_ROWS), 128);
+        assert_eq!(blocked_rows(512, 1536, &BLOCKED_ROWS), 128);
+        // In between, the tallest that still fills.
+        assert_eq!(blocked_rows(1024, 384, &BLOCKED_ROWS), 64);
+        assert_eq!(blocked_rows(4096, 384, &BLOCKED_ROWS), 128);
+        for m in [0, 1, 100, 5000] {
+            for n in [4, 384, 4096] {
+                let rows = blocked_rows(m, n, &BLOCKED_ROWS);
+                let launched = m.max(1).div_ceil(rows as usize) * n.div_ceil(64);
+                // The tallest tile that fills, or nothing fills.
+                assert!(launched >= FILL_WORKGROUPS || rows == 32, "m={m} n={n}");
+                if let Some(taller) = BLOCKED_ROWS.iter().find(|&&t| t > rows) {
+                    let taller_launched = m.max(1).div_ceil(*taller as usize) * n.div_ceil(64);
+                    assert!(taller_launched < FILL_WORKGROUPS, "m={m} n={n}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn parts_cover_every_row_once_in_order() {

@@ -10,7 +10,7 @@ struct PoolParams {
     seq: u32,
     hidden: u32,
     mode: u32,
-    _pad: u32,
+    normalize: u32,
 }
 
 pub struct Pool {
@@ -43,11 +43,44 @@ impl Pool {
         lengths: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) {
+        self.push_with(plan, batch, seq, hidden, pooling, false, x, lengths, out);
+    }
+
+    /// Like `push`, then scaling each vector to unit L2 length in the same
+    /// launch (what `Normalize` does in a launch of its own).
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_normalized(
+        &self,
+        plan: &mut DispatchPlan,
+        batch: usize,
+        seq: usize,
+        hidden: usize,
+        pooling: Pooling,
+        x: &wgpu::Buffer,
+        lengths: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
+        self.push_with(plan, batch, seq, hidden, pooling, true, x, lengths, out);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_with(
+        &self,
+        plan: &mut DispatchPlan,
+        batch: usize,
+        seq: usize,
+        hidden: usize,
+        pooling: Pooling,
+        normalize: bool,
+        x: &wgpu::Buffer,
+        lengths: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) {
         let params = PoolParams {
             seq: seq as u32,
             hidden: hidden as u32,
             mode: pooling.code(),
-            _pad: 0,
+            normalize: normalize as u32,
         };
         plan.push(
             &self.kernel,

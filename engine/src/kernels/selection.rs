@@ -119,6 +119,14 @@ impl TunedShape {
 /// same code.
 pub fn kernel_owner(op: TunedOp, k: usize, family: KernelFamily) -> KernelFamily {
     use super::attention::{SUBGROUP_HEAD_DIMS, TILED_HEAD_DIMS};
+    // The blocked and half families have a matmul of their own and run the
+    // tiled family's other kernels.
+    let family = match (op, family) {
+        (TunedOp::Attention | TunedOp::LayerNorm, KernelFamily::Blocked | KernelFamily::Half) => {
+            KernelFamily::Tiled
+        }
+        _ => family,
+    };
     match (op, family) {
         (TunedOp::LayerNorm, KernelFamily::Subgroup8) => KernelFamily::Portable,
         (TunedOp::Attention, KernelFamily::Subgroup8) if !SUBGROUP_HEAD_DIMS.contains(&k) => {
@@ -193,18 +201,24 @@ impl Selection {
     pub fn family(&self, op: TunedOp, rows: usize, k: usize, n: usize) -> KernelFamily {
         match self {
             Selection::Forced(family) => *family,
-            Selection::Tuned { shapes, fallback } => {
-                let distance = |bucket: usize| {
-                    let ratio = rows.max(1) as f64 / bucket.max(1) as f64;
-                    ratio.ln().abs()
-                };
-                shapes
-                    .iter()
-                    .filter(|t| t.shape.op == op && t.shape.k == k && t.shape.n == n)
-                    .min_by(|a, b| distance(a.shape.rows).total_cmp(&distance(b.shape.rows)))
-                    .map_or(*fallback, |t| t.family)
-            }
+            Selection::Tuned { fallback, .. } => self
+                .measured(op, rows, k, n)
+                .map_or(*fallback, |t| t.family),
         }
+    }
+
+    /// The measured shape a launch takes its family from: the nearest row
+    /// bucket of the same op, k and n. `None` when a family is forced or the
+    /// shape was not measured.
+    pub fn measured(&self, op: TunedOp, rows: usize, k: usize, n: usize) -> Option<&TunedShape> {
+        let distance = |bucket: usize| {
+            let ratio = rows.max(1) as f64 / bucket.max(1) as f64;
+            ratio.ln().abs()
+        };
+        self.tuned()
+            .iter()
+            .filter(|t| t.shape.op == op && t.shape.k == k && t.shape.n == n)
+            .min_by(|a, b| distance(a.shape.rows).total_cmp(&distance(b.shape.rows)))
     }
 
     /// The measured shapes, empty when a family is forced.
@@ -247,6 +261,9 @@ mod tests {
         assert_eq!(matmul(255), KernelFamily::Tiled);
         assert_eq!(matmul(300), KernelFamily::Portable);
         assert_eq!(matmul(100_000), KernelFamily::Portable);
+        let taken = selection.measured(TunedOp::Matmul, 300, 384, 1536);
+        assert_eq!(taken.map(|t| t.shape.rows), Some(512));
+        assert!(selection.measured(TunedOp::Matmul, 16, 1536, 384).is_none());
         // Another (k, n), or another op, is not measured: the fallback.
         assert_eq!(
             selection.family(TunedOp::Matmul, 16, 1536, 384),
@@ -264,13 +281,19 @@ mod tests {
 
     #[test]
     fn families_without_a_kernel_of_their_own_share_their_owners() {
-        use KernelFamily::{Portable, Subgroup8, Tiled};
+        use KernelFamily::{Blocked, Half, Portable, Subgroup8, Tiled};
         assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Subgroup8), Portable);
         assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, Tiled), Tiled);
         assert_eq!(kernel_owner(TunedOp::Attention, 32, Subgroup8), Subgroup8);
         assert_eq!(kernel_owner(TunedOp::Attention, 48, Subgroup8), Portable);
         assert_eq!(kernel_owner(TunedOp::Attention, 48, Tiled), Portable);
         assert_eq!(kernel_owner(TunedOp::Matmul, 384, Tiled), Tiled);
+        for family in [Blocked, Half] {
+            assert_eq!(kernel_owner(TunedOp::Matmul, 384, family), family);
+            assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, family), Tiled);
+            assert_eq!(kernel_owner(TunedOp::Attention, 64, family), Tiled);
+            assert_eq!(kernel_owner(TunedOp::Attention, 48, family), Portable);
+        }
     }
 
     #[test]
@@ -326,6 +349,7 @@ mod tests {
             max_invocations_per_workgroup: 1024,
             max_workgroup_storage: 49152,
             timestamps: true,
+            shader_f16: true,
         };
         let incumbent = KernelFamily::default_on(&gpu);
         assert_eq!(incumbent, Tiled);

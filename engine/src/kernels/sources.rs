@@ -17,7 +17,7 @@ pub struct KernelSource {
     /// The pipeline's label, then what distinguishes this variant.
     pub name: String,
     /// Features a device must have to compile it (`SUBGROUP` for the
-    /// subgroup8 family).
+    /// subgroup8 family, `SHADER_F16` for the half family).
     pub features: wgpu::Features,
     /// Downlevel capabilities it needs: `SHADER_F16_IN_F32` for the
     /// `unpack2x16float` that reads f16 weights (core WebGPU, but absent from
@@ -63,6 +63,20 @@ pub fn every_source() -> Vec<KernelSource> {
             plain,
             matmul::tiled_source(dtype),
         ));
+        for (rows, text) in matmul::blocked_sources(dtype) {
+            sources.push(source(
+                format!("matmul_blocked rows={rows} {dtype}"),
+                plain,
+                text,
+            ));
+        }
+        for (rows, text) in matmul::half_sources(dtype) {
+            sources.push(source(
+                format!("matmul_half rows={rows} {dtype}"),
+                wgpu::Features::SHADER_F16,
+                text,
+            ));
+        }
         sources.push(source(
             format!("layernorm {dtype}"),
             plain,
@@ -128,6 +142,10 @@ mod tests {
             "matmul f32",
             "matmul_subgroups rows=128 f16",
             "matmul_tiled f16",
+            "matmul_blocked rows=32 f32",
+            "matmul_blocked rows=128 f16",
+            "matmul_half rows=64 f32",
+            "matmul_half rows=128 f16",
             "layernorm_tiled f32",
             "attention_tiled head_dim=64",
             "attention_subgroups head_dim=32",
@@ -154,6 +172,12 @@ mod tests {
             assert_eq!(
                 s.features.contains(wgpu::Features::SUBGROUP),
                 uses_subgroups,
+                "{}",
+                s.name
+            );
+            assert_eq!(
+                s.features.contains(wgpu::Features::SHADER_F16),
+                s.text.starts_with("enable f16;"),
                 "{}",
                 s.name
             );

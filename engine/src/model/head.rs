@@ -232,7 +232,16 @@ impl Head {
         hidden: usize,
     ) -> &'b wgpu::Buffer {
         let batch = cx.batch;
-        cx.kernels.pool.push(
+        // Without projections the pooled vectors are the outputs, and the
+        // pooling launch normalises them itself.
+        let projects = self.buffer.is_some() && !self.projections.is_empty();
+        let pool = if self.normalize && !projects {
+            crate::kernels::pool::Pool::push_normalized
+        } else {
+            crate::kernels::pool::Pool::push
+        };
+        pool(
+            &cx.kernels.pool,
             plan,
             batch.sequences,
             batch.seq_len,
@@ -242,6 +251,9 @@ impl Head {
             &batch.lengths,
             &batch.pooled,
         );
+        if !projects {
+            return &batch.pooled;
+        }
         let (mut current, mut other) = (&batch.pooled, &batch.projected);
         if let Some(weights) = &self.buffer {
             for (linear, activation) in &self.projections {
