@@ -226,13 +226,19 @@ async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
         Err(e) => Err(e),
     }
     .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    // Summed over the label sets, one per model.
     let value = |name: &str| {
-        text.lines()
-            .find_map(|line| {
+        let values: Vec<f64> = text
+            .lines()
+            .filter_map(|line| {
                 let mut fields = line.split_whitespace();
-                (fields.next() == Some(name)).then(|| fields.next()?.parse::<f64>().ok())?
+                let series = fields.next()?;
+                let bare = series.split_once('{').map_or(series, |(bare, _)| bare);
+                (bare == name).then(|| fields.next()?.parse::<f64>().ok())?
             })
-            .unwrap_or_else(|| panic!("/metrics has no value for {name}"))
+            .collect();
+        assert!(!values.is_empty(), "/metrics has no value for {name}");
+        values.iter().sum::<f64>()
     };
     (value("surf_batch_size_sum"), value("surf_batch_size_count"))
 }

@@ -43,6 +43,8 @@ pub enum Error {
     Tokenizer { path: PathBuf, message: String },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("no model is named `{name}`; the models served are: {}", known.join(", "))]
+    UnknownModel { name: String, known: Vec<String> },
     #[error("prompt `{name}` is not defined; this model's prompts: {available}")]
     UnknownPrompt { name: String, available: String },
     #[error("{path}: {problem}")]
@@ -122,6 +124,7 @@ impl Error {
             | Error::Unsupported { .. }
             | Error::Tokenizer { .. }
             | Error::InvalidInput(_)
+            | Error::UnknownModel { .. }
             | Error::UnknownPrompt { .. }
             | Error::InputFile { .. }
             | Error::KernelFamily { .. }

@@ -3,12 +3,14 @@
 //! wgpu. It owns the device (`gpu`), one launcher per WGSL kernel
 //! (`kernels`), the model layer, one file per family (`model`), weight
 //! loading (`weights`), the
-//! tokenizer set-up (`tokenize`), the public [`Engine`] and the request queue
-//! that merges concurrent callers into batches (`queue`).
+//! tokenizer set-up (`tokenize`), the public [`Engine`], several engines
+//! sharing one GPU budget ([`Engines`]) and the request queue that merges
+//! concurrent callers into batches and picks the model to run next (`queue`).
 
 pub mod config;
 pub mod dtype;
 pub mod engine;
+pub mod engines;
 pub mod error;
 pub mod gpu;
 pub mod kernels;
@@ -29,11 +31,12 @@ pub use dtype::WeightDtype;
 pub use engine::{
     ClassifierInput, Embedding, Engine, EngineBuilder, ModelKind, Prediction, Prompt, ScoreOptions,
 };
+pub use engines::{Engines, EnginesBuilder, NamedEngine, Residency};
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::Gpu;
 pub use model::{BertConfig, Family, ModelConfig};
 pub use paging::{Eviction, PagerConfig, VramBudget};
-pub use queue::{BatchLimits, EmbedQueue, Embedded, QueueError, Ticket};
+pub use queue::{BatchLimits, EmbedQueue, Embedded, Fairness, QueueError, Ticket};
 pub use source::{LocalSource, RemoteSource, WeightSource};
 pub use stats::{CacheInfo, InferenceStats};
 pub use tokenize::{Tokens, Truncation};

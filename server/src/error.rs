@@ -68,6 +68,8 @@ pub enum Error {
     },
     #[error("nothing to serve: give --model DIR, or --upstream ADDR with --upstream-cert PEM")]
     NoOrigin,
+    #[error("{0}")]
+    Config(String),
     #[error("{url} is not a Redis URL the server can use (redis://HOST:PORT[/DB]): {detail}")]
     RedisUrl { url: String, detail: String },
     #[error("the task loading the model failed: {0}")]
@@ -95,7 +97,7 @@ impl Error {
             // A wrong token, certificate or dtype for the upstream is the
             // user's to fix; an upstream that is down is not.
             Error::Upstream { source, .. } => source.is_bad_input(),
-            Error::RedisUrl { .. } | Error::NoOrigin => true,
+            Error::RedisUrl { .. } | Error::NoOrigin | Error::Config(_) => true,
             Error::SelfSigned(_) | Error::LoadTask(_) => false,
         }
     }

@@ -30,6 +30,8 @@ pub struct UpstreamConfig {
     /// Certificates to pin (the origin's `--cert-out`, or its chain's root).
     pub trusted_certs: Vec<CertificateDer<'static>>,
     pub token: Option<String>,
+    /// The upstream's model to serve, by its name there; `None`: its first.
+    pub model: Option<String>,
 }
 
 impl UpstreamConfig {
@@ -38,6 +40,7 @@ impl UpstreamConfig {
             servers,
             trusted_certs,
             token: None,
+            model: None,
         }
     }
 }
@@ -65,6 +68,7 @@ impl Origin {
                     ClientConfig::new(upstream.servers.clone(), upstream.trusted_certs.clone());
                 client_config.token = upstream.token.clone();
                 client_config.weight_dtype = weight_dtype;
+                client_config.model = upstream.model.clone();
                 let client = WeightClient::connect(client_config)
                     .await
                     .map_err(|source| Error::Upstream {

@@ -1,6 +1,7 @@
 //! `surf http` as a user runs it: a graceful stop that answers the requests
 //! in flight, a service streaming its weights from `surf serve` under a
-//! two-layer budget, and the official `openai` Python client.
+//! two-layer budget, a local model and one named on a two-model weight
+//! server served side by side, and the official `openai` Python client.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -141,13 +142,21 @@ fn reference(path: &Path) -> Vec<(String, Vec<f64>)> {
 }
 
 /// Reads one unlabelled sample from a metrics exposition.
+/// The value of `name`, summed over its label sets (one per model).
 fn sample(metrics: &str, name: &str) -> f64 {
-    let prefix = format!("{name} ");
-    metrics
+    let values: Vec<f64> = metrics
         .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from\n{metrics}"))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .collect();
+    assert!(!values.is_empty(), "{name} missing from\n{metrics}");
+    values.iter().sum()
 }
 
 #[test]
@@ -407,6 +416,89 @@ fn the_xlm_roberta_fixture_through_the_service_matches_sentence_transformers() {
             .map(|x| x.as_f64().expect("a number"))
             .collect();
         assert!(cosine(&vector, &expected[1].1) >= 0.9999);
+    });
+}
+
+/// `surf serve` with two models and `surf http` serving one of them by name
+/// beside a local folder, under one VRAM budget: the models are listed,
+/// each answers by its name, and a name not served is 404.
+#[test]
+fn a_service_of_a_local_model_and_one_named_on_a_two_model_weight_server() {
+    if !has_gpu() {
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("a temp dir");
+    let cert = scratch.path().join("server.pem");
+    let mini = format!("mini={}", model_dir().display());
+    let xlmr = format!("xlmr={}", surf_tests::fixture_dir("xlmr").display());
+    let (_weights, weight_addr) = start(
+        &[
+            "serve",
+            "--model",
+            &mini,
+            "--model",
+            &xlmr,
+            "--listen",
+            "127.0.0.1:0",
+            "--cert-out",
+            cert.to_str().expect("a UTF-8 path"),
+        ],
+        "listening on ",
+    );
+    let local = format!("local={}", model_dir().display());
+    let (_service, base) = start_http(&[
+        "--model",
+        &local,
+        "--server",
+        &weight_addr,
+        "--server-cert",
+        cert.to_str().expect("a UTF-8 path"),
+        "--serve-model",
+        "xlmr",
+        "--dtype",
+        "f16",
+        "--vram-budget-mb",
+        "64",
+        "--host-cache-mb",
+        "16",
+    ]);
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let models: Value = client
+            .get(format!("{base}/v1/models"))
+            .send()
+            .await
+            .expect("models")
+            .json()
+            .await
+            .expect("JSON");
+        let ids: Vec<&str> = models["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        assert_eq!(ids, ["local", "xlmr"], "{models}");
+        for (model, dimension) in [("local", 384), ("xlmr", 96)] {
+            let (status, body) = post(
+                &client,
+                format!("{base}/v1/embeddings"),
+                json!({ "model": model, "input": ["Weights surf in over QUIC."] }),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["model"], model);
+            let vector = body["data"][0]["embedding"].as_array().expect("a vector");
+            assert_eq!(vector.len(), dimension, "{model}");
+        }
+        let (status, body) = post(
+            &client,
+            format!("{base}/v1/embeddings"),
+            json!({ "model": "mini", "input": "served by the weight server, not here" }),
+        )
+        .await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(body["error"]["code"], "model_not_found");
     });
 }
 

@@ -571,17 +571,24 @@ async fn requests_over_the_concurrency_limit_are_refused_at_once() {
     assert_eq!(status, StatusCode::OK);
 }
 
-/// Reads `name_sum` and `name_count` from a metrics exposition.
+/// Reads `name_sum` and `name_count` from a metrics exposition, summed
+/// over every label set (one per model).
 fn histogram_mean(metrics: &str, name: &str) -> f64 {
     let value = |suffix: &str| -> f64 {
-        let prefix = format!("{name}_{suffix} ");
-        metrics
+        let series = format!("{name}_{suffix}");
+        let values: Vec<f64> = metrics
             .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("{name}_{suffix} missing"))
-            .trim()
-            .parse()
-            .expect("a number")
+            .filter_map(|line| {
+                let rest = line.strip_prefix(&series)?;
+                let value = match rest.strip_prefix('{') {
+                    Some(labelled) => labelled.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .collect();
+        assert!(!values.is_empty(), "{series} missing");
+        values.iter().sum()
     };
     value("sum") / value("count")
 }

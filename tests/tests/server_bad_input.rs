@@ -40,6 +40,7 @@ async fn raw_hello(
     let hello = Hello {
         token: token.map(str::to_owned),
         weight_dtype: surf_transport::Dtype::F32,
+        model: None,
     };
     let frame = wire::encode_handshake_frame("hello", version, &hello, limits::HELLO)
         .expect("hello encodes");

@@ -258,6 +258,7 @@ impl Error {
             | Error::NoServers
             | Error::Bind { .. }
             | Error::VersionMismatch { .. }
+            | Error::Refused(Refusal::UnknownModel { .. })
             | Error::DtypeUnavailable { .. }
             | Error::UnknownComponent { .. }
             | Error::UnknownTensor { .. }

@@ -22,8 +22,9 @@ use crate::manifest::{Dtype, Manifest};
 
 /// Version of the messages below; bump it whenever they change.
 /// v2: `Hello` states the weight dtype wanted, the manifest the one served.
-/// v3: the word table leaves the `embeddings` component for the manifest's
-/// row tables, read by rows ([`ObjectRef::Rows`], [`ObjectRef::RowHashes`]).
+/// v3: `Hello` names the model wanted, of those a server serves; the word
+/// table leaves the `embeddings` component for the manifest's row tables,
+/// read by rows ([`ObjectRef::Rows`], [`ObjectRef::RowHashes`]).
 pub const PROTOCOL_VERSION: u32 = 3;
 /// TLS application protocol name: only surf peers complete a handshake.
 pub const ALPN: &[u8] = b"surf-weights";
@@ -53,6 +54,7 @@ pub mod close_code {
     pub const SHUTTING_DOWN: u32 = 4;
     pub const UNRESPONSIVE: u32 = 5;
     pub const DTYPE_UNAVAILABLE: u32 = 6;
+    pub const UNKNOWN_MODEL: u32 = 7;
 }
 
 /// Application codes for resetting or stopping one stream.
@@ -68,6 +70,9 @@ pub struct Hello {
     /// The dtype the client wants float weights in; a server that serves
     /// another refuses with [`Refusal::DtypeUnavailable`].
     pub weight_dtype: Dtype,
+    /// The model wanted, by the name the server gives it; `None` asks for
+    /// the server's first model.
+    pub model: Option<String>,
 }
 
 impl fmt::Debug for Hello {
@@ -76,6 +81,7 @@ impl fmt::Debug for Hello {
         f.debug_struct("Hello")
             .field("token", &token)
             .field("weight_dtype", &self.weight_dtype)
+            .field("model", &self.model)
             .finish()
     }
 }
@@ -98,6 +104,12 @@ pub enum Refusal {
     /// The server serves its weights in another dtype than the one asked for.
     #[error("{}", dtype_unavailable(*requested, *served))]
     DtypeUnavailable { requested: Dtype, served: Dtype },
+    /// The server serves no model of the name asked for.
+    #[error("the server serves no model named `{requested}`; it serves: {}", served.join(", "))]
+    UnknownModel {
+        requested: String,
+        served: Vec<String>,
+    },
 }
 
 fn dtype_unavailable(requested: Dtype, served: Dtype) -> String {
@@ -449,6 +461,7 @@ mod tests {
         let hello = Hello {
             token: Some("secret".into()),
             weight_dtype: Dtype::F16,
+            model: Some("mini".into()),
         };
         let frame = encode_handshake_frame("hello", 42, &hello, limits::HELLO).expect("encodes");
         let mut reader = frame.as_slice();
@@ -474,6 +487,7 @@ mod tests {
         let hello = Hello {
             token: Some("hunter2".into()),
             weight_dtype: Dtype::F32,
+            model: None,
         };
         assert!(!format!("{hello:?}").contains("hunter2"));
     }

@@ -274,10 +274,16 @@ fn valid_messages_survive_the_round_trip(cases: u32) {
             end,
         }),
         fetch_reply(),
-        (proptest::option::of(name()), dtype()).prop_map(|(token, weight_dtype)| Hello {
-            token,
-            weight_dtype,
-        }),
+        (
+            proptest::option::of(name()),
+            dtype(),
+            proptest::option::of(name()),
+        )
+            .prop_map(|(token, weight_dtype, model)| Hello {
+                token,
+                weight_dtype,
+                model,
+            }),
     );
     check(cases, strategy, |(request, reply, hello)| {
         block_on(async {

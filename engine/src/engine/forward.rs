@@ -20,9 +20,14 @@ impl Engine {
     }
 
     /// Records the embedding sum.
-    fn record_embeddings(&self, plan: &mut DispatchPlan, batch: &BatchBuffers) {
+    fn record_embeddings(
+        &self,
+        plan: &mut DispatchPlan,
+        batch: &BatchBuffers,
+        pinned: &wgpu::Buffer,
+    ) {
         self.architecture
-            .record_embeddings(&self.recorder(batch), plan, &self.pinned);
+            .record_embeddings(&self.recorder(batch), plan, pinned);
     }
 
     /// Records layer `index`, whose packed weights are in `weights`.
@@ -43,9 +48,10 @@ impl Engine {
         &'b self,
         plan: &mut DispatchPlan,
         batch: &'b BatchBuffers,
+        pinned: &wgpu::Buffer,
     ) -> &'b wgpu::Buffer {
         let cx = self.recorder(batch);
-        let states = self.architecture.record_final(&cx, plan, &self.pinned);
+        let states = self.architecture.record_final(&cx, plan, pinned);
         self.head.record(&cx, plan, states, self.dims.hidden)
     }
 
@@ -136,6 +142,10 @@ impl Engine {
         let Some(scratch) = state.pager.empty_slot_buffer() else {
             return Ok(());
         };
+        let pinned = state
+            .pinned
+            .clone()
+            .ok_or_else(|| Error::Gpu("the pinned weights are not in GPU memory".into()))?;
         // The matmul picks its tile heights from the row count; these probes
         // reach every one of them.
         let lengths = crate::kernels::matmul::PRIMING_ROWS
@@ -151,12 +161,12 @@ impl Engine {
                 return Err(Error::Gpu("no activation buffers".into()));
             };
             let mut plan = DispatchPlan::new(&self.gpu);
-            self.record_embeddings(&mut plan, batch);
+            self.record_embeddings(&mut plan, batch, &pinned);
             // Layer 1 where there is one: a pre-norm family's later layers
             // run the residual-adding variant of their first norm.
             let layer = 1.min(self.dims.layers - 1);
             self.record_layer(&mut plan, layer, &scratch, batch);
-            self.record_head(&mut plan, batch);
+            self.record_head(&mut plan, batch, &pinned);
             plan.submit(&self.gpu);
         }
         self.gpu.wait_idle()?;
@@ -181,6 +191,11 @@ impl Engine {
         let Some(batch) = state.workspace.as_ref() else {
             return Err(Error::Gpu("no activation buffers".into()));
         };
+        let Some(pinned) = state.pinned.as_ref() else {
+            return Err(Error::Gpu(
+                "the pinned weights are not in GPU memory".into(),
+            ));
+        };
 
         let pager = &mut state.pager;
         let bindings = &mut state.bindings;
@@ -191,7 +206,7 @@ impl Engine {
         let paging = pager.capacity() < pager.layers();
         let mut plan = DispatchPlan::new(&self.gpu);
         let mut recorded: Vec<usize> = Vec::new();
-        self.record_embeddings(&mut plan, batch);
+        self.record_embeddings(&mut plan, batch, pinned);
         // Fetches start before the embeddings are computed, the first layer
         // first, so that the weight stream never waits for the GPU.
         pager.prefetch_from(0);
@@ -217,7 +232,7 @@ impl Engine {
             }
         }
         pager.end_pass();
-        let outputs = self.record_head(&mut plan, batch);
+        let outputs = self.record_head(&mut plan, batch, pinned);
         let mut encoder = self
             .gpu
             .device

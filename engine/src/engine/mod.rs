@@ -48,6 +48,7 @@ mod builder;
 mod forward;
 mod in_flight;
 mod rerank;
+mod residency;
 pub use rerank::{
     ClassifierInput, ModelKind, Prediction, ScoreOptions, activate, label_scores, rank,
 };
@@ -57,6 +58,10 @@ pub use builder::{EngineBuilder, kernel_mode_from_env};
 /// What one inference call needs exclusively.
 struct RunState {
     workspace: Option<BatchBuffers>,
+    /// The pinned weights the kernels read (position and type tables,
+    /// norms); `None` while the model is idle and gave them up to another
+    /// model sharing the GPU (see `residency`).
+    pinned: Option<wgpu::Buffer>,
     /// The second set of activation buffers and the read-back buffers, so
     /// that a batch is submitted while the one before it runs.
     turns: in_flight::TakingTurns,
@@ -103,8 +108,9 @@ pub struct Engine {
     tokenizer: TextTokenizer,
     kernels: Kernels,
     architecture: Arc<dyn Architecture>,
-    /// The pinned weights the kernels read: position and type tables, norms.
-    pinned: wgpu::Buffer,
+    /// The packed pinned weights, kept on the host so that they can be
+    /// uploaded again after the model gave its GPU copy up.
+    pinned_host: Vec<u8>,
     words: WordTable,
     relative_bias: Option<RelativeBias>,
     rotary: Option<RotaryTables>,
@@ -116,6 +122,9 @@ pub struct Engine {
     revision: Option<String>,
     state: Mutex<RunState>,
     stats: Mutex<StatsState>,
+    /// GPU bytes held for weights after the last batch or change of
+    /// holding, readable without waiting for a batch to end.
+    vram_in_use: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -159,6 +168,7 @@ impl Engine {
         gpu.check_binding_size("the pinned weights", packed.bytes().len() as u64)?;
         let pinned = gpu.storage_buffer_with("pinned weights", packed.bytes());
         let relative_bias = architecture.relative_bias(fetched.tensors.as_ref())?;
+        let pinned_host = packed.bytes().to_vec();
         let rotary = architecture.rotary();
         let words = WordTable {
             name: architecture.word_table(fetched.tensors.as_ref()),
@@ -176,7 +186,7 @@ impl Engine {
             }
             None => Head::load(&gpu, &spec, None, dtype)?,
         };
-        let pinned_bytes = pinned.size() + head.bytes();
+        let pinned_bytes = pinned_host.len() as u64 + head.bytes();
         let mut pager = Pager::new(
             gpu.clone(),
             Arc::clone(&source),
@@ -210,7 +220,7 @@ impl Engine {
             tokenizer,
             kernels,
             architecture,
-            pinned,
+            pinned_host,
             words,
             relative_bias,
             rotary,
@@ -222,14 +232,17 @@ impl Engine {
             revision: source.revision(),
             state: Mutex::new(RunState {
                 workspace: None,
+                pinned: Some(pinned),
                 turns: in_flight::TakingTurns::default(),
                 pager,
                 bindings: BindingCache::default(),
             }),
             stats: Mutex::new(StatsState::default()),
+            vram_in_use: std::sync::atomic::AtomicU64::new(0),
         };
         let mut state = engine.state()?;
         engine.prime_pipelines(&mut state)?;
+        engine.note_vram(&state);
         drop(state);
         engine.gpu.save_pipeline_cache();
         tracing::info!(
@@ -494,7 +507,7 @@ impl Engine {
     /// Bytes of the pinned weights in GPU memory (position and type tables,
     /// norms, the head); the word table stays on the host.
     pub fn pinned_bytes(&self) -> u64 {
-        self.pinned.size() + self.head.bytes()
+        self.pinned_host.len() as u64 + self.head.bytes()
     }
 
     /// Refuses inputs the model cannot run: empty or longer than its limit,
@@ -538,11 +551,14 @@ impl Engine {
 
         let mut results: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
         let mut state = self.state()?;
-        let outcome = self.run_sorted(&mut state, inputs, &order, &mut results);
+        let outcome = self
+            .ensure_pinned(&mut state)
+            .and_then(|()| self.run_sorted(&mut state, inputs, &order, &mut results));
         let counters = state.pager.counters;
         if outcome.is_err() {
             Self::discard_gpu_state(&mut state);
         }
+        self.note_vram(&state);
         drop(state);
         let mut stats = self.stats();
         stats.paging = counters;

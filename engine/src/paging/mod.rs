@@ -8,6 +8,7 @@
 pub mod host_policy;
 pub mod policy;
 pub mod schedule;
+pub mod shared;
 pub mod watch;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -377,6 +378,34 @@ impl Pager {
         self.wait_uploads()?;
         self.staging = Staging::new(&self.gpu, self.slot_bytes, self.prefetch);
         Ok(())
+    }
+
+    /// Frees every slot buffer and the staging chunks, keeping the host
+    /// cache and the fetches in flight: what a model gives up when another
+    /// needs the GPU memory it holds. The capacity stays; the slots are
+    /// allocated again as layers are placed.
+    pub fn release_slots(&mut self) -> Result<()> {
+        self.policy.clear();
+        for slot in &mut self.slots {
+            *slot = None;
+        }
+        self.arrived.clear();
+        self.wait_uploads()?;
+        self.staging = Staging::new(&self.gpu, self.slot_bytes, self.prefetch);
+        self.sync_counters();
+        Ok(())
+    }
+
+    /// Sets the bytes of pinned weights the GPU holds beside the slots, when
+    /// the engine gives its pinned tables up or uploads them again.
+    pub fn set_pinned_bytes(&mut self, bytes: u64) {
+        self.pinned_bytes = bytes;
+    }
+
+    /// Layers in host memory for this pager: the host cache and what the
+    /// prefetch window parked.
+    pub fn host_layers_held(&self) -> usize {
+        self.host.len()
     }
 
     /// Forgets every layer in GPU memory and frees the slot buffers, and

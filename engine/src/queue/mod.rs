@@ -10,7 +10,14 @@
 //! dropped) is dropped before it takes room in a batch. A failed batch fails
 //! the requests in it, and only those, with a typed [`QueueError`]; the engine
 //! rebuilds its GPU state before the next batch.
+//!
+//! The queue can front several models ([`Engines`]): each has its own queue
+//! of inputs and its own batches, and the one engine thread runs the batch
+//! of the model [`pick`] chooses, so that no model waits past the bound of
+//! [`Fairness`] and, short of that, a model whose weights are resident goes
+//! first.
 
+pub mod pick;
 pub mod plan;
 
 use std::panic::AssertUnwindSafe;
@@ -21,8 +28,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;
+use crate::engines::Engines;
 use crate::error::Error;
 use crate::tokenize::Tokens;
+pub use pick::Fairness;
+use pick::{LaneView, next_lane};
 use plan::BatchPlan;
 pub use plan::{BatchLimits, BatchShape};
 
@@ -59,10 +69,12 @@ pub struct Embedded {
 /// One batch, as [`BatchObserver`]s see it.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchReport {
+    /// The model the batch ran on, as indexed in the queue's [`Engines`].
+    pub model: usize,
     pub shape: BatchShape,
     pub elapsed: Duration,
     pub failed: bool,
-    /// Inputs still waiting when the batch started.
+    /// Inputs still waiting when the batch started, for every model.
     pub waiting: usize,
 }
 
@@ -174,16 +186,51 @@ struct Piece {
     tokens: Tokens,
 }
 
-struct State {
+/// One model's waiting inputs.
+struct Lane {
     plan: BatchPlan<Piece>,
+    /// When its last batch started.
+    last_served: Option<Instant>,
+}
+
+struct State {
+    lanes: Vec<Lane>,
     closed: bool,
     health: QueueHealth,
+    /// Recent batch run time, smoothed: how long the next batch will make
+    /// the others wait.
+    batch_time: Duration,
+}
+
+impl State {
+    fn waiting(&self) -> usize {
+        self.lanes.iter().map(|lane| lane.plan.len()).sum()
+    }
+
+    /// The lanes as [`pick::next_lane`] sees them at `now`.
+    fn views(&self, now: Instant, resident: &[f64]) -> Vec<LaneView> {
+        self.lanes
+            .iter()
+            .zip(resident)
+            .map(|(lane, &resident)| LaneView {
+                oldest_wait: lane
+                    .plan
+                    .oldest()
+                    .map(|piece| now.saturating_duration_since(piece.request.submitted)),
+                resident,
+                since_served: lane
+                    .last_served
+                    .map_or(Duration::MAX, |at| now.saturating_duration_since(at)),
+            })
+            .collect()
+    }
 }
 
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
     observer: Option<BatchObserver>,
+    fairness: Fairness,
 }
 
 impl Shared {
@@ -192,9 +239,9 @@ impl Shared {
     }
 }
 
-/// The queue in front of one engine, and its engine thread.
+/// The queue in front of one engine or several, and its engine thread.
 pub struct EmbedQueue {
-    engine: Arc<Engine>,
+    engines: Arc<Engines>,
     shared: Arc<Shared>,
     engine_thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -207,12 +254,27 @@ impl EmbedQueue {
         limits: BatchLimits,
         observer: Option<BatchObserver>,
     ) -> Result<Self, Error> {
-        let longest = engine.spec().max_seq_length;
-        if limits.max_batch_tokens < longest {
-            return Err(Error::InvalidInput(format!(
-                "max_batch_tokens is {} but one input may have {longest} tokens",
-                limits.max_batch_tokens
-            )));
+        let name = engine.model_id().to_string();
+        let engines = Arc::new(Engines::single(name, engine)?);
+        Self::start_models(engines, limits, Fairness::default(), observer)
+    }
+
+    /// Starts one engine thread for several models: each keeps its own
+    /// batches under `limits`, and `fairness` bounds how long any waits.
+    pub fn start_models(
+        engines: Arc<Engines>,
+        limits: BatchLimits,
+        fairness: Fairness,
+        observer: Option<BatchObserver>,
+    ) -> Result<Self, Error> {
+        for model in engines.models() {
+            let longest = model.engine.spec().max_seq_length;
+            if limits.max_batch_tokens < longest {
+                return Err(Error::InvalidInput(format!(
+                    "max_batch_tokens is {} but one input of {} may have {longest} tokens",
+                    limits.max_batch_tokens, model.name
+                )));
+            }
         }
         if limits.max_batch_requests == Some(0) {
             return Err(Error::InvalidInput(
@@ -221,40 +283,71 @@ impl EmbedQueue {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                plan: BatchPlan::new(limits),
+                lanes: (0..engines.len())
+                    .map(|_| Lane {
+                        plan: BatchPlan::new(limits),
+                        last_served: None,
+                    })
+                    .collect(),
                 closed: false,
                 health: QueueHealth::default(),
+                batch_time: Duration::ZERO,
             }),
             work: Condvar::new(),
             observer,
+            fairness,
         });
         let thread = {
-            let engine = Arc::clone(&engine);
+            let engines = Arc::clone(&engines);
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("surf-engine".into())
-                .spawn(move || run_engine(&engine, &shared))
+                .spawn(move || run_engine(&engines, &shared))
                 .map_err(|e| Error::Gpu(format!("cannot start the engine thread: {e}")))?
         };
         Ok(Self {
-            engine,
+            engines,
             shared,
             engine_thread: Mutex::new(Some(thread)),
         })
     }
 
+    /// The default model's engine.
     pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+        self.engines.engine(self.engines.default_index())
+    }
+
+    /// Every model the queue runs.
+    pub fn engines(&self) -> &Arc<Engines> {
+        &self.engines
     }
 
     pub fn limits(&self) -> BatchLimits {
-        self.shared.state().plan.limits()
+        self.shared.state().lanes[0].plan.limits()
     }
 
-    /// Queues tokenized inputs. Bad inputs are refused here, before they can
-    /// fail a batch that other requests share.
+    /// How the next model is chosen.
+    pub fn fairness(&self) -> Fairness {
+        self.shared.fairness
+    }
+
+    /// Queues tokenized inputs for the default model. Bad inputs are refused
+    /// here, before they can fail a batch that other requests share.
     pub fn submit(&self, inputs: Vec<Tokens>) -> Result<Ticket, QueueError> {
-        self.engine
+        self.submit_to(self.engines.default_index(), inputs)
+    }
+
+    /// Queues tokenized inputs for `model`, an index into the queue's
+    /// [`Engines`].
+    pub fn submit_to(&self, model: usize, inputs: Vec<Tokens>) -> Result<Ticket, QueueError> {
+        if model >= self.engines.len() {
+            return Err(QueueError::Invalid(Arc::new(Error::InvalidInput(format!(
+                "model {model} does not exist; the queue runs {}",
+                self.engines.len()
+            )))));
+        }
+        self.engines
+            .engine(model)
             .check_tokens(&inputs)
             .map_err(|e| QueueError::Invalid(Arc::new(e)))?;
         let (sender, receiver) = oneshot::channel();
@@ -276,6 +369,7 @@ impl EmbedQueue {
             ))));
             return Ok(Ticket { receiver });
         }
+        self.engines.record_request(model);
         let mut state = self.shared.state();
         if state.closed {
             return Err(QueueError::Closed);
@@ -287,7 +381,7 @@ impl EmbedQueue {
                 index,
                 tokens,
             };
-            state.plan.push(piece, len);
+            state.lanes[model].plan.push(piece, len);
         }
         drop(state);
         self.shared.work.notify_one();
@@ -298,16 +392,25 @@ impl EmbedQueue {
     /// an async runtime, prefer `submit` and `Ticket::wait`).
     pub fn embed_blocking(&self, texts: &[&str]) -> Result<Embedded, QueueError> {
         let tokens = self
-            .engine
+            .engine()
             .tokenizer()
             .encode(texts)
             .map_err(|e| QueueError::Invalid(Arc::new(e)))?;
         self.submit(tokens)?.wait_blocking()
     }
 
-    /// Inputs queued and not yet handed to the engine.
+    /// Inputs queued and not yet handed to the engine, for every model.
     pub fn waiting(&self) -> usize {
-        self.shared.state().plan.len()
+        self.shared.state().waiting()
+    }
+
+    /// Inputs of `model` queued and not yet handed to the engine.
+    pub fn waiting_for(&self, model: usize) -> usize {
+        self.shared
+            .state()
+            .lanes
+            .get(model)
+            .map_or(0, |lane| lane.plan.len())
     }
 
     pub fn health(&self) -> QueueHealth {
@@ -338,23 +441,47 @@ impl Drop for EmbedQueue {
     }
 }
 
+/// Shares of each model's weights in GPU memory, read only when there is a
+/// choice to make.
+fn resident_shares(engines: &Engines) -> Vec<f64> {
+    if engines.len() == 1 {
+        return vec![1.0];
+    }
+    (0..engines.len())
+        .map(|model| engines.resident_share(model))
+        .collect()
+}
+
 /// The engine thread: takes staged batches until the queue is closed and empty.
-fn run_engine(engine: &Engine, shared: &Shared) {
+fn run_engine(engines: &Engines, shared: &Shared) {
     loop {
-        let (batch, shape, waiting) = {
+        let (model, batch, shape, waiting) = {
+            // Read before the queue's lock is taken: it waits on each engine.
+            let mut resident = resident_shares(engines);
             let mut state = shared.state();
             loop {
-                let (batch, shape) = state.plan.take(
+                let views = state.views(Instant::now(), &resident);
+                let Some(model) = next_lane(&views, &shared.fairness, state.batch_time) else {
+                    if state.closed {
+                        return;
+                    }
+                    state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
+                    if engines.len() > 1 {
+                        drop(state);
+                        resident = resident_shares(engines);
+                        state = shared.state();
+                    }
+                    continue;
+                };
+                let lane = &mut state.lanes[model];
+                let (batch, shape) = lane.plan.take(
                     |piece| piece.request.is_wanted(),
                     |piece| piece.tokens.len(),
                 );
                 if !batch.is_empty() {
-                    break (batch, shape, state.plan.len());
+                    lane.last_served = Some(Instant::now());
+                    break (model, batch, shape, state.waiting());
                 }
-                if state.closed {
-                    return;
-                }
-                state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
             }
         };
         let started = Instant::now();
@@ -365,16 +492,22 @@ fn run_engine(engine: &Engine, shared: &Shared) {
             pieces.push((piece.request, piece.index));
             inputs.push(piece.tokens);
         }
-        let outcome = compute(engine, &inputs);
+        let outcome = compute(engines, model, &inputs);
         let elapsed = started.elapsed();
         let failed = outcome.is_err();
         let report = {
             let mut state = shared.state();
+            state.batch_time = if state.batch_time.is_zero() {
+                elapsed
+            } else {
+                (state.batch_time * 3 + elapsed) / 4
+            };
             let health = &mut state.health;
             health.batches_run += 1;
             health.failing = failed;
             health.batches_failed += u64::from(failed);
             BatchReport {
+                model,
                 shape,
                 elapsed,
                 failed,
@@ -390,9 +523,13 @@ fn run_engine(engine: &Engine, shared: &Shared) {
     }
 }
 
-/// Runs one batch on the engine, turning a panic into an error.
-fn compute(engine: &Engine, inputs: &[Tokens]) -> Result<Vec<Vec<f32>>, QueueError> {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| engine.embed_tokens(inputs))) {
+/// Runs one batch on `model`, turning a panic into an error.
+fn compute(
+    engines: &Engines,
+    model: usize,
+    inputs: &[Tokens],
+) -> Result<Vec<Vec<f32>>, QueueError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| engines.run(model, inputs))) {
         Ok(Ok(vectors)) => Ok(vectors),
         Ok(Err(error)) => {
             tracing::error!(%error, inputs = inputs.len(), "a batch failed");

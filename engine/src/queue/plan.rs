@@ -91,6 +91,12 @@ impl<T> BatchPlan<T> {
         self.staged.is_empty() && self.overflow.is_empty()
     }
 
+    /// The input that has waited longest: the staged batch's first, else
+    /// the first behind it.
+    pub fn oldest(&self) -> Option<&T> {
+        self.staged.first().or_else(|| self.overflow.front())
+    }
+
     /// Queues one input of `len` tokens: into the staged batch while it fits
     /// and nothing older is waiting, behind it otherwise (first in, first out).
     pub fn push(&mut self, item: T, len: usize) {

@@ -14,11 +14,45 @@ use surf_engine::{
 };
 use surf_transport::{CertificateDer, ClientConfig, Timeouts};
 
+/// A model folder on the command line, `DIR` or `NAME=DIR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelArg {
+    /// The name requests use; the folder's name when not given.
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl std::str::FromStr for ModelArg {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        // A name holds no path separator, so `a/b=c` stays a folder.
+        let (name, dir) = match value.split_once('=') {
+            Some((name, dir)) if !name.contains(['/', '\\']) => (Some(name), dir),
+            _ => (None, value),
+        };
+        if name == Some("") || dir.is_empty() {
+            return Err(format!("`{value}` is not DIR or NAME=DIR"));
+        }
+        let dir = PathBuf::from(dir);
+        let name = match name {
+            Some(name) => name.to_string(),
+            None => dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !n.is_empty() && n != "..")
+                .ok_or_else(|| format!("`{value}` names no folder; give NAME=DIR"))?,
+        };
+        Ok(Self { name, dir })
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// Model folder (config.json, model.safetensors, tokenizer.json, ...).
-    #[arg(long, value_name = "DIR", conflicts_with = "server")]
-    pub model: Option<PathBuf>,
+    /// Model folder (config.json, model.safetensors, tokenizer.json, ...),
+    /// as DIR or NAME=DIR; `surf http` takes it repeated, one per model.
+    #[arg(long = "model", value_name = "[NAME=]DIR")]
+    pub models: Vec<ModelArg>,
     /// Weight server to stream layers from (repeatable: fetches are spread over
     /// every server that answers, and one that stops answering is set aside).
     #[arg(long = "server", value_name = "ADDR")]
@@ -26,6 +60,10 @@ pub struct EngineArgs {
     /// PEM file of the certificate(s) to trust for --server.
     #[arg(long, value_name = "PEM", requires = "server")]
     pub server_cert: Option<PathBuf>,
+    /// A model of the --server weight servers, by the name they serve it
+    /// under; unset, their first. `surf http` takes it repeated.
+    #[arg(long, value_name = "NAME", requires = "server")]
+    pub serve_model: Vec<String>,
     /// Token the weight server asks for.
     #[arg(long, value_name = "T", env = "SURF_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -128,13 +166,34 @@ impl EngineArgs {
         Ok((opened, progress))
     }
 
+    /// The one model folder given, if any; several are refused here, where
+    /// one engine is opened.
+    pub fn single_model(&self) -> anyhow::Result<Option<&ModelArg>> {
+        match self.models.as_slice() {
+            [] => Ok(None),
+            [model] => {
+                if !self.server.is_empty() {
+                    return Err(EngineError::InvalidInput(
+                        "give --model DIR or --server ADDR, not both".into(),
+                    )
+                    .into());
+                }
+                Ok(Some(model))
+            }
+            _ => Err(EngineError::InvalidInput(
+                "only `surf http` serves several models; give one --model".into(),
+            )
+            .into()),
+        }
+    }
+
     /// Builds the engine from `builder` over the weight source the flags name.
     pub fn open(&self, builder: EngineBuilder) -> anyhow::Result<OpenedEngine> {
-        if let Some(model) = &self.model {
+        if let Some(model) = self.single_model()? {
             let engine = builder
-                .model_dir(model)
+                .model_dir(&model.dir)
                 .build()
-                .with_context(|| format!("loading the model from {}", model.display()))?;
+                .with_context(|| format!("loading the model from {}", model.dir.display()))?;
             return Ok(OpenedEngine {
                 engine,
                 embedded_server: None,
@@ -146,25 +205,19 @@ impl EngineArgs {
             embedded_server = Some(server);
             (vec![addr], vec![cert])
         } else {
-            let Some(pem) = &self.server_cert else {
+            (self.server.clone(), self.trusted_certs()?)
+        };
+        let model = match self.serve_model.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            _ => {
                 return Err(EngineError::InvalidInput(
-                    "--server needs --server-cert PEM, the certificate to trust".into(),
+                    "only `surf http` serves several models; give one --serve-model".into(),
                 )
                 .into());
-            };
-            let certs = surf_transport::tls::load_certificates_pem(pem).map_err(|e| {
-                EngineError::InputFile {
-                    path: pem.clone(),
-                    problem: e.to_string(),
-                }
-            })?;
-            (self.server.clone(), certs)
+            }
         };
-        let mut config = ClientConfig::new(servers.clone(), trusted);
-        config.token = self.token.clone();
-        config.timeouts.fetch = Duration::from_secs(self.fetch_timeout);
-        config.weight_dtype = self.dtype.wire();
-        let source = RemoteSource::connect(config)?.with_row_cache_bytes(self.word_cache_mb << 20);
+        let source = self.remote_source(servers.clone(), trusted, model)?;
         let engine = builder
             .source(Arc::new(source))
             .build()
@@ -173,6 +226,42 @@ impl EngineArgs {
             engine,
             embedded_server,
         })
+    }
+}
+
+impl EngineArgs {
+    /// The certificates --server-cert names.
+    pub fn trusted_certs(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let Some(pem) = &self.server_cert else {
+            return Err(EngineError::InvalidInput(
+                "--server needs --server-cert PEM, the certificate to trust".into(),
+            )
+            .into());
+        };
+        Ok(
+            surf_transport::tls::load_certificates_pem(pem).map_err(|e| {
+                EngineError::InputFile {
+                    path: pem.clone(),
+                    problem: e.to_string(),
+                }
+            })?,
+        )
+    }
+
+    /// A weight source streaming `model` (the servers' first when `None`)
+    /// from `servers`, with the token, timeout and dtype the flags give.
+    pub fn remote_source(
+        &self,
+        servers: Vec<SocketAddr>,
+        trusted: Vec<CertificateDer<'static>>,
+        model: Option<String>,
+    ) -> anyhow::Result<RemoteSource> {
+        let mut config = ClientConfig::new(servers, trusted);
+        config.token = self.token.clone();
+        config.timeouts.fetch = Duration::from_secs(self.fetch_timeout);
+        config.weight_dtype = self.dtype.wire();
+        config.model = model;
+        Ok(RemoteSource::connect(config)?.with_row_cache_bytes(self.word_cache_mb << 20))
     }
 }
 
@@ -241,6 +330,20 @@ mod tests {
     struct Command {
         #[command(flatten)]
         engine: EngineArgs,
+    }
+
+    #[test]
+    fn a_model_is_a_folder_or_a_named_folder() {
+        let plain: ModelArg = "assets/models/all-MiniLM-L6-v2".parse().expect("a folder");
+        assert_eq!(plain.name, "all-MiniLM-L6-v2");
+        assert_eq!(plain.dir, PathBuf::from("assets/models/all-MiniLM-L6-v2"));
+        let named: ModelArg = "mini=assets/models/m".parse().expect("named");
+        assert_eq!(named.name, "mini");
+        assert_eq!(named.dir, PathBuf::from("assets/models/m"));
+        let odd: ModelArg = "models/a=b".parse().expect("a folder with =");
+        assert_eq!(odd.dir, PathBuf::from("models/a=b"));
+        assert!("=dir".parse::<ModelArg>().is_err());
+        assert!("name=".parse::<ModelArg>().is_err());
     }
 
     fn fetch_timeout(args: &[&str]) -> Result<u64, clap::Error> {

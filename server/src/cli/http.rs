@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{ArgAction, Args};
-use surf_engine::BatchLimits;
+use surf_engine::{BatchLimits, Engines, Error as EngineError, Fairness};
 
 use super::engine_args::{EngineArgs, OpenedEngine};
 use crate::http::{EmbedService, HttpSettings, ServiceSettings};
@@ -40,36 +40,105 @@ pub struct HttpArgs {
     /// Key clients must send as `Authorization: Bearer <key>`.
     #[arg(long, value_name = "KEY", env = "SURF_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Model name to answer with, instead of the model's id.
+    /// Model name to answer with, instead of the model's id (one model).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
+    /// The model that requests naming none go to (with several --model);
+    /// the first by default.
+    #[arg(long, value_name = "NAME")]
+    pub default_model: Option<String>,
+    /// With several models, how long the oldest request of any model may
+    /// wait, in milliseconds, before its model runs next; short of it, the
+    /// model whose weights are resident runs first.
+    #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_wait_ms: u64,
     /// The model's prompt (config_sentence_transformers.json) put before the
     /// texts of requests that name none: every OpenAI request, and TEI
-    /// requests without `prompt_name`.
+    /// requests without `prompt_name` (with several models, the default one's).
     #[arg(long, value_name = "NAME")]
     pub default_prompt_name: Option<String>,
+}
+
+impl HttpArgs {
+    fn settings(&self) -> ServiceSettings {
+        ServiceSettings {
+            max_concurrent_requests: self.max_concurrent_requests,
+            batch: BatchLimits {
+                max_batch_tokens: self.max_batch_tokens,
+                max_batch_requests: self.max_batch_requests,
+            },
+            max_client_batch_size: self.max_client_batch_size,
+            auto_truncate: self.auto_truncate,
+            served_model_name: self
+                .served_model_name
+                .clone()
+                .or_else(|| self.engine.models.first().map(|m| m.name.clone()))
+                .or_else(|| self.engine.serve_model.first().cloned()),
+            fairness: Fairness::with_max_wait(std::time::Duration::from_millis(self.max_wait_ms)),
+            default_prompt_name: self.default_prompt_name.clone(),
+        }
+    }
+}
+
+/// Opens every model of a multi-model service on one device: one VRAM
+/// budget and one host cache for all when `--vram-budget-mb` is given.
+fn open_models(args: &HttpArgs) -> anyhow::Result<Engines> {
+    let engine = &args.engine;
+    if engine.cache_layers.is_some() {
+        return Err(EngineError::InvalidInput(
+            "--cache-layers counts layers of one model; several models of different sizes share --vram-budget-mb".into(),
+        )
+        .into());
+    }
+    let mut builder = Engines::builder().host_cache_bytes(engine.host_cache_mb << 20);
+    if let Some(mb) = engine.vram_budget_mb {
+        builder = builder.vram_budget_bytes(mb << 20);
+    }
+    if let Some(name) = &args.default_model {
+        builder = builder.default_model(name.clone());
+    }
+    for model in &engine.models {
+        builder = builder.model(
+            model.name.clone(),
+            engine.builder().normalize(false).model_dir(&model.dir),
+        );
+    }
+    if !engine.serve_model.is_empty() {
+        let trusted = engine.trusted_certs()?;
+        for name in &engine.serve_model {
+            let source =
+                engine.remote_source(engine.server.clone(), trusted.clone(), Some(name.clone()))?;
+            builder = builder.model(
+                name.clone(),
+                engine.builder().normalize(false).source(Arc::new(source)),
+            );
+        }
+    }
+    let mut names: Vec<&str> = engine.models.iter().map(|m| m.name.as_str()).collect();
+    names.extend(engine.serve_model.iter().map(String::as_str));
+    builder
+        .build()
+        .with_context(|| format!("loading the models {}", names.join(", ")))
 }
 
 pub fn run(args: HttpArgs) -> anyhow::Result<()> {
     // Built before any async runtime exists: the weight client runs one of
     // its own, and the engine thread blocks on it.
-    let builder = args.engine.builder().normalize(false);
-    let OpenedEngine {
-        engine,
-        embedded_server: _embedded,
-    } = args.engine.open(builder)?;
-    let settings = ServiceSettings {
-        max_concurrent_requests: args.max_concurrent_requests,
-        batch: BatchLimits {
-            max_batch_tokens: args.max_batch_tokens,
-            max_batch_requests: args.max_batch_requests,
-        },
-        max_client_batch_size: args.max_client_batch_size,
-        auto_truncate: args.auto_truncate,
-        served_model_name: args.served_model_name.clone(),
-        default_prompt_name: args.default_prompt_name.clone(),
+    let settings = args.settings();
+    let mut _embedded = None;
+    let several = args.engine.models.len() + args.engine.serve_model.len() > 1;
+    let service = if several {
+        let engines = open_models(&args)?;
+        Arc::new(EmbedService::start_models(Arc::new(engines), settings)?)
+    } else {
+        let builder = args.engine.builder().normalize(false);
+        let OpenedEngine {
+            engine,
+            embedded_server,
+        } = args.engine.open(builder)?;
+        _embedded = embedded_server;
+        Arc::new(EmbedService::start(Arc::new(engine), settings)?)
     };
-    let service = Arc::new(EmbedService::start(Arc::new(engine), settings)?);
     let http = HttpSettings {
         api_key: args.api_key.clone(),
         payload_limit: args.payload_limit,
@@ -88,12 +157,15 @@ pub fn run(args: HttpArgs) -> anyhow::Result<()> {
             })?;
         let addr = listener.local_addr()?;
         println!("listening on http://{addr}");
-        eprintln!(
-            "serving {} ({} dimensions) on {}",
-            service.model_name(),
-            service.engine().dimension(),
-            service.engine().gpu().adapter_name()
-        );
+        let engines = service.engines();
+        for model in 0..engines.len() {
+            eprintln!(
+                "serving {} ({} dimensions) on {}",
+                engines.name(model),
+                engines.engine(model).dimension(),
+                engines.engine(model).gpu().adapter_name()
+            );
+        }
         let stop = super::serve::wait_for_stop_signal();
         crate::http::serve(listener, Arc::clone(&service), &http, async {
             if let Err(error) = stop.await {

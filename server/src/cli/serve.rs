@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::engine_args::ModelArg;
+
 use anyhow::Context as _;
 use clap::Args;
 use surf_transport::tls;
@@ -18,18 +20,24 @@ const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Model folder: model.safetensors, config.json, the tokenizer files.
-    #[arg(long, value_name = "DIR")]
-    pub model: Option<PathBuf>,
+    /// Model folder (model.safetensors, config.json, the tokenizer files), as
+    /// DIR or NAME=DIR; repeat it to serve several models, which clients
+    /// name in their hello (the first serves clients that name none).
+    #[arg(long = "model", value_name = "[NAME=]DIR")]
+    pub models: Vec<ModelArg>,
     /// Another weight server to pull components from instead of a model
     /// folder (repeat for failover); its manifest is served unchanged.
     #[arg(
         long,
         value_name = "ADDR",
-        conflicts_with = "model",
+        conflicts_with = "models",
         requires = "upstream_cert"
     )]
     pub upstream: Vec<SocketAddr>,
+    /// A model of the upstream servers to serve, by its name there (repeat
+    /// for several); unset, their first model.
+    #[arg(long, value_name = "NAME", requires = "upstream")]
+    pub upstream_model: Vec<String>,
     /// Certificate (PEM) of the upstream servers, to pin: their --cert-out.
     #[arg(long, value_name = "PEM", requires = "upstream")]
     pub upstream_cert: Option<PathBuf>,
@@ -80,9 +88,62 @@ pub struct ServeArgs {
     /// Clients served at once; more are refused at once, so that they try another server.
     #[arg(long, value_name = "N", default_value_t = ConnectionLimits::default().max_connections, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
-    /// Dtype of the weights as served: f16 halves the bytes on the wire, converted once from the checkpoint.
-    #[arg(long, value_name = "f32|f16", default_value_t = surf_transport::Dtype::F32)]
-    pub dtype: surf_transport::Dtype,
+    /// Dtypes the weights are served in, each client getting the one it
+    /// asks for (repeat, or give one to offer only it): f16 halves the bytes
+    /// on the wire, converted once from the checkpoint and cached.
+    #[arg(long, value_name = "f32|f16", default_values_t = [surf_transport::Dtype::F32, surf_transport::Dtype::F16])]
+    pub dtype: Vec<surf_transport::Dtype>,
+}
+
+/// The models a server serves: the first (its name, where given) and the
+/// others by name.
+struct Origins {
+    first_name: Option<String>,
+    first: OriginConfig,
+    extra: Vec<(String, OriginConfig)>,
+}
+
+fn origins(args: &ServeArgs) -> Result<Origins, Error> {
+    if let Some((first, rest)) = args.models.split_first() {
+        return Ok(Origins {
+            first_name: Some(first.name.clone()),
+            first: OriginConfig::Model(first.dir.clone()),
+            extra: rest
+                .iter()
+                .map(|m| (m.name.clone(), OriginConfig::Model(m.dir.clone())))
+                .collect(),
+        });
+    }
+    let Some(cert) = &args.upstream_cert else {
+        return Err(Error::NoOrigin);
+    };
+    let upstream = UpstreamConfig {
+        servers: args.upstream.clone(),
+        trusted_certs: tls::load_certificates_pem(cert).map_err(Error::from)?,
+        token: args.upstream_token.clone(),
+        model: None,
+    };
+    let from_upstream = |name: &String| {
+        OriginConfig::Upstream(UpstreamConfig {
+            model: Some(name.clone()),
+            ..upstream.clone()
+        })
+    };
+    Ok(match args.upstream_model.split_first() {
+        None => Origins {
+            first_name: None,
+            first: OriginConfig::Upstream(upstream.clone()),
+            extra: Vec::new(),
+        },
+        Some((first, rest)) => Origins {
+            first_name: Some(first.clone()),
+            first: from_upstream(first),
+            extra: rest
+                .iter()
+                .map(|name| (name.clone(), from_upstream(name)))
+                .collect(),
+        },
+    })
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -101,14 +162,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         _ => Identity::SelfSigned,
     };
-    let origin = match (args.model, args.upstream_cert) {
-        (Some(model), _) => OriginConfig::Model(model),
-        (None, Some(cert)) => OriginConfig::Upstream(UpstreamConfig {
-            servers: args.upstream,
-            trusted_certs: tls::load_certificates_pem(&cert).map_err(Error::from)?,
-            token: args.upstream_token,
-        }),
-        (None, None) => return Err(Error::NoOrigin.into()),
+    let Origins {
+        first_name: model_name,
+        first: origin,
+        extra: extra_models,
+    } = origins(&args)?;
+    let (weight_dtype, extra_dtypes) = match args.dtype.split_first() {
+        Some((first, rest)) => (*first, rest.to_vec()),
+        None => (surf_transport::Dtype::F32, Vec::new()),
     };
     let redis = args.redis.map(|url| RedisConfig {
         url,
@@ -121,7 +182,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         token: args.token,
         identity,
         metrics_listen: args.metrics_listen,
-        weight_dtype: args.dtype,
+        model_name,
+        extra_models,
+        weight_dtype,
+        extra_dtypes,
         limits: ConnectionLimits {
             max_connections: args.max_connections,
             ..ConnectionLimits::default()
@@ -143,15 +207,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(metrics_addr) = server.metrics_addr() {
         eprintln!("metrics on http://{metrics_addr}/metrics");
     }
-    let manifest = server.manifest();
-    eprintln!(
-        "serving {} (revision {}, {} components, {} bytes of {} weights)",
-        manifest.model_id,
-        &manifest.revision[..12.min(manifest.revision.len())],
-        manifest.components.len(),
-        manifest.total_bytes(),
-        manifest.weight_dtype
-    );
+    for (name, manifest) in server.manifests() {
+        eprintln!(
+            "serving {name}: {} (revision {}, {} components, {} bytes of {} weights)",
+            manifest.model_id,
+            &manifest.revision[..12.min(manifest.revision.len())],
+            manifest.components.len(),
+            manifest.total_bytes(),
+            manifest.weight_dtype
+        );
+    }
     wait_for_stop_signal().await?;
     eprintln!("shutting down: letting fetches in flight finish");
     server.shutdown().await;

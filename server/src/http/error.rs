@@ -29,6 +29,8 @@ pub enum ErrorKind {
     Backend,
     /// The engine is failing or shutting down.
     Unhealthy,
+    /// The request names a model the service does not serve.
+    ModelNotFound,
 }
 
 impl ErrorKind {
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Backend => StatusCode::FAILED_DEPENDENCY,
             ErrorKind::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ModelNotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -56,6 +59,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "Unauthorized",
             ErrorKind::Backend => "Backend",
             ErrorKind::Unhealthy => "Unhealthy",
+            ErrorKind::ModelNotFound => "NotFound",
         }
     }
 
@@ -70,6 +74,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ErrorKind::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded")),
             ErrorKind::Backend | ErrorKind::Unhealthy => ("server_error", None),
+            ErrorKind::ModelNotFound => ("invalid_request_error", Some("model_not_found")),
         }
     }
 
@@ -85,6 +90,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Backend => "backend",
             ErrorKind::Unhealthy => "unhealthy",
+            ErrorKind::ModelNotFound => "model_not_found",
         }
     }
 }
@@ -190,6 +196,7 @@ mod tests {
             (ErrorKind::Unauthorized, 401),
             (ErrorKind::Backend, 424),
             (ErrorKind::Unhealthy, 503),
+            (ErrorKind::ModelNotFound, 404),
         ];
         for (kind, status) in expected {
             assert_eq!(kind.status().as_u16(), status, "{kind:?}");

@@ -73,6 +73,7 @@ pub fn router(service: Arc<EmbedService>, settings: &HttpSettings) -> Router {
         .route("/v1/rerank", post(rerank::cohere_rerank))
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
         .route("/info", get(status::info))
         .route("/health", get(status::health))
         .route("/metrics", get(status::metrics))

@@ -1,4 +1,5 @@
-//! The OpenAI embeddings route, `POST /v1/embeddings` (also `/embeddings`).
+//! The OpenAI routes: embeddings, `POST /v1/embeddings` (also
+//! `/embeddings`), and the models served, `GET /v1/models`.
 
 use axum::Json;
 use axum::extract::State;
@@ -12,8 +13,30 @@ use super::error::OpenAiError;
 use super::headers::timing_headers;
 use super::service::EmbedOptions;
 use super::types::{
-    EncodedEmbedding, EncodingFormat, OpenAiEmbedding, OpenAiRequest, OpenAiResponse, OpenAiUsage,
+    EncodedEmbedding, EncodingFormat, ModelCard, ModelList, OpenAiEmbedding, OpenAiRequest,
+    OpenAiResponse, OpenAiUsage,
 };
+
+/// Every model served, in OpenAI's list shape.
+pub async fn models(State(app): State<AppState>) -> Json<ModelList> {
+    let created = app.service.started();
+    let data = app
+        .service
+        .engines()
+        .names()
+        .into_iter()
+        .map(|id| ModelCard {
+            id,
+            object: "model",
+            created,
+            owned_by: "surf",
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
 
 /// The raw little-endian bytes of the floats, in standard base64.
 pub fn base64_floats(vector: &[f32]) -> String {
@@ -23,12 +46,7 @@ pub fn base64_floats(vector: &[f32]) -> String {
 
 pub async fn embeddings(State(app): State<AppState>, body: Body) -> Result<Response, OpenAiError> {
     let request: OpenAiRequest = parse(body)?;
-    if let Some(model) = &request.model {
-        let served = app.service.model_name();
-        if *model != served {
-            tracing::debug!(asked = %model, %served, "a request names another model; answering with the served one");
-        }
-    }
+    let model = app.service.resolve(request.model.as_deref())?;
     let options = EmbedOptions {
         truncate: None,
         direction: Truncation::Right,
@@ -37,7 +55,7 @@ pub async fn embeddings(State(app): State<AppState>, body: Body) -> Result<Respo
     };
     let answer = app
         .service
-        .embed(request.input.into_items(), options, "input")
+        .embed(model, request.input.into_items(), options, "input")
         .await?;
     let format = request.encoding_format.unwrap_or_default();
     let headers = timing_headers(&answer, app.compute_type);
@@ -57,7 +75,7 @@ pub async fn embeddings(State(app): State<AppState>, body: Body) -> Result<Respo
     let response = OpenAiResponse {
         object: "list",
         data,
-        model: app.service.model_name(),
+        model: app.service.name_of(model),
         usage: OpenAiUsage {
             prompt_tokens: answer.tokens,
             total_tokens: answer.tokens,

@@ -47,10 +47,11 @@ pub async fn rerank(State(app): State<AppState>, body: Body) -> Result<Response,
         direction: truncation(request.truncation_direction),
         raw_scores: request.raw_scores,
     };
+    let model = app.service.resolve(request.model.as_deref())?;
     let texts = request.return_text.then(|| request.texts.clone());
     let answer = app
         .service
-        .rerank(request.query, request.texts, options, "texts")
+        .rerank(model, request.query, request.texts, options, "texts")
         .await?;
     let headers = timing_headers(&answer, app.compute_type);
     let scores = single_scores(answer.vectors)?;
@@ -72,6 +73,7 @@ pub async fn predict(State(app): State<AppState>, body: Body) -> Result<Response
         direction: truncation(request.truncation_direction),
         raw_scores: request.raw_scores,
     };
+    let model = app.service.resolve(request.model.as_deref())?;
     let (single, sequences) = match request.inputs {
         PredictInput::Single(sequence) => (true, vec![sequence]),
         PredictInput::Batch(sequences) => (false, sequences),
@@ -83,11 +85,12 @@ pub async fn predict(State(app): State<AppState>, body: Body) -> Result<Response
             Sequence::Pair(first, second) => ClassifierItem::Pair(first, second),
         })
         .collect();
-    let answer = app.service.predict(items, options, "inputs").await?;
+    let answer = app.service.predict(model, items, options, "inputs").await?;
     let headers = timing_headers(&answer, app.compute_type);
     let labels = app
         .service
-        .engine()
+        .engines()
+        .engine(model)
         .classifier_labels()
         .map(<[String]>::to_vec)
         .unwrap_or_default();
@@ -119,12 +122,7 @@ pub async fn cohere_rerank(
     if request.top_n == Some(0) {
         return Err(ApiError::validation("top_n", "top_n must be at least 1").into());
     }
-    if let Some(model) = &request.model {
-        let served = app.service.model_name();
-        if *model != served {
-            tracing::debug!(asked = %model, %served, "a rerank request names another model; answering with the served one");
-        }
-    }
+    let model = app.service.resolve(request.model.as_deref())?;
     let texts: Vec<String> = request
         .documents
         .into_iter()
@@ -138,7 +136,7 @@ pub async fn cohere_rerank(
     };
     let answer = app
         .service
-        .rerank(request.query, texts, options, "documents")
+        .rerank(model, request.query, texts, options, "documents")
         .await?;
     let headers = timing_headers(&answer, app.compute_type);
     let tokens = answer.tokens;
@@ -157,7 +155,7 @@ pub async fn cohere_rerank(
         .collect();
     let response = CohereRerankResponse {
         results,
-        model: app.service.model_name(),
+        model: app.service.name_of(model),
         usage: CohereUsage {
             total_tokens: tokens,
         },

@@ -3,14 +3,18 @@
 //! tokenization off the async workers, queueing, and the per-request
 //! `dimensions` and normalisation of the vectors that come back. Pairs for a
 //! cross-encoder take the same road: tokenized with the pair template, then
-//! queued and merged into batches with every other request.
+//! queued and merged into batches with every other request. A service may
+//! serve several models ([`Engines`]); a request names one, or goes to the
+//! default.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use surf_engine::engine::activate;
-use surf_engine::queue::{BatchLimits, BatchObserver};
-use surf_engine::{ClassifierInput, EmbedQueue, Engine, ModelKind, Prompt, Tokens, Truncation};
+use surf_engine::queue::{BatchLimits, BatchObserver, Fairness};
+use surf_engine::{
+    ClassifierInput, EmbedQueue, Engine, Engines, ModelKind, Prompt, Tokens, Truncation,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::{ApiError, ErrorKind};
@@ -24,8 +28,11 @@ pub struct ServiceSettings {
     pub batch: BatchLimits,
     pub max_client_batch_size: usize,
     pub auto_truncate: bool,
-    /// The model name answered by `/v1/embeddings` and `/info`.
+    /// The model name answered by `/v1/embeddings` and `/info`, when one
+    /// model is served.
     pub served_model_name: Option<String>,
+    /// How long the oldest request of any model may wait before its model runs.
+    pub fairness: Fairness,
     /// The prompt of requests that name none (`--default-prompt-name`);
     /// without it, the model's own default, if any.
     pub default_prompt_name: Option<String>,
@@ -39,6 +46,7 @@ impl Default for ServiceSettings {
             max_client_batch_size: 32,
             auto_truncate: true,
             served_model_name: None,
+            fairness: Fairness::default(),
             default_prompt_name: None,
         }
     }
@@ -99,41 +107,117 @@ pub struct EmbedService {
     permits: Arc<Semaphore>,
     settings: ServiceSettings,
     metrics: Arc<ServiceMetrics>,
+    /// Unix seconds at start, for `/v1/models`.
+    started: u64,
 }
 
 impl EmbedService {
-    /// Starts the engine's queue and runs one batch through it, so that the
-    /// service is healthy, with its first layers loaded, before it listens.
+    /// Serves one engine, under `--served-model-name` or its model id.
     pub fn start(engine: Arc<Engine>, settings: ServiceSettings) -> surf_engine::Result<Self> {
-        let metrics = Arc::new(ServiceMetrics::new());
-        let observer: BatchObserver = {
-            let metrics = Arc::clone(&metrics);
-            Arc::new(move |report| metrics.batch_done(report))
-        };
-        if let Some(name) = &settings.default_prompt_name {
-            engine.prompt_text(Prompt::Named(name))?;
-        }
-        let queue = EmbedQueue::start(engine, settings.batch, Some(observer))?;
+        let name = settings
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| engine.model_id().to_string());
+        Self::start_models(Arc::new(Engines::single(name, engine)?), settings)
+    }
+
+    /// Starts the queue over every model and runs one batch through each,
+    /// so that the service is healthy before it listens.
+    pub fn start_models(
+        engines: Arc<Engines>,
+        settings: ServiceSettings,
+    ) -> surf_engine::Result<Self> {
         if settings.max_concurrent_requests == 0 || settings.max_client_batch_size == 0 {
             return Err(surf_engine::Error::InvalidInput(
                 "--max-concurrent-requests and --max-client-batch-size must be at least 1".into(),
             ));
         }
+        if let Some(name) = &settings.default_prompt_name {
+            engines
+                .engine(engines.default_index())
+                .prompt_text(Prompt::Named(name))?;
+        }
+        let metrics = Arc::new(ServiceMetrics::new(engines.names()));
+        let observer: BatchObserver = {
+            let metrics = Arc::clone(&metrics);
+            Arc::new(move |report| metrics.batch_done(report))
+        };
+        let queue = EmbedQueue::start_models(
+            Arc::clone(&engines),
+            settings.batch,
+            settings.fairness,
+            Some(observer),
+        )?;
         let service = Self {
             queue,
             permits: Arc::new(Semaphore::new(settings.max_concurrent_requests)),
             settings,
             metrics,
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
-        service
-            .queue
-            .embed_blocking(&["warm-up"])
-            .map_err(|e| surf_engine::Error::Gpu(format!("the warm-up batch failed: {e}")))?;
+        // The default model last, so that it is the one resident first.
+        let default = engines.default_index();
+        let order = (0..engines.len())
+            .filter(|&m| m != default)
+            .chain(std::iter::once(default));
+        for model in order {
+            let probe = vec![Tokens::from_ids(service.probe_ids(model))];
+            service
+                .queue
+                .submit_to(model, probe)
+                .and_then(|ticket| ticket.wait_blocking())
+                .map_err(|e| {
+                    surf_engine::Error::Gpu(format!(
+                        "the warm-up batch of {} failed: {e}",
+                        engines.name(model)
+                    ))
+                })?;
+        }
         Ok(service)
     }
 
+    /// The default model's engine.
     pub fn engine(&self) -> &Arc<Engine> {
         self.queue.engine()
+    }
+
+    /// Every model served.
+    pub fn engines(&self) -> &Arc<Engines> {
+        self.queue.engines()
+    }
+
+    /// Unix seconds when the service started.
+    pub fn started(&self) -> u64 {
+        self.started
+    }
+
+    /// The model a request names, or the default one when it names none.
+    /// With one model served, any name is answered by it (clients often
+    /// send a fixed name); with several, a name not served is 404.
+    pub fn resolve(&self, requested: Option<&str>) -> Result<usize, ApiError> {
+        let engines = self.engines();
+        let Some(name) = requested else {
+            return Ok(engines.default_index());
+        };
+        match engines.index(name) {
+            Ok(model) => Ok(model),
+            Err(_) if engines.len() == 1 => {
+                tracing::debug!(asked = %name, served = %engines.name(0), "a request names another model; answering with the served one");
+                Ok(0)
+            }
+            Err(error) => Err(ApiError {
+                kind: ErrorKind::ModelNotFound,
+                message: error.to_string(),
+                param: Some("model"),
+            }),
+        }
+    }
+
+    /// The name answered for `model`.
+    pub fn name_of(&self, model: usize) -> String {
+        self.engines().name(model).to_string()
     }
 
     pub fn settings(&self) -> &ServiceSettings {
@@ -144,12 +228,9 @@ impl EmbedService {
         &self.metrics
     }
 
-    /// The name answered to clients.
+    /// The name answered for the default model.
     pub fn model_name(&self) -> String {
-        self.settings
-            .served_model_name
-            .clone()
-            .unwrap_or_else(|| self.engine().model_id().to_string())
+        self.name_of(self.engines().default_index())
     }
 
     /// A permit to be in flight, or 429 at once: the queue never grows
@@ -191,29 +272,39 @@ impl EmbedService {
     /// default prompt.
     pub async fn embed(
         &self,
+        model: usize,
         items: Vec<InputItem>,
         options: EmbedOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
-        self.embed_prompted(items, options, None, param).await
+        self.embed_prompted(model, items, options, None, param)
+            .await
     }
 
     /// Like `embed`, with the prompt `prompt_name` before each text; an
     /// unknown name is a validation error listing the model's prompts.
+    /// `--default-prompt-name` applies to the default model only: other
+    /// models take their own default prompt.
     pub async fn embed_prompted(
         &self,
+        model: usize,
         mut items: Vec<InputItem>,
         options: EmbedOptions,
         prompt_name: Option<String>,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
-        let name = prompt_name.or_else(|| self.settings.default_prompt_name.clone());
+        let name = prompt_name.or_else(|| {
+            (model == self.engines().default_index())
+                .then(|| self.settings.default_prompt_name.clone())
+                .flatten()
+        });
         let prompt = match &name {
             Some(name) => Prompt::Named(name),
             None => Prompt::Default,
         };
         let prefix = self
-            .engine()
+            .engines()
+            .engine(model)
             .prompt_text(prompt)
             .map_err(|e| ApiError::validation("prompt_name", e.to_string()))?;
         if let Some(prefix) = prefix.filter(|p| !p.is_empty()) {
@@ -225,9 +316,14 @@ impl EmbedService {
         }
         let started = Instant::now();
         let _permit = self.admit()?;
-        self.require_kind(&[ModelKind::Embedding], "model is not an embedding model")?;
+        self.require_kind(
+            model,
+            &[ModelKind::Embedding],
+            "model is not an embedding model",
+        )?;
         self.check_count(items.len(), param)?;
-        let dimension = self.engine().dimension();
+        let engine = self.engines().engine(model);
+        let dimension = engine.dimension();
         if let Some(dimensions) = options.dimensions
             && (dimensions == 0 || dimensions > dimension)
         {
@@ -248,12 +344,12 @@ impl EmbedService {
             .sum();
 
         let direction = options.direction;
+        let already_normalized = engine.normalizes();
         let mut answer = self
-            .run_queued(started, characters, move |engine| {
+            .run_queued(model, started, characters, move |engine| {
                 tokenize(engine, items, truncate, direction, param)
             })
             .await?;
-        let already_normalized = self.engine().normalizes();
         answer.vectors = std::mem::take(&mut answer.vectors)
             .into_iter()
             .map(|vector| shape_vector(vector, options, already_normalized))
@@ -261,14 +357,19 @@ impl EmbedService {
         Ok(answer)
     }
 
-    /// What the model computes: embeddings, one reranking score, or labels.
-    pub fn model_kind(&self) -> ModelKind {
-        self.engine().model_kind()
+    /// What `model` computes: embeddings, one reranking score, or labels.
+    pub fn model_kind(&self, model: usize) -> ModelKind {
+        self.engines().engine(model).model_kind()
     }
 
     /// Refuses a route the model cannot serve, as TEI does: a Backend error.
-    fn require_kind(&self, allowed: &[ModelKind], message: &str) -> Result<(), ApiError> {
-        if allowed.contains(&self.model_kind()) {
+    fn require_kind(
+        &self,
+        model: usize,
+        allowed: &[ModelKind],
+        message: &str,
+    ) -> Result<(), ApiError> {
+        if allowed.contains(&self.model_kind(model)) {
             Ok(())
         } else {
             Err(ApiError::new(ErrorKind::Backend, message))
@@ -279,36 +380,44 @@ impl EmbedService {
     /// one score per text, in the texts' order.
     pub async fn rerank(
         &self,
+        model: usize,
         query: String,
         texts: Vec<String>,
         options: ScoreRequestOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
-        self.require_kind(&[ModelKind::Reranker], "model is not a re-ranker model")?;
+        self.require_kind(
+            model,
+            &[ModelKind::Reranker],
+            "model is not a re-ranker model",
+        )?;
         let items = texts
             .into_iter()
             .map(|text| ClassifierItem::Pair(query.clone(), text))
             .collect();
-        self.score(items, options, param).await
+        self.score(model, items, options, param).await
     }
 
     /// Every label's score for each text or pair, in input order.
     pub async fn predict(
         &self,
+        model: usize,
         items: Vec<ClassifierItem>,
         options: ScoreRequestOptions,
         param: &'static str,
     ) -> Result<EmbedAnswer, ApiError> {
         self.require_kind(
+            model,
             &[ModelKind::Reranker, ModelKind::Classifier],
             "model is not a classifier model",
         )?;
-        self.score(items, options, param).await
+        self.score(model, items, options, param).await
     }
 
     /// Runs a classifier's inputs and turns its logits into scores.
     async fn score(
         &self,
+        model: usize,
         items: Vec<ClassifierItem>,
         options: ScoreRequestOptions,
         param: &'static str,
@@ -319,7 +428,7 @@ impl EmbedService {
         let characters = items.iter().map(ClassifierItem::characters).sum();
         let truncation = self.truncation(options);
         let answer = self
-            .run_queued(started, characters, move |engine| {
+            .run_queued(model, started, characters, move |engine| {
                 tokenize_classifier(engine, items, truncation, param)
             })
             .await?;
@@ -338,6 +447,7 @@ impl EmbedService {
     /// outputs: the one road from a request to the engine.
     async fn run_queued<F>(
         &self,
+        model: usize,
         started: Instant,
         characters: usize,
         tokenize: F,
@@ -345,7 +455,7 @@ impl EmbedService {
     where
         F: FnOnce(&Engine) -> Result<Vec<Tokens>, ApiError> + Send + 'static,
     {
-        let engine = Arc::clone(self.engine());
+        let engine = Arc::clone(self.engines().engine(model));
         let tokenized = tokio::task::spawn_blocking(move || tokenize(&engine))
             .await
             .map_err(|e| {
@@ -353,10 +463,10 @@ impl EmbedService {
             })??;
         let tokenization_time = started.elapsed();
 
-        let ticket = self.queue.submit(tokenized)?;
+        let ticket = self.queue.submit_to(model, tokenized)?;
         self.metrics.set_queue_size(self.queue.waiting());
         let embedded = ticket.wait().await?;
-        self.metrics.queued(embedded.queue_time);
+        self.metrics.queued(model, embedded.queue_time);
         Ok(EmbedAnswer {
             vectors: embedded.vectors,
             tokens: embedded.tokens,
@@ -375,15 +485,16 @@ impl EmbedService {
         if health.batches_run > 0 && !health.failing {
             return true;
         }
-        let probe = vec![Tokens::from_ids(self.probe_ids())];
-        match self.queue.submit(probe) {
+        let default = self.engines().default_index();
+        let probe = vec![Tokens::from_ids(self.probe_ids(default))];
+        match self.queue.submit_to(default, probe) {
             Ok(ticket) => ticket.wait().await.is_ok(),
             Err(_) => false,
         }
     }
 
-    fn probe_ids(&self) -> Vec<u32> {
-        let pad = self.engine().spec().config.pad_token_id();
+    fn probe_ids(&self, model: usize) -> Vec<u32> {
+        let pad = self.engines().engine(model).spec().config.pad_token_id();
         vec![pad]
     }
 

@@ -22,6 +22,7 @@ fn truncation(direction: TruncationDirection) -> Truncation {
 
 pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, TeiError> {
     let request: EmbedRequest = parse(body)?;
+    let model = app.service.resolve(request.model.as_deref())?;
     let options = EmbedOptions {
         truncate: request.truncate,
         direction: truncation(request.truncation_direction),
@@ -31,6 +32,7 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
     let answer = app
         .service
         .embed_prompted(
+            model,
             request.inputs.into_items(),
             options,
             request.prompt_name,
@@ -43,6 +45,7 @@ pub async fn embed(State(app): State<AppState>, body: Body) -> Result<Response, 
 
 pub async fn tokenize(State(app): State<AppState>, body: Body) -> Result<Response, TeiError> {
     let request: TokenizeRequest = parse(body)?;
+    let model = app.service.resolve(request.model.as_deref())?;
     let items = request.inputs.into_items();
     app.service.check_count(items.len(), "inputs")?;
     let mut texts = Vec::with_capacity(items.len());
@@ -56,7 +59,7 @@ pub async fn tokenize(State(app): State<AppState>, body: Body) -> Result<Respons
             }
         }
     }
-    let engine = std::sync::Arc::clone(app.service.engine());
+    let engine = std::sync::Arc::clone(app.service.engines().engine(model));
     let add_special = request.add_special_tokens;
     let truncation = if app.service.settings().auto_truncate {
         Truncation::Right

@@ -58,6 +58,9 @@ pub struct EmbedRequest {
     pub dimensions: Option<usize>,
     #[serde(default)]
     pub prompt_name: Option<String>,
+    /// The model to run; the default one when unset.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -118,6 +121,9 @@ pub struct TokenizeRequest {
     pub inputs: Input,
     #[serde(default = "yes")]
     pub add_special_tokens: bool,
+    /// The model to run; the default one when unset.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -143,6 +149,9 @@ pub struct RerankRequest {
     pub truncate: Option<bool>,
     #[serde(default)]
     pub truncation_direction: TruncationDirection,
+    /// The model to run; the default one when unset.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// One passage of a `/rerank` answer.
@@ -181,6 +190,9 @@ pub struct PredictRequest {
     pub truncate: Option<bool>,
     #[serde(default)]
     pub truncation_direction: TruncationDirection,
+    /// The model to run; the default one when unset.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -276,6 +288,48 @@ pub struct Info {
     pub layers: usize,
     pub adapter: String,
     pub version: &'static str,
+    /// Every model served, in the order of `--model`.
+    pub models: Vec<ModelInfo>,
+    /// GPU bytes held for every model's weights now.
+    pub vram_used_bytes: u64,
+}
+
+/// One served model in `/info`.
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub id: String,
+    /// Whether requests that name no model go to it.
+    pub default: bool,
+    /// `bert`, `roberta`, `mpnet`, `t5`, ...
+    pub family: &'static str,
+    /// `embedding`, `reranker` or `classifier`.
+    pub model_type: &'static str,
+    pub dimension: usize,
+    pub dtype: &'static str,
+    pub max_input_length: usize,
+    pub layers: usize,
+    /// What the model holds in GPU memory now.
+    pub resident_layers: usize,
+    pub pinned_resident: bool,
+    pub vram_used_bytes: u64,
+    /// Bytes of its weights with every layer resident.
+    pub vram_whole_bytes: u64,
+}
+
+/// `GET /v1/models`, in OpenAI's shape.
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    /// Unix seconds when the service started.
+    pub created: u64,
+    pub owned_by: &'static str,
 }
 
 #[cfg(test)]

@@ -82,14 +82,14 @@ async fn serve_connection(
     shared.stats.connections_active.increment();
     let _active = ActiveConnection(&shared.stats);
 
-    let accepted = tokio::select! {
-        () = shared.cancel.cancelled() => false,
-        accepted = greet(&connection, &shared) => accepted,
+    let served = tokio::select! {
+        () = shared.cancel.cancelled() => None,
+        served = greet(&connection, &shared) => served,
     };
     drop(handshake_permit);
-    if !accepted {
+    let Some(served) = served else {
         return;
-    }
+    };
     tracing::debug!(%peer, "client connected");
     loop {
         let stream = tokio::select! {
@@ -100,8 +100,9 @@ async fn serve_connection(
             Ok((send, recv)) => {
                 let fetch_shared = shared.clone();
                 let fetch_connection = connection.clone();
+                let fetch_served = Arc::clone(&served);
                 shared.tracker.spawn(async move {
-                    serve_fetch(fetch_connection, send, recv, &fetch_shared).await;
+                    serve_fetch(fetch_connection, send, recv, &fetch_shared, &fetch_served).await;
                 });
             }
             Err(error) => {

@@ -25,8 +25,14 @@ pub enum Identity {
 /// What to serve and how.
 pub struct ServerConfig {
     /// Where the components come from: a folder with `model.safetensors` and
-    /// the model's configs and tokenizer, or other servers upstream.
+    /// the model's configs and tokenizer, or other servers upstream. This is
+    /// the first model, which a client that names none gets.
     pub origin: OriginConfig,
+    /// The name clients ask for the first model by; `None`: the folder's
+    /// name, or the upstream's model id.
+    pub model_name: Option<String>,
+    /// Further models served beside the first, by name.
+    pub extra_models: Vec<(String, OriginConfig)>,
     /// Where to listen; port 0 picks a free port.
     pub listen: SocketAddr,
     /// Budget of the cache of assembled components, in bytes.
@@ -42,6 +48,9 @@ pub struct ServerConfig {
     /// wire, converted once from the checkpoint. A server with an upstream
     /// asks it for this dtype.
     pub weight_dtype: Dtype,
+    /// Further dtypes every model is also served in, each converted once and
+    /// cached apart: a client gets the one it asks for.
+    pub extra_dtypes: Vec<Dtype>,
     /// A cache tier shared with other servers, between this server's own
     /// cache and its origin.
     pub redis: Option<RedisConfig>,
@@ -89,6 +98,8 @@ impl ServerConfig {
     pub fn serving(origin: OriginConfig, listen: SocketAddr) -> Self {
         ServerConfig {
             origin,
+            model_name: None,
+            extra_models: Vec::new(),
             listen,
             cache_bytes: 256 * 1024 * 1024,
             token: None,
@@ -96,6 +107,7 @@ impl ServerConfig {
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(10),
             weight_dtype: Dtype::F32,
+            extra_dtypes: Vec::new(),
             redis: None,
             limits: ConnectionLimits::default(),
             faults: Faults::default(),

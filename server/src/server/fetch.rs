@@ -13,13 +13,14 @@ use crate::fault::SliceAction;
 use crate::redis_tier::Lookup;
 
 use super::greeting::send_last_frame;
-use super::{REPLY_SLICE, REQUEST_TIMEOUT, Shared};
+use super::{REPLY_SLICE, REQUEST_TIMEOUT, Served, Shared};
 
 pub(super) async fn serve_fetch(
     connection: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Arc<Shared>,
+    served: &Arc<Served>,
 ) {
     shared.stats.requests.increment();
     let request = tokio::time::timeout(
@@ -28,7 +29,7 @@ pub(super) async fn serve_fetch(
     )
     .await;
     let outcome = match request {
-        Ok(Ok(request)) => match resolve(shared, &request).await {
+        Ok(Ok(request)) => match resolve(shared, served, &request).await {
             Ok(payload) => send_payload(&connection, &mut send, shared, &request, payload).await,
             Err(refusal) => Err(refusal),
         },
@@ -66,8 +67,12 @@ pub(super) async fn serve_fetch(
 }
 
 /// The requested bytes, or why they cannot be served.
-async fn resolve(shared: &Arc<Shared>, request: &FetchRequest) -> Result<Bytes, FetchRefusal> {
-    let manifest = &shared.manifest;
+async fn resolve(
+    shared: &Arc<Shared>,
+    served: &Arc<Served>,
+    request: &FetchRequest,
+) -> Result<Bytes, FetchRefusal> {
+    let manifest = &served.manifest;
     let (component_name, object_range) = match &request.object {
         ObjectRef::Component(name) => {
             let component = manifest
@@ -84,7 +89,7 @@ async fn resolve(shared: &Arc<Shared>, request: &FetchRequest) -> Result<Bytes, 
                 .row_table(table)
                 .ok_or(FetchRefusal::UnknownObject)?;
             check_range(request, table.hash_list_bytes())?;
-            let hashes = shared.origin.row_hashes(&table.name).await?;
+            let hashes = served.origin.row_hashes(&table.name).await?;
             return Ok(hashes.slice(request.start as usize..request.end as usize));
         }
         ObjectRef::Rows { table, rows } => {
@@ -104,12 +109,12 @@ async fn resolve(shared: &Arc<Shared>, request: &FetchRequest) -> Result<Bytes, 
                 });
             }
             check_range(request, rows.len() as u64 * table.row_bytes())?;
-            let bytes = shared.origin.rows(&table.name, rows.clone()).await?;
+            let bytes = served.origin.rows(&table.name, rows.clone()).await?;
             return Ok(bytes.slice(request.start as usize..request.end as usize));
         }
     };
     check_range(request, object_range.end - object_range.start)?;
-    let component_bytes = component_bytes(shared, component_name).await?;
+    let component_bytes = component_bytes(shared, served, component_name).await?;
     let start = (object_range.start + request.start) as usize;
     let end = (object_range.start + request.end) as usize;
     Ok(component_bytes.slice(start..end))
@@ -130,35 +135,45 @@ fn check_range(request: &FetchRequest, len: u64) -> Result<(), FetchRefusal> {
 /// A component's bytes, looked up in order: the mapped model file, this
 /// server's cache, the shared Redis tier, then the origin. Concurrent misses
 /// on one component share one load, so the origin sees one fetch.
-async fn component_bytes(shared: &Arc<Shared>, name: &str) -> Result<Bytes, FetchRefusal> {
-    if let Some(bytes) = shared.origin.mapped_component(name) {
+async fn component_bytes(
+    shared: &Arc<Shared>,
+    served: &Arc<Served>,
+    name: &str,
+) -> Result<Bytes, FetchRefusal> {
+    if let Some(bytes) = served.origin.mapped_component(name) {
         return Ok(bytes);
     }
     shared
         .cache
-        .get_or_load(name, || load_component(shared, name))
+        .get_or_load(&served.cache_key(name), || {
+            load_component(shared, served, name)
+        })
         .await
 }
 
 /// Bytes that this server's cache does not hold: from Redis when the tier
 /// is worth asking, else from the origin, and then written to Redis in the
 /// background, without delaying the reply.
-async fn load_component(shared: &Arc<Shared>, name: &str) -> Result<Bytes, FetchRefusal> {
+async fn load_component(
+    shared: &Arc<Shared>,
+    served: &Arc<Served>,
+    name: &str,
+) -> Result<Bytes, FetchRefusal> {
     let shared_tier = shared
         .redis
         .as_ref()
-        .filter(|_| shared.origin.worth_sharing(name))
-        .zip(shared.manifest.component(name));
+        .filter(|_| served.origin.worth_sharing(name))
+        .zip(served.manifest.component(name));
     if let Some((redis, component)) = shared_tier {
-        let (revision, dtype) = (&shared.manifest.revision, shared.manifest.weight_dtype);
+        let (revision, dtype) = (&served.manifest.revision, served.manifest.weight_dtype);
         if let Lookup::Hit(bytes) = redis.lookup(revision, dtype, component).await {
             return Ok(bytes);
         }
-        let bytes = shared.origin.load(name, &shared.stats).await?;
+        let bytes = served.origin.load(name, &shared.stats).await?;
         redis.store_in_background(revision, dtype, component, bytes.clone());
         return Ok(bytes);
     }
-    shared.origin.load(name, &shared.stats).await
+    served.origin.load(name, &shared.stats).await
 }
 
 async fn send_payload(

@@ -1,21 +1,23 @@
-//! The server side of the handshake: the client's version, token and
-//! weight dtype checked before anything is sent, and the manifest or a
-//! refusal in reply.
+//! The server side of the handshake: the client's version, token, model and
+//! weight dtype checked before anything is sent, and the manifest of the
+//! model asked for or a refusal in reply.
+
+use std::sync::Arc;
 
 use surf_transport::wire::{
     self, Hello, HelloReply, PROTOCOL_VERSION, Refusal, close_code, limits,
 };
 
-use super::{REFUSAL_LINGER, REQUEST_TIMEOUT, Shared};
+use super::{REFUSAL_LINGER, REQUEST_TIMEOUT, Served, Shared};
 
-/// Runs the server side of the handshake; false when the connection was
-/// refused (and closed).
-pub(super) async fn greet(connection: &quinn::Connection, shared: &Shared) -> bool {
+/// Runs the server side of the handshake; the model and dtype the client
+/// is served, or `None` when the connection was refused (and closed).
+pub(super) async fn greet(connection: &quinn::Connection, shared: &Shared) -> Option<Arc<Served>> {
     let stream = tokio::time::timeout(REQUEST_TIMEOUT, connection.accept_bi()).await;
     let Ok(Ok((mut send, mut recv))) = stream else {
         shared.stats.connections_refused.increment();
         connection.close(close_code::PROTOCOL_VIOLATION.into(), b"no hello");
-        return false;
+        return None;
     };
     let hello = tokio::time::timeout(REQUEST_TIMEOUT, read_hello(&mut recv)).await;
     let hello = match hello {
@@ -41,12 +43,12 @@ pub(super) async fn greet(connection: &quinn::Connection, shared: &Shared) -> bo
             let reason = error.to_string();
             shared.stats.connections_refused.increment();
             refuse(connection, &mut send, refusal, code, &reason).await;
-            return false;
+            return None;
         }
         Err(_) => {
             shared.stats.connections_refused.increment();
             connection.close(close_code::PROTOCOL_VIOLATION.into(), b"hello timed out");
-            return false;
+            return None;
         }
     };
     if !token_accepted(shared.token_digest.as_ref(), hello.token.as_deref()) {
@@ -60,35 +62,69 @@ pub(super) async fn greet(connection: &quinn::Connection, shared: &Shared) -> bo
             "wrong or missing token",
         )
         .await;
-        return false;
+        return None;
     }
-    if hello.weight_dtype != shared.weight_dtype {
-        let refusal = Refusal::DtypeUnavailable {
-            requested: hello.weight_dtype,
-            served: shared.weight_dtype,
-        };
-        let reason = refusal.to_string();
-        tracing::warn!(peer = %connection.remote_address(), "client refused: {reason}");
-        shared.stats.connections_refused.increment();
-        refuse(
-            connection,
-            &mut send,
-            refusal,
-            close_code::DTYPE_UNAVAILABLE,
-            &reason,
-        )
-        .await;
-        return false;
-    }
+    let served = match choose(&shared.catalog, &hello) {
+        Ok(served) => Arc::clone(served),
+        Err((refusal, code)) => {
+            let reason = refusal.to_string();
+            tracing::warn!(peer = %connection.remote_address(), "client refused: {reason}");
+            shared.stats.connections_refused.increment();
+            refuse(connection, &mut send, refusal, code, &reason).await;
+            return None;
+        }
+    };
     if send
-        .write_chunk(shared.accepted_reply.clone())
+        .write_chunk(served.accepted_reply.clone())
         .await
         .is_err()
     {
-        return false;
+        return None;
     }
     let _ = send.finish();
-    true
+    Some(served)
+}
+
+/// The catalog entry a hello asks for: its model (the first one when it
+/// names none) in its dtype; or the refusal and close code when there is none.
+fn choose<'a>(
+    catalog: &'a [Arc<Served>],
+    hello: &Hello,
+) -> Result<&'a Arc<Served>, (Refusal, u32)> {
+    let name = hello
+        .model
+        .as_deref()
+        .or_else(|| catalog.first().map(|served| served.name.as_str()));
+    let of_model: Vec<&Arc<Served>> = catalog
+        .iter()
+        .filter(|served| Some(served.name.as_str()) == name)
+        .collect();
+    let Some(first) = of_model.first() else {
+        let mut served: Vec<String> = Vec::new();
+        for entry in catalog {
+            if !served.contains(&entry.name) {
+                served.push(entry.name.clone());
+            }
+        }
+        return Err((
+            Refusal::UnknownModel {
+                requested: name.unwrap_or_default().to_string(),
+                served,
+            },
+            close_code::UNKNOWN_MODEL,
+        ));
+    };
+    of_model
+        .iter()
+        .find(|served| served.dtype == hello.weight_dtype)
+        .copied()
+        .ok_or((
+            Refusal::DtypeUnavailable {
+                requested: hello.weight_dtype,
+                served: first.dtype,
+            },
+            close_code::DTYPE_UNAVAILABLE,
+        ))
 }
 
 async fn read_hello(recv: &mut quinn::RecvStream) -> Result<Hello, surf_transport::Error> {

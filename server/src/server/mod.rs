@@ -28,6 +28,7 @@ use crate::cache::ComponentCache;
 use crate::fault::Faults;
 use crate::metrics::{self, Stats, StatsSnapshot};
 use crate::origin::Origin;
+use crate::origin::OriginConfig;
 use crate::redis_tier::RedisTier;
 
 /// How long a new connection has to say hello, and a stream to state its request.
@@ -50,16 +51,8 @@ impl WeightServer {
     /// Loads and checks the model (or takes the upstream's manifest), binds
     /// the endpoint and starts serving. Must run inside a tokio runtime.
     pub async fn bind(config: ServerConfig) -> Result<RunningServer, Error> {
-        let origin = Origin::open(&config.origin, config.weight_dtype).await?;
-        let manifest = Arc::new(origin.manifest().clone());
-        let weight_dtype = manifest.weight_dtype;
-        tracing::info!(
-            model = %manifest.model_id,
-            revision = %manifest.revision,
-            components = manifest.components.len(),
-            bytes = manifest.total_bytes(),
-            "model loaded"
-        );
+        let catalog = open_catalog(&config).await?;
+        let manifest = Arc::clone(&catalog[0].manifest);
 
         let (chain, key, certificate_pem) = match config.identity {
             Identity::SelfSigned => {
@@ -111,28 +104,19 @@ impl WeightServer {
             None => None,
         };
 
-        let accepted_reply = Bytes::from(wire::encode_handshake_frame(
-            "hello reply",
-            PROTOCOL_VERSION,
-            &HelloReply::Accepted(Box::new(Manifest::clone(&manifest))),
-            limits::HELLO_REPLY,
-        )?);
         let shared = Arc::new(Shared {
             cache: ComponentCache::new(config.cache_bytes, stats.clone()),
-            origin,
-            manifest: manifest.clone(),
+            catalog,
             redis,
             stats,
             token_digest: config
                 .token
                 .as_deref()
                 .map(|token| blake3::hash(token.as_bytes())),
-            accepted_reply,
             cancel: cancel.clone(),
             tracker: tracker.clone(),
             faults: config.faults,
             admission: Admission::new(&config.limits),
-            weight_dtype,
         });
         let accept_task = tokio::spawn(accept_connections(endpoint.clone(), shared.clone()));
         Ok(RunningServer {
@@ -187,8 +171,18 @@ impl RunningServer {
         self.certificate_pem.as_deref()
     }
 
+    /// The first model's manifest, in the first dtype served.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Every (model name, manifest) served, each model in each dtype.
+    pub fn manifests(&self) -> Vec<(String, Arc<Manifest>)> {
+        self.shared
+            .catalog
+            .iter()
+            .map(|served| (served.name.clone(), Arc::clone(&served.manifest)))
+            .collect()
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -212,7 +206,9 @@ impl RunningServer {
         }
         self.endpoint
             .close(close_code::SHUTTING_DOWN.into(), b"server shutting down");
-        self.shared.origin.close().await;
+        for served in &self.shared.catalog {
+            served.origin.close().await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 
@@ -237,18 +233,109 @@ impl Drop for RunningServer {
 }
 
 struct Shared {
-    origin: Origin,
-    /// The manifest served: the model folder's, or the upstream's unchanged.
-    manifest: Arc<Manifest>,
+    /// Every model in every dtype served; a client's hello picks one.
+    catalog: Vec<Arc<Served>>,
     redis: Option<RedisTier>,
     cache: ComponentCache,
     stats: Arc<Stats>,
     token_digest: Option<blake3::Hash>,
-    /// The handshake reply with the manifest, encoded once.
-    accepted_reply: Bytes,
     cancel: CancellationToken,
     tracker: TaskTracker,
     faults: Faults,
-    weight_dtype: Dtype,
     admission: Admission,
+}
+
+/// One model in one dtype, as a connection is served it.
+struct Served {
+    /// Its place in the catalog, which keys its components in the cache.
+    index: usize,
+    /// The name clients ask for it by.
+    name: String,
+    dtype: Dtype,
+    origin: Origin,
+    /// The manifest served: the model folder's, or the upstream's unchanged.
+    manifest: Arc<Manifest>,
+    /// The handshake reply with the manifest, encoded once.
+    accepted_reply: Bytes,
+}
+
+impl Served {
+    /// The cache key of one of its components: models and dtypes apart.
+    fn cache_key(&self, component: &str) -> String {
+        format!("{}/{}", self.index, component)
+    }
+}
+
+/// Opens every model in every dtype the config names, the first model in
+/// the first dtype first.
+async fn open_catalog(config: &ServerConfig) -> Result<Vec<Arc<Served>>, Error> {
+    let mut models = vec![(config.model_name.clone(), &config.origin)];
+    models.extend(
+        config
+            .extra_models
+            .iter()
+            .map(|(name, origin)| (Some(name.clone()), origin)),
+    );
+    let mut dtypes = vec![config.weight_dtype];
+    for &dtype in &config.extra_dtypes {
+        if !dtypes.contains(&dtype) {
+            dtypes.push(dtype);
+        }
+    }
+    let mut catalog: Vec<Arc<Served>> = Vec::new();
+    for (name, origin_config) in models {
+        for &dtype in &dtypes {
+            let origin = Origin::open(origin_config, dtype).await?;
+            let manifest = Arc::new(origin.manifest().clone());
+            let name = name
+                .clone()
+                .unwrap_or_else(|| default_name(origin_config, &manifest));
+            if catalog
+                .iter()
+                .any(|served| served.name == name && served.dtype == dtype)
+            {
+                return Err(Error::Config(format!(
+                    "two models are named `{name}`; give each a name of its own (NAME=DIR)"
+                )));
+            }
+            tracing::info!(
+                model = %name,
+                id = %manifest.model_id,
+                dtype = %manifest.weight_dtype,
+                revision = %manifest.revision,
+                components = manifest.components.len(),
+                bytes = manifest.total_bytes(),
+                "model loaded"
+            );
+            let accepted_reply = Bytes::from(wire::encode_handshake_frame(
+                "hello reply",
+                PROTOCOL_VERSION,
+                &HelloReply::Accepted(Box::new(Manifest::clone(&manifest))),
+                limits::HELLO_REPLY,
+            )?);
+            catalog.push(Arc::new(Served {
+                index: catalog.len(),
+                name,
+                dtype,
+                origin,
+                manifest,
+                accepted_reply,
+            }));
+        }
+    }
+    Ok(catalog)
+}
+
+/// The name of a model given none: its folder's, or the upstream's id.
+fn default_name(origin: &OriginConfig, manifest: &Manifest) -> String {
+    match origin {
+        OriginConfig::Model(dir) => dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| manifest.model_id.clone()),
+        OriginConfig::Upstream(upstream) => upstream
+            .model
+            .clone()
+            .unwrap_or_else(|| manifest.model_id.clone()),
+    }
 }

@@ -80,6 +80,9 @@ pub struct ClientConfig {
     /// moves on to the next one; when none serves it, connecting fails with
     /// [`Error::DtypeUnavailable`].
     pub weight_dtype: Dtype,
+    /// The model to ask for, by the name the servers give it; `None` asks
+    /// for each server's first model.
+    pub model: Option<String>,
     pub timeouts: Timeouts,
     pub retry: RetryPolicy,
 }
@@ -92,6 +95,7 @@ impl ClientConfig {
             server_name: None,
             token: None,
             weight_dtype: Dtype::F32,
+            model: None,
             timeouts: Timeouts::default(),
             retry: RetryPolicy::default(),
         }

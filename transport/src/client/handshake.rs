@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::Error;
-use crate::manifest::{Dtype, Manifest};
+use crate::manifest::Manifest;
 use crate::wire::{self, Hello, HelloReply, PROTOCOL_VERSION, Refusal, close_code, limits};
 
 use super::ClientConfig;
@@ -45,7 +45,7 @@ pub(super) async fn handshake(
     let result = within(
         config.timeouts.response,
         "waiting for the manifest",
-        exchange_hello(&connection, addr, config.token.clone(), config.weight_dtype),
+        exchange_hello(&connection, addr, config),
     )
     .await
     .and_then(|result| result);
@@ -62,13 +62,14 @@ pub(super) async fn handshake(
 async fn exchange_hello(
     connection: &quinn::Connection,
     addr: SocketAddr,
-    token: Option<String>,
-    weight_dtype: Dtype,
+    config: &ClientConfig,
 ) -> Result<Manifest, Error> {
+    let weight_dtype = config.weight_dtype;
     let (mut send, mut recv) = connection.open_bi().await?;
     let hello = Hello {
-        token,
+        token: config.token.clone(),
         weight_dtype,
+        model: config.model.clone(),
     };
     let frame = wire::encode_handshake_frame("hello", PROTOCOL_VERSION, &hello, limits::HELLO)?;
     wire::write_frame(&mut send, &frame, "sending hello").await?;
