@@ -84,10 +84,10 @@ fn an_unknown_activation_is_refused() {
 fn an_unknown_model_type_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     tiny_model(dir.path());
-    edit_config(dir.path(), "model_type", "gpt2".into());
+    edit_config(dir.path(), "model_type", "gpt_neox".into());
     assert_bad_input(
         &open_error(dir.path()),
-        &["config.json", "model_type", "gpt2"],
+        &["config.json", "model_type", "gpt_neox"],
     );
 }
 
