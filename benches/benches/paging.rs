@@ -8,15 +8,25 @@
 //! pass that streams every layer from the server. Then the same model with
 //! f16 weights under the same MiB budgets, which hold about twice the layers.
 //!
-//! The model is written once under `target/synth/` and reused.
+//! Then models larger than the GPU (`paging/large.rs`): a Qwen3-Embedding-4B
+//! shaped model in f16 (about 8 GB) streamed under a 1 GiB VRAM budget and a
+//! 1 GiB host cache by a client in its own process, with its peak RSS next
+//! to the bound the flags set; in full runs with the qwen3 family, the sweep
+//! above runs the Qwen3-Embedding-0.6B shape (budgets of 1, 4, 8, 16 and 28
+//! layers) instead of BERT-large.
+//!
+//! The models are written once under `target/synth/` and reused.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use surf_benches::loopback::{Loopback, Paging};
 use surf_benches::{minilm_dir, quick, write_json};
-use surf_engine::synth::{SynthSpec, write_model};
+use surf_engine::synth::{SynthPreset, SynthSpec, write_model};
 use surf_engine::{Engine, Eviction, VramBudget, WeightDtype};
+
+#[path = "paging/large.rs"]
+mod large;
 
 const TEXTS: [&str; 2] = [
     "Layers stream in from the weight server while earlier ones compute.",
@@ -100,7 +110,18 @@ fn time_runs_beside(
     (per_run, reference_time)
 }
 
+/// Whether this build runs `spec`'s family (the decoder families arrive
+/// with their model code).
+fn runs_family(spec: &SynthSpec) -> bool {
+    spec.model_config(std::path::Path::new("config.json"))
+        .is_ok()
+}
+
 fn main() {
+    if let Ok(run) = std::env::var(large::CLIENT_ENV) {
+        large::client_main(&run);
+        return;
+    }
     if !minilm_dir().join("tokenizer.json").is_file() {
         println!("paging bench skipped: run `bash assets/fetch-model.sh` first");
         return;
@@ -115,7 +136,15 @@ fn main() {
             &[1, 2, 4],
             1,
         )
+    } else if runs_family(&SynthSpec::preset(SynthPreset::Qwen3_0_6B)) {
+        (
+            SynthSpec::preset(SynthPreset::Qwen3_0_6B),
+            "qwen3-0.6b",
+            &[1, 4, 8, 14, 16, 28],
+            3,
+        )
     } else {
+        println!("this build has no qwen3 family: the sweep runs BERT-large");
         (
             SynthSpec::bert_large(),
             "bert-large",
@@ -245,7 +274,16 @@ fn main() {
         "  f16 weights ({:.0} MB), fully resident: {resident_f16_rate:>8.3} embeddings/s",
         mb(model_bytes_f16)
     );
-    for &budget_layers in budgets.iter().filter(|&&b| b < layers) {
+    for (eviction, &budget_layers) in
+        [Eviction::Optimal, Eviction::Lru]
+            .into_iter()
+            .flat_map(|eviction| {
+                budgets
+                    .iter()
+                    .filter(|&&b| b < layers)
+                    .map(move |b| (eviction, b))
+            })
+    {
         let budget_bytes = pinned_bytes + budget_layers as u64 * layer_bytes;
         let engine = loopback_f16.engine(
             &gpu,
@@ -253,7 +291,7 @@ fn main() {
                 budget: VramBudget::Bytes(budget_bytes + staging_f32),
                 host_cache_bytes: model_bytes_f16,
                 prefetch,
-                eviction: Eviction::Optimal,
+                eviction,
             },
         );
         let (steady, beside) = time_runs_beside(&engine, Some(&resident), &texts, repeats);
@@ -268,7 +306,8 @@ fn main() {
             (layers - slots + prefetch.min(slots.saturating_sub(1)) + 1).min(layers)
         };
         println!(
-            "  f16       {slots:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {:>6.0}",
+            "  f16 {:<6}{slots:>3} {:>10.0}        {rate:>8.3}        {:>6.3}       {:>8.0} ({:>4.1} layers)   {:>6.0}",
+            eviction.name(),
             mb(budget_bytes),
             rate / resident_beside,
             mb(steady.uploaded_per_pass as u64),
@@ -276,7 +315,7 @@ fn main() {
             mb(bound_layers as u64 * layer_bytes_f16),
         );
         rows.push(serde_json::json!({
-            "eviction": "optimal",
+            "eviction": eviction.name(),
             "dtype": "f16",
             "budget_layers": slots,
             "budget_mb": mb(budget_bytes),
@@ -315,9 +354,14 @@ fn main() {
         mb(cold_run.fetched)
     );
 
+    drop(cold);
+    drop(loopback);
+    let larger_than_the_gpu = streamed_larger_than_the_flags(&dir);
+
     write_json(
         "paging",
         &serde_json::json!({
+            "larger_than_the_gpu": larger_than_the_gpu,
             "adapter": gpu.adapter_name(),
             "software_adapter": gpu.is_software(),
             "quick": quick(),
@@ -341,4 +385,84 @@ fn main() {
             },
         }),
     );
+}
+
+/// A model several times larger than the VRAM budget and the host cache,
+/// streamed by a client in its own process: texts/s, bytes fetched and
+/// uploaded a pass, and peak RSS next to the bound. Quick runs stream the
+/// tiny model of this run under budgets smaller than it; full runs the
+/// Qwen3-Embedding-4B shape in f16 (about 8 GB) under 1 GiB of each.
+fn streamed_larger_than_the_flags(tiny: &std::path::Path) -> serde_json::Value {
+    let mut spec = SynthSpec::preset(SynthPreset::Qwen3_4B);
+    spec.dtype = safetensors::Dtype::F16;
+    let (dir, name, vram_budget_mb, host_cache_mb, passes) = if quick() {
+        (tiny.to_path_buf(), "tiny-4x128", 2, 1, 2)
+    } else if runs_family(&spec) {
+        (model(&spec, "qwen3-4b-f16"), "qwen3-4b-f16", 1024, 1024, 3)
+    } else {
+        println!("  larger than the GPU: skipped, this build has no qwen3 family");
+        return serde_json::Value::Null;
+    };
+    let run = large::ClientRun {
+        server: ([127, 0, 0, 1], 0).into(),
+        certificate: String::new(),
+        dtype: "f16".into(),
+        vram_budget_mb,
+        host_cache_mb,
+        prefetch: 2,
+        passes,
+        texts: TEXTS.iter().map(|t| (*t).to_string()).collect(),
+    };
+    let (prefetch, texts) = (run.prefetch, run.texts.len());
+    let bound_run = large::ClientRun {
+        server: run.server,
+        certificate: String::new(),
+        dtype: run.dtype.clone(),
+        texts: Vec::new(),
+        ..run
+    };
+    let out = large::streamed_in_child(&dir, WeightDtype::F16, run);
+    let number = |key: &str| out[key].as_f64().unwrap_or(0.0);
+    let layer_bytes = number("layer_bytes") as u64;
+    let vram_on_host = out["staging_in_vram"] == true;
+    let bound = large::rss_bound(&bound_run, layer_bytes, vram_on_host);
+    let model_bytes = std::fs::metadata(dir.join("model.safetensors")).map_or(0, |m| m.len());
+    let mb = |bytes: f64| bytes / (1u64 << 20) as f64;
+    let peak = number("peak_rss_bytes");
+    println!(
+        "  larger than the GPU: {name} ({:.0} MB on disk, f16) streamed under --vram-budget-mb \
+         {vram_budget_mb} --host-cache-mb {host_cache_mb} --prefetch {prefetch}, {texts} texts:",
+        mb(model_bytes as f64)
+    );
+    println!(
+        "    {:.3} texts/s, first run {:.1} s, {:.0} MB fetched and {:.0} MB uploaded a pass, \
+         peak RSS {:.0} MB, bound {:.0} MB{}",
+        number("texts_per_s"),
+        number("first_run_s"),
+        mb(number("fetched_per_pass")),
+        mb(number("uploaded_per_pass")),
+        mb(peak),
+        mb(bound as f64),
+        if vram_on_host {
+            " (the VRAM budget included: this adapter's memory is the host's)"
+        } else {
+            ""
+        }
+    );
+    serde_json::json!({
+        "model": name,
+        "model_mb": mb(model_bytes as f64),
+        "vram_budget_mb": vram_budget_mb,
+        "host_cache_mb": host_cache_mb,
+        "prefetch": prefetch,
+        "texts": texts,
+        "texts_per_s": number("texts_per_s"),
+        "first_run_s": number("first_run_s"),
+        "fetched_mb_per_pass": mb(number("fetched_per_pass")),
+        "uploaded_mb_per_pass": mb(number("uploaded_per_pass")),
+        "peak_rss_mb": mb(peak),
+        "rss_bound_mb": mb(bound as f64),
+        "vram_on_host": vram_on_host,
+        "layer_slots": out["layer_slots"],
+    })
 }

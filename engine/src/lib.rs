@@ -16,10 +16,13 @@ pub mod gpu;
 pub mod kernels;
 pub mod model;
 pub mod paging;
+pub mod process_memory;
 pub mod queue;
+pub mod remote_rows;
 pub mod source;
 pub mod stats;
 pub mod synth;
+pub mod tensor_writer;
 pub mod tokenize;
 pub mod weights;
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
+use crate::remote_rows::{DEFAULT_ROW_CACHE_BYTES, RemoteRows};
 use crate::weights::{SafetensorsFile, TensorSource, decode, decode_f16, decode_rows};
 
 /// One component's tensors, and how many bytes were read or received for it.
@@ -131,6 +132,8 @@ impl WeightSource for LocalSource {
 pub struct RemoteSource {
     client: surf_transport::WeightClient,
     runtime: tokio::runtime::Handle,
+    /// Bytes of word-table rows kept on this side.
+    row_cache_bytes: u64,
     /// The runtime `connect` made, kept alive as long as the source.
     _owned_runtime: Option<tokio::runtime::Runtime>,
 }
@@ -141,6 +144,7 @@ impl RemoteSource {
         Self {
             client,
             runtime,
+            row_cache_bytes: DEFAULT_ROW_CACHE_BYTES,
             _owned_runtime: None,
         }
     }
@@ -161,8 +165,17 @@ impl RemoteSource {
         Ok(Self {
             client,
             runtime: runtime.handle().clone(),
+            row_cache_bytes: DEFAULT_ROW_CACHE_BYTES,
             _owned_runtime: Some(runtime),
         })
+    }
+
+    /// Bounds the word-table rows kept on this side, in bytes (default
+    /// [`DEFAULT_ROW_CACHE_BYTES`]); rows beyond it are fetched again when
+    /// a batch uses them.
+    pub fn with_row_cache_bytes(mut self, bytes: u64) -> Self {
+        self.row_cache_bytes = bytes;
+        self
     }
 
     pub fn client(&self) -> &surf_transport::WeightClient {
@@ -197,7 +210,7 @@ impl Drop for RemoteSource {
 ///   threads and waits, which cannot work when `runtime` is a current-thread
 ///   runtime too: nothing would drive it while this thread waits, so that is
 ///   an error instead of a hang.
-fn drive<F>(runtime: &tokio::runtime::Handle, future: F) -> Result<F::Output>
+pub(crate) fn drive<F>(runtime: &tokio::runtime::Handle, future: F) -> Result<F::Output>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
@@ -230,6 +243,9 @@ struct ComponentTensors {
     origin: PathBuf,
     bytes: bytes::Bytes,
     entries: Vec<surf_transport::TensorEntry>,
+    /// The word table, read by rows, for the pinned component of a server
+    /// that serves it so.
+    rows: Option<RemoteRows>,
 }
 
 fn safetensors_dtype(dtype: surf_transport::Dtype) -> safetensors::Dtype {
@@ -282,17 +298,37 @@ impl ComponentTensors {
     }
 }
 
+impl ComponentTensors {
+    /// The row table `name`, when this component reads it by rows.
+    fn rows_of(&self, name: &str) -> Option<&RemoteRows> {
+        self.rows.as_ref().filter(|rows| rows.name() == name)
+    }
+
+    fn refuse_whole_table(&self, name: &str) -> Error {
+        Error::WeightSource(format!(
+            "{name} is served by rows from {}; it is never read whole",
+            self.origin.display()
+        ))
+    }
+}
+
 impl TensorSource for ComponentTensors {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if self.rows_of(name).is_some() {
+            return Err(self.refuse_whole_table(name));
+        }
         self.stored(name, shape, decode)
     }
 
     fn tensor_f16(&self, name: &str, shape: &[usize]) -> Result<Vec<half::f16>> {
+        if self.rows_of(name).is_some() {
+            return Err(self.refuse_whole_table(name));
+        }
         self.stored(name, shape, decode_f16)
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.entries.iter().any(|e| e.name == name)
+        self.rows_of(name).is_some() || self.entries.iter().any(|e| e.name == name)
     }
 
     fn gather_rows(
@@ -302,9 +338,16 @@ impl TensorSource for ComponentTensors {
         ids: &[u32],
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if let Some(rows) = self.rows_of(name) {
+            return rows.gather(shape, ids, out);
+        }
         self.stored(name, shape, |path, name, dtype, actual, data, shape| {
             decode_rows(path, name, dtype, actual, data, shape, ids, out)
         })
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.rows.as_ref().map_or(0, RemoteRows::received)
     }
 }
 
@@ -346,11 +389,26 @@ impl WeightSource for RemoteSource {
             source,
         })?;
         let len = bytes.len() as u64;
+        // Only the server's word table is served by rows, and only the
+        // pinned component reads it.
+        let rows = (component == crate::model::PINNED_COMPONENT)
+            .then(|| manifest.row_tables.first())
+            .flatten()
+            .map(|table| {
+                RemoteRows::new(
+                    self.client.clone(),
+                    self.runtime.clone(),
+                    table.clone(),
+                    self.label(),
+                    self.row_cache_bytes,
+                )
+            });
         Ok(FetchedComponent {
             tensors: Box::new(ComponentTensors {
                 origin: self.label(),
                 bytes,
                 entries,
+                rows,
             }),
             bytes: len,
         })

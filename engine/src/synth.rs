@@ -1,7 +1,10 @@
 //! Writes model folders of every supported family with random weights:
-//! scale models for paging benches and small, malformed or re-typed
-//! checkpoints for tests. The tensors written are the ones the family's
-//! model code asks for, so a folder always loads.
+//! scale models for paging benches (the shapes of real models included:
+//! TinyLlama-1.1B, Qwen3-Embedding 0.6B, 4B and 8B) and small, malformed or
+//! re-typed checkpoints for tests. The tensors written are the ones the
+//! family's model code asks for, so a folder always loads. The weights file
+//! is written tensor by tensor in blocks ([`crate::tensor_writer`]), so a
+//! model of 16 GB is written holding one block of it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,6 +22,28 @@ pub enum SynthFamily {
     XlmRoberta,
     MPNet,
     T5,
+    /// LLaMA's decoder: RMS norms, rotary positions, grouped-query
+    /// attention, SwiGLU; read as an embedder with last-token pooling.
+    Llama,
+    /// Qwen3: LLaMA's layout with per-head query and key norms.
+    Qwen3,
+}
+
+/// The shapes of real models, as their `config.json` gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SynthPreset {
+    /// TinyLlama-1.1B: 22 layers, hidden 2048, 32 heads on 4 key/value
+    /// heads, feed-forward 5632, 32,000 tokens.
+    TinyLlama,
+    /// Qwen3-Embedding-0.6B: 28 layers, hidden 1024, 16 heads of 128 on 8
+    /// key/value heads, feed-forward 3072, 151,669 tokens.
+    Qwen3_0_6B,
+    /// Qwen3-Embedding-4B: 36 layers, hidden 2560, 32 heads of 128 on 8,
+    /// feed-forward 9728, 151,665 tokens.
+    Qwen3_4B,
+    /// Qwen3-Embedding-8B: 36 layers, hidden 4096, 32 heads of 128 on 8,
+    /// feed-forward 12288, 151,665 tokens.
+    Qwen3_8B,
 }
 
 /// The shape of a synthetic model.
@@ -31,6 +56,13 @@ pub struct SynthSpec {
     pub intermediate: usize,
     pub vocab_size: usize,
     pub max_position_embeddings: usize,
+    /// The longest input sentence-transformers feeds the model.
+    pub max_seq_length: usize,
+    /// Key and value heads of the decoder families' grouped-query attention.
+    pub kv_heads: usize,
+    /// Size of one attention head, where the family states it apart from
+    /// hidden / heads (the decoders).
+    pub head_dim: Option<usize>,
     pub hidden_act: String,
     /// Storage type of the weights: F32, F16 or BF16.
     pub dtype: Dtype,
@@ -59,6 +91,9 @@ impl SynthSpec {
             intermediate,
             vocab_size: 30522,
             max_position_embeddings: 512,
+            max_seq_length: 512,
+            kv_heads: heads,
+            head_dim: None,
             hidden_act: "gelu".into(),
             dtype: Dtype::F32,
             seed: 1,
@@ -66,11 +101,90 @@ impl SynthSpec {
         }
     }
 
+    /// A decoder of `family` with these sizes: SiLU, head size 128 unless
+    /// `head_dim` says otherwise, inputs up to 512 tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decoder(
+        family: SynthFamily,
+        layers: usize,
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        intermediate: usize,
+        vocab_size: usize,
+        max_position_embeddings: usize,
+    ) -> Self {
+        Self {
+            family,
+            kv_heads,
+            head_dim: Some(head_dim),
+            vocab_size,
+            max_position_embeddings,
+            hidden_act: "silu".into(),
+            ..Self::sized(layers, hidden, heads, intermediate)
+        }
+    }
+
+    /// The shape of a real model, with its family.
+    pub fn preset(preset: SynthPreset) -> Self {
+        use SynthFamily::{Llama, Qwen3};
+        match preset {
+            SynthPreset::TinyLlama => Self::decoder(Llama, 22, 2048, 32, 4, 64, 5632, 32000, 2048),
+            SynthPreset::Qwen3_0_6B => {
+                Self::decoder(Qwen3, 28, 1024, 16, 8, 128, 3072, 151_669, 32768)
+            }
+            SynthPreset::Qwen3_4B => {
+                Self::decoder(Qwen3, 36, 2560, 32, 8, 128, 9728, 151_665, 40960)
+            }
+            SynthPreset::Qwen3_8B => {
+                Self::decoder(Qwen3, 36, 4096, 32, 8, 128, 12288, 151_665, 40960)
+            }
+        }
+    }
+
+    /// Whether the family is a decoder read with last-token pooling.
+    pub fn is_decoder(&self) -> bool {
+        matches!(self.family, SynthFamily::Llama | SynthFamily::Qwen3)
+    }
+
+    /// `config.json` of a decoder family, with the fields its real models
+    /// carry (rotary base, norm epsilon, tied embeddings for Qwen3).
+    fn decoder_config_json(&self) -> serde_json::Value {
+        let (model_type, architecture, rope_theta, eps) = match self.family {
+            SynthFamily::Qwen3 => ("qwen3", "Qwen3Model", 1_000_000.0, 1e-6),
+            _ => ("llama", "LlamaModel", 10_000.0, 1e-5),
+        };
+        serde_json::json!({
+            "model_type": model_type,
+            "architectures": [architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim.unwrap_or(self.hidden / self.heads.max(1)),
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": eps,
+            "rope_theta": rope_theta,
+            "rope_scaling": null,
+            "attention_bias": false,
+            "tie_word_embeddings": self.family == SynthFamily::Qwen3,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        })
+    }
+
     /// `config.json` of the model, as its family writes it.
     pub fn config_json(&self) -> serde_json::Value {
+        if self.is_decoder() {
+            return self.decoder_config_json();
+        }
         let pad = match self.family {
             SynthFamily::Bert | SynthFamily::T5 => 0,
-            SynthFamily::XlmRoberta | SynthFamily::MPNet => 1,
+            _ => 1,
         };
         let architecture = match (self.family, self.labels) {
             (SynthFamily::Bert, None) => "BertModel",
@@ -79,6 +193,7 @@ impl SynthSpec {
             (SynthFamily::XlmRoberta, Some(_)) => "XLMRobertaForSequenceClassification",
             (SynthFamily::MPNet, _) => "MPNetModel",
             (SynthFamily::T5, _) => "T5EncoderModel",
+            (SynthFamily::Llama | SynthFamily::Qwen3, _) => unreachable!("decoders return above"),
         };
         let mut json = match self.family {
             SynthFamily::T5 => serde_json::json!({
@@ -139,8 +254,32 @@ impl SynthSpec {
     /// Every tensor the model has: what its family reads, and a
     /// classifier's head.
     pub fn tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
-        let config = self.model_config(Path::new("config.json"))?;
-        let mut tensors = model_tensors(config.architecture().as_ref())?;
+        // The family names its tensors by packing zeros, a layer's worth of
+        // memory and work per layer; every layer after the first has the
+        // tensors of the second, so a two-layer model is asked and its second
+        // layer's tensors are named for each later layer.
+        let asked = SynthSpec {
+            layers: self.layers.min(2),
+            ..self.clone()
+        };
+        let config = asked.model_config(Path::new("config.json"))?;
+        let second_prefix = format!("{}.1.", config.layer_prefix());
+        let mut tensors = Vec::new();
+        let mut second = Vec::new();
+        for (name, shape) in model_tensors(config.architecture().as_ref())? {
+            match name.strip_prefix(&second_prefix) {
+                Some(rest) => second.push((rest.to_string(), shape)),
+                None => tensors.push((name, shape)),
+            }
+        }
+        for layer in 1..self.layers {
+            for (rest, shape) in &second {
+                tensors.push((
+                    format!("{}.{layer}.{rest}", config.layer_prefix()),
+                    shape.clone(),
+                ));
+            }
+        }
         if let Some(labels) = self.labels {
             let h = self.hidden;
             let (dense, out) = match self.family {
@@ -175,36 +314,47 @@ impl SplitMix64 {
 }
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    match dtype {
-        Dtype::F16 => values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        Dtype::BF16 => values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    let mut out = Vec::with_capacity(values.len() * 4);
+    crate::tensor_writer::encode_into(values, dtype, &mut out);
+    out
+}
+
+/// Whether a tensor is a norm's gain, which sits near 1.
+fn is_gain(name: &str) -> bool {
+    name.to_ascii_lowercase().ends_with("norm.weight")
+}
+
+/// The random values of `spec`'s weights, tensor after tensor, drawn from
+/// one seeded stream in the order of [`SynthSpec::tensors`].
+struct RandomWeights(SplitMix64);
+
+impl RandomWeights {
+    fn new(seed: u64) -> Self {
+        Self(SplitMix64(seed))
+    }
+
+    /// Fills `block` with the next values of tensor `name`.
+    fn fill(&mut self, name: &str, block: &mut [f32]) {
+        let gain = is_gain(name);
+        for value in block {
+            let r = self.0.next_unit();
+            *value = if gain { 1.0 + 0.1 * r } else { 0.05 * r };
+        }
     }
 }
 
 /// Random tensors for every weight of `spec`, as f32 values. Norm gains sit
 /// near 1 and everything else is small, as in a trained model, so activations
-/// stay in a realistic range through many layers.
+/// stay in a realistic range through many layers. Holds the whole model:
+/// for the small checkpoints of tests; [`write_model`] streams instead.
 pub fn random_tensors(spec: &SynthSpec) -> Result<Vec<NamedTensor>> {
-    let mut rng = SplitMix64(spec.seed);
+    let mut weights = RandomWeights::new(spec.seed);
     Ok(spec
         .tensors()?
         .into_iter()
         .map(|(name, shape)| {
-            let count: usize = shape.iter().product();
-            let gain = name.ends_with("LayerNorm.weight") || name.ends_with("layer_norm.weight");
-            let values = (0..count)
-                .map(|_| {
-                    let r = rng.next_unit();
-                    if gain { 1.0 + 0.1 * r } else { 0.05 * r }
-                })
-                .collect();
+            let mut values = vec![0f32; shape.iter().product()];
+            weights.fill(&name, &mut values);
             (name, shape, values)
         })
         .collect())
@@ -253,14 +403,19 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
             "sentence_bert_config.json",
             format!(
                 r#"{{"max_seq_length": {}, "do_lower_case": false}}"#,
-                spec.max_position_embeddings
+                spec.max_seq_length.min(spec.max_position_embeddings)
             ),
         ),
         (
             "1_Pooling/config.json",
             format!(
-                r#"{{"word_embedding_dimension": {}, "pooling_mode_mean_tokens": true}}"#,
-                spec.hidden
+                r#"{{"word_embedding_dimension": {}, "{}": true}}"#,
+                spec.hidden,
+                if spec.is_decoder() {
+                    "pooling_mode_lasttoken"
+                } else {
+                    "pooling_mode_mean_tokens"
+                }
             ),
         ),
         ("tokenizer.json", String::new()),
@@ -279,12 +434,97 @@ pub fn write_model(dir: &Path, spec: &SynthSpec, tokenizer_json: &[u8]) -> Resul
         };
         std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
     }
-    write_safetensors(
+    let tensors = spec.tensors()?;
+    let mut weights = RandomWeights::new(spec.seed);
+    crate::tensor_writer::write_streaming(
         &dir.join("model.safetensors"),
-        &random_tensors(spec)?,
+        &tensors,
         spec.dtype,
+        |_, name, block| weights.fill(name, block),
     )?;
     let mut written: Vec<String> = files.iter().map(|(name, _)| (*name).to_string()).collect();
     written.push("model.safetensors".into());
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parameters of a preset: what `surf synth` writes.
+    fn parameters(spec: &SynthSpec) -> u64 {
+        spec.tensors()
+            .expect("the family's tensors")
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
+    #[test]
+    fn the_tensors_named_from_two_layers_are_those_of_every_layer() {
+        let families = [
+            SynthFamily::Bert,
+            SynthFamily::XlmRoberta,
+            SynthFamily::MPNet,
+            SynthFamily::T5,
+            SynthFamily::Llama,
+            SynthFamily::Qwen3,
+        ];
+        for family in families {
+            let spec = if matches!(family, SynthFamily::Llama | SynthFamily::Qwen3) {
+                SynthSpec::decoder(family, 5, 64, 2, 1, 32, 128, 100, 64)
+            } else {
+                SynthSpec {
+                    family,
+                    ..SynthSpec::sized(5, 64, 2, 128)
+                }
+            };
+            let config = spec
+                .model_config(Path::new("config.json"))
+                .expect("a valid config");
+            let every_layer =
+                model_tensors(config.architecture().as_ref()).expect("the family's tensors");
+            assert_eq!(
+                spec.tensors().expect("named from two layers"),
+                every_layer,
+                "{family:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn presets_have_the_shapes_and_sizes_of_the_real_models() {
+        // (preset, layers, hidden, heads, key/value heads, head size, vocabulary,
+        // the published size without a language-model head, in millions)
+        let cases = [
+            (SynthPreset::TinyLlama, 22, 2048, 32, 4, 64, 32000, 1034),
+            (SynthPreset::Qwen3_0_6B, 28, 1024, 16, 8, 128, 151_669, 596),
+            (SynthPreset::Qwen3_4B, 36, 2560, 32, 8, 128, 151_665, 4022),
+            (SynthPreset::Qwen3_8B, 36, 4096, 32, 8, 128, 151_665, 7568),
+        ];
+        for (preset, layers, hidden, heads, kv_heads, head_dim, vocab, millions) in cases {
+            let spec = SynthSpec::preset(preset);
+            let config = spec
+                .model_config(Path::new("config.json"))
+                .expect("the engine reads the preset's config");
+            let dims = config.dims();
+            assert_eq!(
+                (
+                    dims.layers,
+                    dims.hidden,
+                    dims.heads,
+                    dims.head_dim,
+                    dims.vocab
+                ),
+                (layers, hidden, heads, head_dim, vocab),
+                "{preset:?}"
+            );
+            assert_eq!(spec.config_json()["num_key_value_heads"], kv_heads);
+            let found = parameters(&spec) as f64 / 1e6;
+            assert!(
+                (found - millions as f64).abs() < 0.005 * millions as f64,
+                "{preset:?}: {found:.1} M parameters, published {millions} M"
+            );
+        }
+    }
 }

@@ -40,6 +40,13 @@ pub trait TensorSource {
         }
         Ok(())
     }
+
+    /// Bytes this source received after it was made: rows of a table read
+    /// on demand from a weight server. Sources that hold all their bytes
+    /// from the start report 0.
+    fn bytes_received(&self) -> u64 {
+        0
+    }
 }
 
 /// A memory-mapped `model.safetensors`.

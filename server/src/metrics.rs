@@ -76,6 +76,8 @@ pub struct Stats {
     pub requests: Counter,
     pub request_errors: Counter,
     pub bytes_served: Counter,
+    /// The part of `bytes_served` that was word-table rows and their hashes.
+    pub row_bytes_served: Counter,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
     pub cache_coalesced: Counter,
@@ -100,6 +102,7 @@ impl Default for Stats {
         let requests = Counter::default();
         let request_errors = Counter::default();
         let bytes_served = Counter::default();
+        let row_bytes_served = Counter::default();
         let cache_hits = Counter::default();
         let cache_misses = Counter::default();
         let cache_coalesced = Counter::default();
@@ -130,6 +133,11 @@ impl Default for Stats {
                 &request_errors,
             ),
             ("bytes_served", "Weight bytes sent", &bytes_served),
+            (
+                "row_bytes_served",
+                "Word-table rows and row hashes sent (part of bytes_served)",
+                &row_bytes_served,
+            ),
             ("cache_hits", "Component cache hits", &cache_hits),
             (
                 "cache_misses",
@@ -208,6 +216,7 @@ impl Default for Stats {
             requests,
             request_errors,
             bytes_served,
+            row_bytes_served,
             cache_hits,
             cache_misses,
             cache_coalesced,
@@ -234,6 +243,7 @@ pub struct StatsSnapshot {
     pub requests: u64,
     pub request_errors: u64,
     pub bytes_served: u64,
+    pub row_bytes_served: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cache_coalesced: u64,
@@ -257,6 +267,7 @@ impl Stats {
             requests: self.requests.get(),
             request_errors: self.request_errors.get(),
             bytes_served: self.bytes_served.get(),
+            row_bytes_served: self.row_bytes_served.get(),
             cache_hits: self.cache_hits.get(),
             cache_misses: self.cache_misses.get(),
             cache_coalesced: self.cache_coalesced.get(),
@@ -351,7 +362,7 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
 
         let samples: Vec<_> = text.lines().filter(|line| !line.starts_with('#')).collect();
-        assert_eq!(samples.len(), 18, "{text}");
+        assert_eq!(samples.len(), 19, "{text}");
         assert!(samples.iter().all(|line| line.starts_with("surf_server_")));
         let mut names: Vec<_> = samples
             .iter()
@@ -359,7 +370,7 @@ mod tests {
             .collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(names.len(), 18, "a metric appears twice in\n{text}");
+        assert_eq!(names.len(), 19, "a metric appears twice in\n{text}");
     }
 
     #[test]

@@ -124,13 +124,46 @@ impl Origin {
             Origin::Upstream(client) => {
                 stats.upstream_fetches.increment();
                 let bytes = client.fetch_component(name).await.map_err(|error| {
-                    tracing::warn!(component = name, %error, "the upstream fetch failed");
-                    FetchRefusal::Internal {
-                        detail: format!("upstream: {error}"),
-                    }
+                    tracing::warn!(component = name, "the upstream fetch failed");
+                    upstream_refusal(error)
                 })?;
                 stats.upstream_bytes.add(bytes.len() as u64);
                 Ok(bytes)
+            }
+        }
+    }
+
+    /// The digests of every row of a row table, back to back.
+    pub async fn row_hashes(&self, table: &str) -> Result<Bytes, FetchRefusal> {
+        match self {
+            Origin::Local(store) => store.row_hashes(table).ok_or(FetchRefusal::UnknownObject),
+            Origin::Upstream(client) => {
+                let digests = client.row_hashes(table).await.map_err(upstream_refusal)?;
+                Ok(digests.iter().flat_map(|digest| digest.0).collect())
+            }
+        }
+    }
+
+    /// Rows of a row table as served, back to back: read from the folder,
+    /// or fetched and hash-checked from upstream.
+    pub async fn rows(&self, table: &str, rows: Vec<u32>) -> Result<Bytes, FetchRefusal> {
+        match self {
+            Origin::Local(store) => {
+                let (store, table) = (store.clone(), table.to_owned());
+                // Rows of a large table may not be in the page cache yet.
+                tokio::task::spawn_blocking(move || store.rows(&table, &rows))
+                    .await
+                    .map_err(|error| FetchRefusal::Internal {
+                        detail: error.to_string(),
+                    })?
+                    .ok_or(FetchRefusal::UnknownObject)?
+            }
+            Origin::Upstream(client) => {
+                let bytes = client
+                    .fetch_rows(table, &rows)
+                    .await
+                    .map_err(upstream_refusal)?;
+                Ok(Bytes::from(bytes))
             }
         }
     }
@@ -140,5 +173,13 @@ impl Origin {
         if let Origin::Upstream(client) = self {
             client.close().await;
         }
+    }
+}
+
+/// What a client of this server is told when upstream failed.
+fn upstream_refusal(error: surf_transport::Error) -> FetchRefusal {
+    tracing::warn!(%error, "an upstream fetch failed");
+    FetchRefusal::Internal {
+        detail: format!("upstream: {error}"),
     }
 }

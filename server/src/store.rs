@@ -14,6 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use memmap2::Mmap;
 use surf_transport::manifest::DEFAULT_CHUNK_SIZE;
+use surf_transport::manifest::RowTable;
+use surf_transport::wire::FetchRefusal;
 use surf_transport::{Component, Digest, Dtype, Manifest, TensorEntry, wire};
 
 use crate::Error;
@@ -84,6 +86,18 @@ pub struct ModelStore {
     file: Bytes,
     manifest: Arc<Manifest>,
     layouts: HashMap<String, Layout>,
+    row_tables: HashMap<String, RowLayout>,
+}
+
+/// Where a row table is in the file, and its rows' hashes as served.
+struct RowLayout {
+    file_range: Range<usize>,
+    stored: Dtype,
+    served: Dtype,
+    rows: u64,
+    width: u64,
+    /// The 32-byte digest of every row, back to back.
+    hashes: Bytes,
 }
 
 /// One tensor as found in the file.
@@ -134,8 +148,18 @@ impl ModelStore {
         // A broken checkpoint is named as such before its config is read.
         read_tensors(&weights_path, &file)?;
         let config = read_config(model_dir)?;
-        let (components, layouts) =
+        let (components, layouts, row_layouts) =
             split_into_components(&weights_path, &file, weight_dtype, &config)?;
+        let row_tables = row_layouts
+            .iter()
+            .map(|(name, layout)| RowTable {
+                name: name.clone(),
+                dtype: layout.served,
+                rows: layout.rows,
+                width: layout.width,
+                row_hashes: Digest::of(&layout.hashes),
+            })
+            .collect();
         let files = read_small_files(model_dir)?;
 
         let model_id = model_dir
@@ -153,6 +177,7 @@ impl ModelStore {
             chunk_size: DEFAULT_CHUNK_SIZE,
             weight_dtype,
             components,
+            row_tables,
         };
         manifest.revision = manifest.compute_revision();
         Ok(ModelStore {
@@ -160,6 +185,7 @@ impl ModelStore {
             file,
             manifest: Arc::new(manifest),
             layouts,
+            row_tables: row_layouts.into_iter().collect(),
         })
     }
 
@@ -183,6 +209,36 @@ impl ModelStore {
     /// (work worth sharing with other servers), not only reading the file.
     pub fn is_converted(&self, name: &str) -> bool {
         matches!(self.layouts.get(name), Some(Layout::Converted(_)))
+    }
+
+    /// The digests of every row of a row table, back to back.
+    pub fn row_hashes(&self, table: &str) -> Option<Bytes> {
+        Some(self.row_tables.get(table)?.hashes.clone())
+    }
+
+    /// Rows `rows` of a row table as served, back to back; `None` for an
+    /// unknown table. Rows are read from the map one by one, so asking for a
+    /// few rows of a large table touches only those.
+    pub fn rows(&self, table: &str, rows: &[u32]) -> Option<Result<Bytes, FetchRefusal>> {
+        let layout = self.row_tables.get(table)?;
+        if let Some(&row) = rows.iter().find(|&&row| u64::from(row) >= layout.rows) {
+            return Some(Err(FetchRefusal::RowOutOfBounds {
+                row,
+                rows: layout.rows,
+            }));
+        }
+        let stored_row = layout.stored_row_bytes();
+        let mut bytes = Vec::with_capacity(rows.len() * layout.served_row_bytes());
+        for &row in rows {
+            let start = layout.file_range.start + row as usize * stored_row;
+            convert_into(
+                &self.file[start..start + stored_row],
+                layout.stored,
+                layout.served,
+                &mut bytes,
+            );
+        }
+        Some(Ok(Bytes::from(bytes)))
     }
 
     /// Copies a scattered component together, converting the tensors served
@@ -231,26 +287,115 @@ fn map_file(path: &Path) -> Result<Bytes, Error> {
 /// Reads the safetensors header of `file` (named `path` in errors) and
 /// groups its tensors into components, their float tensors served as
 /// `weight_dtype`: each component described as clients will check it, and
-/// where its bytes are in the file.
+/// where its bytes are in the file. The family's word table, when it is a
+/// float table, is served by rows instead of in a component.
+#[allow(clippy::type_complexity)]
 fn split_into_components(
     path: &Path,
     file: &[u8],
     weight_dtype: Dtype,
     config: &ModelConfig,
-) -> Result<(Vec<Component>, HashMap<String, Layout>), Error> {
+) -> Result<
+    (
+        Vec<Component>,
+        HashMap<String, Layout>,
+        Vec<(String, RowLayout)>,
+    ),
+    Error,
+> {
     let mut tensors = read_tensors(path, file)?;
     for tensor in &mut tensors {
         if tensor.stored.is_float() {
             tensor.dtype = weight_dtype;
         }
     }
-    let groups = group_into_components(path, tensors, config)?;
+    let word_table = word_table_name(&tensors, config);
+    let (groups, word) = group_into_components(path, tensors, config, word_table)?;
     let described = describe_components(file, &groups);
     let layouts = groups
         .iter()
         .map(|(name, tensors)| (name.clone(), layout_of(tensors)))
         .collect();
-    Ok((described, layouts))
+    let row_layouts = word
+        .map(|tensor| {
+            let layout = row_layout(file, &tensor);
+            (tensor.name, layout)
+        })
+        .into_iter()
+        .collect();
+    Ok((described, layouts, row_layouts))
+}
+
+/// The tensor the family reads its words from, as the engine would choose
+/// it among the names in the file (T5 has two names for it).
+fn word_table_name(tensors: &[FileTensor], config: &ModelConfig) -> &'static str {
+    let names: std::collections::HashSet<&str> = tensors
+        .iter()
+        .map(|tensor| {
+            config
+                .checkpoint_prefixes()
+                .iter()
+                .find_map(|prefix| tensor.name.strip_prefix(prefix))
+                .unwrap_or(&tensor.name)
+        })
+        .collect();
+    config.architecture().word_table(&TensorNames(names))
+}
+
+/// Answers which tensors exist and nothing else: what the family needs to
+/// name its word table.
+struct TensorNames<'a>(std::collections::HashSet<&'a str>);
+
+impl surf_engine::weights::TensorSource for TensorNames<'_> {
+    fn tensor(&self, name: &str, _shape: &[usize]) -> surf_engine::Result<Vec<f32>> {
+        Err(surf_engine::Error::WeightSource(format!(
+            "{name}: only names are known here"
+        )))
+    }
+
+    fn tensor_f16(&self, name: &str, _shape: &[usize]) -> surf_engine::Result<Vec<half::f16>> {
+        Err(surf_engine::Error::WeightSource(format!(
+            "{name}: only names are known here"
+        )))
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+/// A word table's place in the file and its rows' digests as served, each
+/// row converted on its own.
+fn row_layout(file: &[u8], tensor: &FileTensor) -> RowLayout {
+    let (rows, width) = (tensor.shape[0], tensor.shape[1]);
+    let mut layout = RowLayout {
+        file_range: tensor.file_range.clone(),
+        stored: tensor.stored,
+        served: tensor.dtype,
+        rows,
+        width,
+        hashes: Bytes::new(),
+    };
+    let stored_row = layout.stored_row_bytes();
+    let mut hashes = Vec::with_capacity(rows as usize * 32);
+    let mut served = Vec::with_capacity(layout.served_row_bytes());
+    for row in file[tensor.file_range.clone()].chunks_exact(stored_row.max(1)) {
+        served.clear();
+        convert_into(row, layout.stored, layout.served, &mut served);
+        hashes.extend_from_slice(blake3::hash(&served).as_bytes());
+    }
+    layout.hashes = Bytes::from(hashes);
+    layout
+}
+
+impl RowLayout {
+    fn stored_row_bytes(&self) -> usize {
+        (self.width * self.stored.size_bytes()) as usize
+    }
+
+    fn served_row_bytes(&self) -> usize {
+        (self.width * self.served.size_bytes()) as usize
+    }
 }
 
 fn read_tensors(path: &Path, file: &[u8]) -> Result<Vec<FileTensor>, Error> {
@@ -314,11 +459,13 @@ fn convert_dtype(dtype: safetensors::Dtype) -> Option<Dtype> {
 /// Groups tensors into the pinned `embeddings`, the family's layers in
 /// order and the classifier's `head`; tensors the engine never reads (a T5
 /// decoder, a masked-language-model head) are not served.
+#[allow(clippy::type_complexity)]
 fn group_into_components(
     path: &Path,
     tensors: Vec<FileTensor>,
     config: &ModelConfig,
-) -> Result<Vec<(String, Vec<FileTensor>)>, Error> {
+    word_table: &str,
+) -> Result<(Vec<(String, Vec<FileTensor>)>, Option<FileTensor>), Error> {
     let invalid = |detail: String| Error::InvalidModel {
         path: path.to_owned(),
         detail,
@@ -326,6 +473,7 @@ fn group_into_components(
     let mut pinned = Vec::new();
     let mut layers: BTreeMap<usize, Vec<FileTensor>> = BTreeMap::new();
     let mut head = Vec::new();
+    let mut word = None;
     let mut seen = std::collections::HashSet::new();
     for mut tensor in tensors {
         let canonical = config
@@ -347,13 +495,21 @@ fn group_into_components(
             )));
         }
         tensor.name = canonical;
+        let by_rows = tensor.name == word_table
+            && tensor.shape.len() == 2
+            && tensor.stored.is_float()
+            && tensor.shape.iter().all(|&dim| dim > 0);
+        if by_rows {
+            word = Some(tensor);
+            continue;
+        }
         match component {
             ModelComponent::Pinned => pinned.push(tensor),
             ModelComponent::Head => head.push(tensor),
             ModelComponent::Layer(index) => layers.entry(index).or_default().push(tensor),
         }
     }
-    if pinned.is_empty() {
+    if pinned.is_empty() && word.is_none() {
         return Err(invalid(format!(
             "it has none of the {} tensors all layers share",
             config.family().name()
@@ -383,7 +539,7 @@ fn group_into_components(
     if !head.is_empty() {
         groups.push((HEAD_COMPONENT.to_owned(), head));
     }
-    Ok(groups)
+    Ok((groups, word))
 }
 
 fn layout_of(tensors: &[FileTensor]) -> Layout {
@@ -447,28 +603,96 @@ fn describe_components(file: &[u8], groups: &[(String, Vec<FileTensor>)]) -> Vec
     described.into_iter().flatten().collect()
 }
 
+/// Describes a component as it will be served, reading each tensor in
+/// blocks and converting block by block: no component or tensor is ever
+/// copied whole to hash it.
 fn describe_component(file: &[u8], name: &str, tensors: &[FileTensor]) -> Component {
-    let component_bytes = assemble(file, &layout_of(tensors));
+    let mut whole = blake3::Hasher::new();
+    let mut chunks = ChunkHasher::new(DEFAULT_CHUNK_SIZE);
+    let mut converted = Vec::new();
     let mut offset = 0u64;
-    let entries = tensors
-        .iter()
-        .map(|tensor| {
-            let stored_len = tensor.file_range.len() as u64;
-            let byte_len = stored_len / tensor.stored.size_bytes() * tensor.dtype.size_bytes();
-            let bytes = &component_bytes[offset as usize..(offset + byte_len) as usize];
-            let entry = TensorEntry {
-                name: tensor.name.clone(),
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-                offset,
-                byte_len,
-                hash: Digest::of(bytes),
+    let mut entries = Vec::with_capacity(tensors.len());
+    for tensor in tensors {
+        let mut hasher = blake3::Hasher::new();
+        let block_bytes = HASH_BLOCK_ELEMENTS * tensor.stored.size_bytes() as usize;
+        let mut byte_len = 0u64;
+        for block in file[tensor.file_range.clone()].chunks(block_bytes) {
+            let served: &[u8] = if tensor.stored == tensor.dtype {
+                block
+            } else {
+                converted.clear();
+                convert_into(block, tensor.stored, tensor.dtype, &mut converted);
+                &converted
             };
-            offset += byte_len;
-            entry
-        })
-        .collect();
-    Component::describe(name, entries, &component_bytes, DEFAULT_CHUNK_SIZE)
+            hasher.update(served);
+            whole.update(served);
+            chunks.update(served);
+            byte_len += served.len() as u64;
+        }
+        entries.push(TensorEntry {
+            name: tensor.name.clone(),
+            dtype: tensor.dtype,
+            shape: tensor.shape.clone(),
+            offset,
+            byte_len,
+            hash: Digest(*hasher.finalize().as_bytes()),
+        });
+        offset += byte_len;
+    }
+    Component {
+        name: name.to_owned(),
+        byte_len: offset,
+        hash: Digest(*whole.finalize().as_bytes()),
+        chunk_hashes: chunks.finish(),
+        tensors: entries,
+    }
+}
+
+/// Elements hashed per block when a component is described.
+const HASH_BLOCK_ELEMENTS: usize = 1 << 18;
+
+/// blake3 of each `chunk_size` slice of a stream of bytes, as
+/// [`surf_transport::manifest::chunk_digests`] gives for the same bytes whole.
+struct ChunkHasher {
+    chunk_size: u64,
+    filled: u64,
+    current: blake3::Hasher,
+    digests: Vec<Digest>,
+}
+
+impl ChunkHasher {
+    fn new(chunk_size: u64) -> Self {
+        Self {
+            chunk_size: chunk_size.max(1),
+            filled: 0,
+            current: blake3::Hasher::new(),
+            digests: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let room = (self.chunk_size - self.filled) as usize;
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.current.update(now);
+            self.filled += now.len() as u64;
+            if self.filled == self.chunk_size {
+                self.digests
+                    .push(Digest(*self.current.finalize().as_bytes()));
+                self.current.reset();
+                self.filled = 0;
+            }
+            bytes = rest;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Digest> {
+        if self.filled > 0 {
+            self.digests
+                .push(Digest(*self.current.finalize().as_bytes()));
+        }
+        self.digests
+    }
 }
 
 /// A component's bytes as served: borrowed from the map where they sit back
@@ -865,6 +1089,7 @@ mod tests {
                 weight_dtype,
                 &bert_config(),
             )
+            .map(|(components, layouts, _)| (components, layouts))
         }
 
         fn arbitrary_files_are_refused_or_split(cases: u32) {
@@ -1002,6 +1227,7 @@ mod tests {
                     chunk_size: DEFAULT_CHUNK_SIZE,
                     weight_dtype,
                     components,
+                    row_tables: Vec::new(),
                 };
                 manifest.revision = manifest.compute_revision();
                 prop_assert!(manifest.validate().is_ok(), "{:?}", manifest.validate());

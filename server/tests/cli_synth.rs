@@ -216,9 +216,9 @@ fn a_head_size_beyond_the_attention_kernel_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let output = synth(
         &dir.path().join("model"),
-        &["--layers", "2", "--hidden", "256", "--heads", "2"],
+        &["--layers", "2", "--hidden", "1024", "--heads", "2"],
     );
-    assert_bad_input(&output, "head size 128");
+    assert_bad_input(&output, "head size 512");
     assert!(stderr(&output).contains("--heads 4"), "{}", stderr(&output));
 }
 
@@ -418,4 +418,47 @@ fn a_vocabulary_of_250002_rows_runs_under_the_default_limits() {
     assert_eq!(limited.len(), 384);
     let cosine: f64 = limited.iter().zip(&unlimited).map(|(a, b)| a * b).sum();
     assert!(cosine > 0.99999, "cosine {cosine}");
+}
+
+#[test]
+fn a_real_models_preset_sets_its_own_family() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = synth(
+        &dir.path().join("m"),
+        &["--preset", "qwen3-0.6b", "--family", "t5"],
+    );
+    assert_bad_input(&output, "--family");
+}
+
+#[test]
+fn a_small_qwen3_decoder_embeds_with_last_token_pooling() {
+    if surf_engine::gpu::gpu_for_tests().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("qwen3");
+    let output = synth(
+        &out,
+        &[
+            "--family", "qwen3", "--layers", "2", "--hidden", "128", "--heads", "2",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config.json"))
+            .expect("JSON");
+    assert_eq!(config["model_type"], "qwen3");
+    assert_eq!(config["head_dim"], 64);
+    let pooling = std::fs::read_to_string(out.join("1_Pooling/config.json")).expect("pooling");
+    assert!(pooling.contains("pooling_mode_lasttoken"), "{pooling}");
+    // Every tensor the family reads is in the file, norms included.
+    let header = safetensors_header(&out.join("model.safetensors"));
+    assert!(
+        header.contains_key("layers.1.self_attn.k_norm.weight"),
+        "{header:?}"
+    );
+    let embedded = surf(&["embed", "--model", utf8(&out), "a decoder"]);
+    assert!(embedded.status.success(), "{}", stderr(&embedded));
+    let line: serde_json::Value = serde_json::from_slice(&embedded.stdout).expect("one JSON line");
+    assert_eq!(line["embedding"].as_array().map(Vec::len), Some(128));
 }

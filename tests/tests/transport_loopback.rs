@@ -52,7 +52,14 @@ async fn manifest_lists_every_weight_and_carries_the_small_files() {
         .components
         .iter()
         .flat_map(|component| component.tensors.iter().map(|tensor| tensor.name.clone()))
+        .chain(manifest.row_tables.iter().map(|table| table.name.clone()))
         .collect();
+    let row_tables: Vec<_> = manifest
+        .row_tables
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(row_tables, ["embeddings.word_embeddings.weight"]);
     let in_file: BTreeSet<_> = file
         .keys()
         .filter(|name| name.as_str() != "embeddings.position_ids")

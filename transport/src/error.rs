@@ -109,6 +109,10 @@ pub enum Error {
     UnknownComponent { name: String },
     #[error("the manifest has no tensor named {name:?}")]
     UnknownTensor { name: String },
+    #[error("the manifest has no row table named {name:?}")]
+    UnknownRowTable { name: String },
+    #[error("row {row} is outside the {rows} rows of {table}")]
+    RowOutOfRange { table: String, row: u32, rows: u64 },
     #[error("the server announced {announced} bytes of {object} where {expected} were asked for")]
     LengthMismatch {
         object: String,
@@ -258,6 +262,8 @@ impl Error {
             | Error::DtypeUnavailable { .. }
             | Error::UnknownComponent { .. }
             | Error::UnknownTensor { .. }
+            | Error::UnknownRowTable { .. }
+            | Error::RowOutOfRange { .. }
             | Error::ObjectTooLarge { .. }
             | Error::InvertedRange { .. } => ErrorKind::BadInput,
             Error::Unauthorized => ErrorKind::Unauthorized,

@@ -203,6 +203,40 @@ pub fn chunk_digests(bytes: &[u8], chunk_size: u64) -> Vec<Digest> {
     bytes.chunks(chunk_size).map(Digest::of).collect()
 }
 
+/// Most rows one request may ask for: the request names them all, so this
+/// bounds its frame, and the reply is at most this many rows.
+pub const MAX_ROWS_PER_REQUEST: usize = 8192;
+
+/// A table that a client reads row by row instead of whole: the word
+/// embeddings, of which a batch uses a few hundred rows out of 150,000.
+/// Each row is hashed on its own, so that any set of rows can be checked;
+/// the list of those hashes (32 bytes a row, fetched once as
+/// [`crate::ObjectRef::RowHashes`]) is itself checked against `row_hashes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowTable {
+    /// The tensor's name without any checkpoint prefix.
+    pub name: String,
+    /// The dtype the rows are served in.
+    pub dtype: Dtype,
+    pub rows: u64,
+    /// Elements in a row.
+    pub width: u64,
+    /// blake3 of the concatenated blake3 digests of every row, in row order.
+    pub row_hashes: Digest,
+}
+
+impl RowTable {
+    /// Bytes of one row as served.
+    pub fn row_bytes(&self) -> u64 {
+        self.width.saturating_mul(self.dtype.size_bytes())
+    }
+
+    /// Bytes of the list of row hashes.
+    pub fn hash_list_bytes(&self) -> u64 {
+        self.rows.saturating_mul(32)
+    }
+}
+
 /// Everything a client needs to know before it fetches weights.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -221,6 +255,8 @@ pub struct Manifest {
     pub weight_dtype: Dtype,
     /// `embeddings`, then `encoder.layer.0..N`, then `pooler` when present.
     pub components: Vec<Component>,
+    /// Tables served by rows (the word embeddings), which no component holds.
+    pub row_tables: Vec<RowTable>,
 }
 
 impl Manifest {
@@ -228,6 +264,10 @@ impl Manifest {
         self.components
             .iter()
             .find(|component| component.name == name)
+    }
+
+    pub fn row_table(&self, name: &str) -> Option<&RowTable> {
+        self.row_tables.iter().find(|table| table.name == name)
     }
 
     pub fn file(&self, path: &str) -> Option<&[u8]> {
@@ -275,6 +315,13 @@ impl Manifest {
             hash_field(&mut hasher, component.name.as_bytes());
             hasher.update(&component.hash.0);
         }
+        for table in &self.row_tables {
+            hash_field(&mut hasher, table.name.as_bytes());
+            hash_field(&mut hasher, table.dtype.name().as_bytes());
+            hasher.update(&table.rows.to_le_bytes());
+            hasher.update(&table.width.to_le_bytes());
+            hasher.update(&table.row_hashes.0);
+        }
         hasher.finalize().to_hex().to_string()
     }
 
@@ -300,6 +347,9 @@ impl Manifest {
         }
         for component in &self.components {
             self.validate_component(component)?;
+        }
+        for table in &self.row_tables {
+            self.validate_row_table(table)?;
         }
         let computed = self.compute_revision();
         if computed != self.revision {
@@ -345,6 +395,29 @@ impl Manifest {
                 component.name,
                 component.chunk_hashes.len(),
                 component.byte_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// A row table's rows and its hash list must each fit what a client
+    /// accepts as one object, and its rows be in the served dtype.
+    fn validate_row_table(&self, table: &RowTable) -> Result<(), Error> {
+        if table.dtype != self.weight_dtype {
+            return Err(invalid(format!(
+                "row table {} is {} in a manifest of {} weights",
+                table.name, table.dtype, self.weight_dtype
+            )));
+        }
+        let largest_reply = table.row_bytes().checked_mul(MAX_ROWS_PER_REQUEST as u64);
+        if table.rows == 0
+            || table.width == 0
+            || largest_reply.is_none_or(|bytes| bytes > MAX_COMPONENT_BYTES)
+            || table.hash_list_bytes() > MAX_COMPONENT_BYTES
+        {
+            return Err(invalid(format!(
+                "row table {} of {} rows of {} elements is empty or beyond {MAX_COMPONENT_BYTES} bytes a request",
+                table.name, table.rows, table.width
             )));
         }
         Ok(())
@@ -417,6 +490,7 @@ mod tests {
             chunk_size: 4,
             weight_dtype: Dtype::F32,
             components: vec![Component::describe("pooler", vec![tensor], &bytes, 4)],
+            row_tables: Vec::new(),
         };
         manifest.revision = manifest.compute_revision();
         manifest
@@ -538,6 +612,7 @@ mod tests {
                     &bytes,
                     4,
                 )],
+                row_tables: Vec::new(),
             });
             assert!(
                 matches!(manifest.validate(), Err(Error::InvalidManifest { .. })),
@@ -575,6 +650,7 @@ mod tests {
             chunk_size: 8,
             weight_dtype,
             components: vec![Component::describe("pooler", vec![tensor], &bytes, 8)],
+            row_tables: Vec::new(),
         };
         manifest.revision = manifest.compute_revision();
         manifest

@@ -22,8 +22,10 @@ use crate::manifest::{Dtype, Manifest};
 
 /// Version of the messages below; bump it whenever they change.
 /// v2: `Hello` states the weight dtype wanted, the manifest the one served.
-/// v3: `Hello` names the model wanted, of those a server serves.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// v3: the word table leaves the `embeddings` component for the manifest's
+/// row tables, read by rows ([`ObjectRef::Rows`], [`ObjectRef::RowHashes`]).
+/// v4: `Hello` names the model wanted, of those a server serves.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// TLS application protocol name: only surf peers complete a handshake.
 pub const ALPN: &[u8] = b"surf-weights";
 /// First bytes of both handshake frames.
@@ -34,7 +36,9 @@ pub mod limits {
     pub const HELLO: usize = 4 * 1024;
     /// The manifest carries the tokenizer, which can run to megabytes.
     pub const HELLO_REPLY: usize = 64 * 1024 * 1024;
-    pub const FETCH_REQUEST: usize = 4 * 1024;
+    /// Room for a rows request: up to `MAX_ROWS_PER_REQUEST` ids of at most
+    /// 5 bytes each (postcard's varints), and the table's name.
+    pub const FETCH_REQUEST: usize = 5 * crate::manifest::MAX_ROWS_PER_REQUEST + 4 * 1024;
     pub const FETCH_REPLY: usize = 4 * 1024;
     /// What a frame's buffer starts at before its body arrives: small
     /// messages fit at once, larger ones grow from here as bytes arrive.
@@ -130,6 +134,13 @@ pub enum ObjectRef {
     Component(String),
     /// A tensor by its prefix-free name.
     Tensor(String),
+    /// The 32-byte blake3 digests of every row of a row table, in row order.
+    RowHashes(String),
+    /// Rows of a row table, back to back in the order given.
+    Rows {
+        table: String,
+        rows: Vec<u32>,
+    },
 }
 
 impl fmt::Display for ObjectRef {
@@ -137,6 +148,8 @@ impl fmt::Display for ObjectRef {
         match self {
             ObjectRef::Component(name) => write!(f, "component {name}"),
             ObjectRef::Tensor(name) => write!(f, "tensor {name}"),
+            ObjectRef::RowHashes(name) => write!(f, "row hashes of {name}"),
+            ObjectRef::Rows { table, rows } => write!(f, "{} rows of {table}", rows.len()),
         }
     }
 }
@@ -163,6 +176,10 @@ pub enum FetchReply {
 pub enum FetchRefusal {
     #[error("no such object")]
     UnknownObject,
+    #[error("row {row} is outside the {rows} rows of the table")]
+    RowOutOfBounds { row: u32, rows: u64 },
+    #[error("{asked} rows asked for at once; at most {limit} are served a request")]
+    TooManyRows { asked: u64, limit: u64 },
     #[error("range {start}..{end} is outside the object's {len} bytes")]
     RangeOutOfBounds { start: u64, end: u64, len: u64 },
     #[error("request of {len} bytes exceeds the {limit}-byte limit")]
@@ -179,7 +196,10 @@ impl FetchRefusal {
     pub(crate) fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            FetchRefusal::UnknownObject | FetchRefusal::RangeOutOfBounds { .. }
+            FetchRefusal::UnknownObject
+                | FetchRefusal::RangeOutOfBounds { .. }
+                | FetchRefusal::RowOutOfBounds { .. }
+                | FetchRefusal::TooManyRows { .. }
         )
     }
 
@@ -312,6 +332,28 @@ mod tests {
         };
         let frame = encode_frame("fetch request", &request, limits::FETCH_REQUEST)
             .expect("a small request encodes");
+        let decoded: FetchRequest = read_frame(
+            &mut frame.as_slice(),
+            "fetch request",
+            limits::FETCH_REQUEST,
+        )
+        .await
+        .expect("decodes");
+        assert_eq!(decoded, request);
+    }
+
+    #[tokio::test]
+    async fn a_request_for_the_most_rows_of_the_largest_ids_fits_its_frame() {
+        let request = FetchRequest {
+            object: ObjectRef::Rows {
+                table: "embed_tokens.weight".into(),
+                rows: vec![u32::MAX; crate::manifest::MAX_ROWS_PER_REQUEST],
+            },
+            start: 0,
+            end: u64::MAX,
+        };
+        let frame = encode_frame("fetch request", &request, limits::FETCH_REQUEST)
+            .expect("the largest rows request fits the limit");
         let decoded: FetchRequest = read_frame(
             &mut frame.as_slice(),
             "fetch request",

@@ -385,6 +385,7 @@ fn build_manifest(
         chunk_size,
         weight_dtype,
         components,
+        row_tables: Vec::new(),
     };
     manifest.revision = manifest.compute_revision();
     manifest

@@ -114,7 +114,9 @@ impl Engine {
             }
         }
         let mut word_rows = Vec::new();
+        let received = self.words.received();
         self.words.gather(&word_ids, &mut word_rows)?;
+        state.pager.counters.bytes_fetched += self.words.received() - received;
         let queue = &self.gpu.queue;
         queue.write_buffer(&batch.tokens, 0, bytemuck::cast_slice(&token_rows));
         queue.write_buffer(&batch.word_rows, 0, bytemuck::cast_slice(&word_rows));

@@ -93,6 +93,11 @@ impl WordTable {
     fn gather(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
         self.tensors.gather_rows(self.name, &self.shape, ids, out)
     }
+
+    /// Bytes of rows fetched from a weight server since the engine started.
+    fn received(&self) -> u64 {
+        self.tensors.bytes_received()
+    }
 }
 
 /// Computes sentence embeddings (or a classifier's scores) on the GPU.

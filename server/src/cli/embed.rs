@@ -105,6 +105,9 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         let report = serde_json::json!({
             "stats": engine.inference_stats()?,
             "cache": engine.cache_info()?,
+            "memory": {
+                "peak_rss_bytes": surf_engine::process_memory::peak_rss_bytes(),
+            },
         });
         eprintln!("{report}");
     }

@@ -80,6 +80,10 @@ pub struct EngineArgs {
     /// Host memory for layers evicted from the GPU, in MiB.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub host_cache_mb: u64,
+    /// Host memory for word-table rows fetched from a weight server, in MiB:
+    /// a batch asks for the rows its tokens use that are not held yet.
+    #[arg(long, value_name = "N", default_value_t = surf_engine::remote_rows::DEFAULT_ROW_CACHE_BYTES >> 20)]
+    pub word_cache_mb: u64,
     /// Layers fetched and uploaded ahead of the one computing.
     #[arg(long, value_name = "D", default_value_t = 2)]
     pub prefetch: usize,
@@ -257,7 +261,7 @@ impl EngineArgs {
         config.timeouts.fetch = Duration::from_secs(self.fetch_timeout);
         config.weight_dtype = self.dtype.wire();
         config.model = model;
-        Ok(RemoteSource::connect(config)?)
+        Ok(RemoteSource::connect(config)?.with_row_cache_bytes(self.word_cache_mb << 20))
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use surf_engine::Error as EngineError;
 use surf_engine::kernels::attention::MAX_HEAD_DIM;
-use surf_engine::synth::{SynthFamily, SynthSpec, write_model};
+use surf_engine::synth::{SynthFamily, SynthPreset, SynthSpec, write_model};
 
 /// The MiniLM tokenizer, relative to the working directory: its vocabulary
 /// fits the 30522 rows of the generated embedding table.
@@ -20,6 +20,31 @@ pub enum Preset {
     Base,
     /// 24 layers, hidden 1024, 16 heads, intermediate 4096.
     Large,
+    /// TinyLlama-1.1B's shape (a LLaMA decoder, about 4.4 GB in f32).
+    #[value(name = "tinyllama")]
+    TinyLlama,
+    /// Qwen3-Embedding-0.6B's shape (about 2.4 GB in f32).
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6B,
+    /// Qwen3-Embedding-4B's shape (about 8 GB in f16).
+    #[value(name = "qwen3-4b")]
+    Qwen3_4B,
+    /// Qwen3-Embedding-8B's shape (about 15 GB in f16).
+    #[value(name = "qwen3-8b")]
+    Qwen3_8B,
+}
+
+impl Preset {
+    /// The real model whose shape the preset is, if it is one.
+    fn real_model(self) -> Option<SynthPreset> {
+        match self {
+            Preset::Base | Preset::Large => None,
+            Preset::TinyLlama => Some(SynthPreset::TinyLlama),
+            Preset::Qwen3_0_6B => Some(SynthPreset::Qwen3_0_6B),
+            Preset::Qwen3_4B => Some(SynthPreset::Qwen3_4B),
+            Preset::Qwen3_8B => Some(SynthPreset::Qwen3_8B),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -28,6 +53,8 @@ pub enum Family {
     XlmRoberta,
     Mpnet,
     T5,
+    Llama,
+    Qwen3,
 }
 
 impl Family {
@@ -37,6 +64,8 @@ impl Family {
             Family::XlmRoberta => SynthFamily::XlmRoberta,
             Family::Mpnet => SynthFamily::MPNet,
             Family::T5 => SynthFamily::T5,
+            Family::Llama => SynthFamily::Llama,
+            Family::Qwen3 => SynthFamily::Qwen3,
         }
     }
 }
@@ -73,7 +102,9 @@ pub struct SynthArgs {
     pub out: PathBuf,
     /// The model family: BERT, XLM-RoBERTa (positions past the padding id,
     /// one token type), MPNet (relative position bias) or a T5 encoder
-    /// (RMS norms, gated feed-forward, relative position bias).
+    /// (RMS norms, gated feed-forward, relative position bias), or a LLaMA
+    /// or Qwen3 decoder (rotary positions, grouped-query attention, SwiGLU,
+    /// last-token pooling). The presets of real models set their own.
     #[arg(long, value_enum, default_value_t = Family::Bert)]
     pub family: Family,
     /// A sequence classifier (a cross-encoder) with N labels instead of an
@@ -84,7 +115,8 @@ pub struct SynthArgs {
     /// tokenizer's]; 250002 is XLM-R's.
     #[arg(long, value_name = "V")]
     pub vocab: Option<usize>,
-    /// A standard BERT shape instead of --layers and --hidden.
+    /// A standard BERT shape, or a real model's (TinyLlama-1.1B,
+    /// Qwen3-Embedding 0.6B, 4B or 8B), instead of --layers and --hidden.
     #[arg(long, value_enum, conflicts_with_all = ["layers", "hidden", "heads", "intermediate"])]
     pub preset: Option<Preset>,
     /// Encoder layers.
@@ -129,9 +161,19 @@ fn invalid(message: String) -> EngineError {
 
 /// The shape the flags ask for, refused when the engine could not run it.
 pub fn spec_from_args(args: &SynthArgs) -> Result<SynthSpec, EngineError> {
+    if let Some(real) = args.preset.and_then(Preset::real_model) {
+        if args.family != Family::Bert {
+            return Err(invalid(
+                "--preset of a real model sets its own family; drop --family".into(),
+            ));
+        }
+        let mut spec = SynthSpec::preset(real);
+        return finish_spec(args, &mut spec).map(|()| spec);
+    }
     let mut spec = match (args.preset, args.layers, args.hidden) {
         (Some(Preset::Base), _, _) => SynthSpec::bert_base(),
         (Some(Preset::Large), _, _) => SynthSpec::bert_large(),
+        (Some(_), _, _) => unreachable!("real models' presets return above"),
         (None, Some(layers), Some(hidden)) => {
             if layers == 0 {
                 return Err(invalid("--layers must be at least 1".into()));
@@ -177,25 +219,37 @@ pub fn spec_from_args(args: &SynthArgs) -> Result<SynthSpec, EngineError> {
             spec.hidden, spec.heads
         )));
     }
+    spec.family = args.family.synth();
+    if spec.is_decoder() {
+        spec.hidden_act = "silu".into();
+    }
+    finish_spec(args, &mut spec)?;
+    Ok(spec)
+}
+
+/// Applies the flags every shape takes (dtype, seed, vocabulary, labels) and
+/// checks the config as the engine will.
+fn finish_spec(args: &SynthArgs, spec: &mut SynthSpec) -> Result<(), EngineError> {
     spec.dtype = args.dtype.safetensors();
     spec.seed = args.seed;
-    spec.family = args.family.synth();
     if let Some(vocab) = args.vocab {
         spec.vocab_size = vocab;
     }
-    match (args.labels, args.family) {
+    match (args.labels, spec.family) {
         (Some(0), _) => return Err(invalid("--labels must be at least 1".into())),
-        (Some(_), Family::Mpnet | Family::T5) => {
+        (Some(_), SynthFamily::Bert | SynthFamily::XlmRoberta) | (None, _) => {
+            spec.labels = args.labels
+        }
+        (Some(_), _) => {
             return Err(invalid(
                 "--labels makes BERT and XLM-RoBERTa classifiers only".into(),
             ));
         }
-        (labels, _) => spec.labels = labels,
     }
     // What the engine checks when it loads the folder, so that a shape it would
     // refuse is refused here, before minutes of writing.
     spec.model_config(&args.out.join("config.json"))?;
-    Ok(spec)
+    Ok(())
 }
 
 /// Weights in the generated checkpoint.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use surf_transport::ObjectRef;
+use surf_transport::manifest::MAX_ROWS_PER_REQUEST;
 use surf_transport::wire::{self, FetchRefusal, FetchReply, FetchRequest, limits, stream_code};
 
 use crate::fault::SliceAction;
@@ -83,19 +84,52 @@ async fn resolve(
             let (component, tensor) = manifest.tensor(name).ok_or(FetchRefusal::UnknownObject)?;
             (component.name.as_str(), tensor.byte_range())
         }
+        ObjectRef::RowHashes(table) => {
+            let table = manifest
+                .row_table(table)
+                .ok_or(FetchRefusal::UnknownObject)?;
+            check_range(request, table.hash_list_bytes())?;
+            let hashes = served.origin.row_hashes(&table.name).await?;
+            return Ok(hashes.slice(request.start as usize..request.end as usize));
+        }
+        ObjectRef::Rows { table, rows } => {
+            let table = manifest
+                .row_table(table)
+                .ok_or(FetchRefusal::UnknownObject)?;
+            if rows.len() > MAX_ROWS_PER_REQUEST {
+                return Err(FetchRefusal::TooManyRows {
+                    asked: rows.len() as u64,
+                    limit: MAX_ROWS_PER_REQUEST as u64,
+                });
+            }
+            if let Some(&row) = rows.iter().find(|&&row| u64::from(row) >= table.rows) {
+                return Err(FetchRefusal::RowOutOfBounds {
+                    row,
+                    rows: table.rows,
+                });
+            }
+            check_range(request, rows.len() as u64 * table.row_bytes())?;
+            let bytes = served.origin.rows(&table.name, rows.clone()).await?;
+            return Ok(bytes.slice(request.start as usize..request.end as usize));
+        }
     };
-    let object_len = object_range.end - object_range.start;
-    if request.start > request.end || request.end > object_len {
-        return Err(FetchRefusal::RangeOutOfBounds {
-            start: request.start,
-            end: request.end,
-            len: object_len,
-        });
-    }
+    check_range(request, object_range.end - object_range.start)?;
     let component_bytes = component_bytes(shared, served, component_name).await?;
     let start = (object_range.start + request.start) as usize;
     let end = (object_range.start + request.end) as usize;
     Ok(component_bytes.slice(start..end))
+}
+
+/// Refuses a range that does not lie inside an object of `len` bytes.
+fn check_range(request: &FetchRequest, len: u64) -> Result<(), FetchRefusal> {
+    if request.start > request.end || request.end > len {
+        return Err(FetchRefusal::RangeOutOfBounds {
+            start: request.start,
+            end: request.end,
+            len,
+        });
+    }
+    Ok(())
 }
 
 /// A component's bytes, looked up in order: the mapped model file, this
@@ -176,6 +210,12 @@ async fn send_payload(
                 }
             }
             shared.stats.bytes_served.add(len);
+            if matches!(
+                request.object,
+                ObjectRef::Rows { .. } | ObjectRef::RowHashes(_)
+            ) {
+                shared.stats.row_bytes_served.add(len);
+            }
             offset += len;
         }
         Ok(())

@@ -9,6 +9,7 @@ mod config;
 mod fetch;
 mod handshake;
 mod links;
+mod rows;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -41,6 +42,8 @@ struct ClientInner {
     endpoint: quinn::Endpoint,
     manifest: Manifest,
     servers: Mutex<Servers>,
+    /// Each row table's list of row hashes, fetched on first use.
+    row_hashes: rows::RowHashLists,
 }
 
 impl WeightClient {
@@ -91,6 +94,7 @@ impl WeightClient {
                             endpoint,
                             manifest,
                             servers: Mutex::new(servers),
+                            row_hashes: rows::RowHashLists::default(),
                         }),
                     });
                 }
