@@ -22,10 +22,10 @@ use crate::manifest::{Dtype, Manifest};
 
 /// Version of the messages below; bump it whenever they change.
 /// v2: `Hello` states the weight dtype wanted, the manifest the one served.
-/// v3: `Hello` names the model wanted, of those a server serves; the word
-/// table leaves the `embeddings` component for the manifest's row tables,
-/// read by rows ([`ObjectRef::Rows`], [`ObjectRef::RowHashes`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// v3: the word table leaves the `embeddings` component for the manifest's
+/// row tables, read by rows ([`ObjectRef::Rows`], [`ObjectRef::RowHashes`]).
+/// v4: `Hello` names the model wanted, of those a server serves.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// TLS application protocol name: only surf peers complete a handshake.
 pub const ALPN: &[u8] = b"surf-weights";
 /// First bytes of both handshake frames.
