@@ -312,9 +312,10 @@ async fn a_bf16_checkpoint_is_served_converted_by_value() {
     // The values f16 cannot hold, and the bits that reinterpreting would give.
     let server = serve(folder.path(), Dtype::F16).await;
     let client = connect(&[&server], Dtype::F16).await;
-    // The word table is served by rows: the first holds the values.
+    // The word table ([4, 2]) is served by rows: the first three hold the
+    // values checked.
     let word = client
-        .fetch_rows("embeddings.word_embeddings.weight", &[0])
+        .fetch_rows("embeddings.word_embeddings.weight", &[0, 1, 2])
         .await
         .expect("the row arrives");
     let values: Vec<f16> = word
