@@ -105,9 +105,6 @@ fn default_max_positions() -> usize {
     2048
 }
 
-/// The attention kinds a layer may have.
-const SUPPORTED_LAYER_TYPES: &str = "full_attention, sliding_attention";
-
 impl LlamaConfig {
     pub fn variant(&self) -> Variant {
         Variant::from_model_type(&self.model_type).unwrap_or(Variant::Llama)
@@ -195,29 +192,7 @@ impl LlamaConfig {
                 supported: "1.0",
             });
         }
-        if let Some(types) = &self.layer_types {
-            if types.len() != self.num_hidden_layers {
-                return Err(Error::bad_model(
-                    path,
-                    format!(
-                        "layer_types has {} entries for {} layers",
-                        types.len(),
-                        self.num_hidden_layers
-                    ),
-                ));
-            }
-            if let Some(other) = types
-                .iter()
-                .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
-            {
-                return Err(Error::Unsupported {
-                    path: path.into(),
-                    field: "layer_types",
-                    value: other.clone(),
-                    supported: SUPPORTED_LAYER_TYPES,
-                });
-            }
-        }
+        super::validate_layer_types(path, self.layer_types.as_deref(), self.num_hidden_layers)?;
         if self.num_attention_heads == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(Error::bad_model(
                 path,

@@ -500,6 +500,39 @@ fn validate_dims(path: &Path, dims: &Dims, position_rows: Option<usize>) -> Resu
     Ok(())
 }
 
+/// Checks `layer_types` (transformers 5's per-layer attention kinds), where
+/// a config has it: one entry per layer, each a kind the engine runs.
+pub(crate) fn validate_layer_types(
+    path: &Path,
+    types: Option<&[String]>,
+    layers: usize,
+) -> Result<()> {
+    let Some(types) = types else {
+        return Ok(());
+    };
+    if types.len() != layers {
+        return Err(Error::bad_model(
+            path,
+            format!(
+                "layer_types has {} entries for {layers} layers",
+                types.len()
+            ),
+        ));
+    }
+    if let Some(other) = types
+        .iter()
+        .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
+    {
+        return Err(Error::Unsupported {
+            path: path.into(),
+            field: "layer_types",
+            value: other.clone(),
+            supported: "full_attention, sliding_attention",
+        });
+    }
+    Ok(())
+}
+
 /// What the engine and the pager need of a family: packing its pinned
 /// tensors and its layers, and recording its kernels.
 pub trait Architecture: Send + Sync {

@@ -160,29 +160,7 @@ impl ModernBertConfig {
                 ),
             ));
         }
-        if let Some(types) = &self.layer_types {
-            if types.len() != self.num_hidden_layers {
-                return Err(Error::bad_model(
-                    path,
-                    format!(
-                        "layer_types has {} entries for {} layers",
-                        types.len(),
-                        self.num_hidden_layers
-                    ),
-                ));
-            }
-            if let Some(other) = types
-                .iter()
-                .find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention"))
-            {
-                return Err(Error::Unsupported {
-                    path: path.into(),
-                    field: "layer_types",
-                    value: other.clone(),
-                    supported: "full_attention, sliding_attention",
-                });
-            }
-        }
+        super::validate_layer_types(path, self.layer_types.as_deref(), self.num_hidden_layers)?;
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(Error::bad_model(path, "`norm_eps` must be positive"));
         }
