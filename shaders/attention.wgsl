@@ -24,6 +24,13 @@
 // fixes HEAD_DIM4, which turns the loops over the head into constant-bound
 // loops that a GPU compiler unrolls, keeping the query and accumulator arrays
 // in registers.
+//
+// `Compute` is the type the keys, values and query are held and multiplied
+// in. The half family's kernel (`surf_shaders::half_arithmetic`) makes it
+// f16: the key and value blocks take half the workgroup memory, so a block
+// holds twice the keys, and the products are rounded to f16 before they are
+// summed in f32. The running maximum and sum, the scores and the output
+// accumulators stay f32, so the softmax is as exact as the f32 kernel's.
 
 struct Params {
     seq: u32,
@@ -52,10 +59,30 @@ const KEY_BLOCK: u32 = 16u;
 const MAX_DIM4: u32 = 16u;
 // The head size / 4 when fixed at compile time, 0 when read from the parameters.
 const HEAD_DIM4: u32 = 0u;
+alias Compute = f32;
+// 1 where `Compute` is f16.
+const HALF_ARITHMETIC: u32 = 0u;
 
-var<workgroup> keys: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
-var<workgroup> values: array<vec4<f32>, KEY_BLOCK * MAX_DIM4>;
+var<workgroup> keys: array<vec4<Compute>, KEY_BLOCK * MAX_DIM4>;
+var<workgroup> values: array<vec4<Compute>, KEY_BLOCK * MAX_DIM4>;
 var<workgroup> bias: array<f32, KEY_BLOCK>;
+
+// `acc` plus the products of four query and key elements. Both branches
+// type-check for either `Compute`; the constant condition leaves one.
+fn add_products(q: vec4<Compute>, k: vec4<Compute>, acc: vec4<f32>) -> vec4<f32> {
+    if (HALF_ARITHMETIC == 1u) {
+        return acc + vec4<f32>(q * k);
+    }
+    return fma(vec4<f32>(q), vec4<f32>(k), acc);
+}
+
+// `acc` plus four value elements weighted by the probability `p`.
+fn add_weighted(p: f32, v: vec4<Compute>, acc: vec4<f32>) -> vec4<f32> {
+    if (HALF_ARITHMETIC == 1u) {
+        return acc + vec4<f32>(vec4<Compute>(vec4<f32>(p)) * v);
+    }
+    return fma(vec4<f32>(p), vec4<f32>(v), acc);
+}
 
 // Whether `query` sees `key` under the layer's window.
 fn visible(query: u32, key: u32) -> bool {
@@ -91,12 +118,12 @@ fn main(
     let keys_begin = first_query - min(first_query, params.window_before);
     let keys_end = min(seq, last_query + min(params.window_after, seq) + 1u);
 
-    var q: array<vec4<f32>, MAX_DIM4>;
+    var q: array<vec4<Compute>, MAX_DIM4>;
     var acc: array<vec4<f32>, MAX_DIM4>;
     if (in_range) {
         let base = (first_row + query) * row_stride4 + head4;
         for (var d = 0u; d < dim4; d++) {
-            q[d] = qkv[base + d] * params.scale;
+            q[d] = vec4<Compute>(qkv[base + d] * params.scale);
             acc[d] = vec4<f32>(0.0);
         }
     }
@@ -109,8 +136,8 @@ fn main(
             let j = e / dim4;
             let d = e % dim4;
             let row = (first_row + k0 + j) * row_stride4;
-            keys[j * MAX_DIM4 + d] = qkv[row + key4 + d];
-            values[j * MAX_DIM4 + d] = qkv[row + value4 + d];
+            keys[j * MAX_DIM4 + d] = vec4<Compute>(qkv[row + key4 + d]);
+            values[j * MAX_DIM4 + d] = vec4<Compute>(qkv[row + value4 + d]);
         }
         if (lane < block) {
             bias[lane] = mask[first_row + k0 + lane];
@@ -124,7 +151,7 @@ fn main(
                 }
                 var dot4 = vec4<f32>(0.0);
                 for (var d = 0u; d < dim4; d++) {
-                    dot4 = fma(q[d], keys[j * MAX_DIM4 + d], dot4);
+                    dot4 = add_products(q[d], keys[j * MAX_DIM4 + d], dot4);
                 }
                 var score = dot4.x + dot4.y + dot4.z + dot4.w + bias[j];
                 if (has_position_bias) {
@@ -141,7 +168,7 @@ fn main(
                 let p = exp(score - running_max);
                 running_sum += p;
                 for (var d = 0u; d < dim4; d++) {
-                    acc[d] = fma(vec4<f32>(p), values[j * MAX_DIM4 + d], acc[d]);
+                    acc[d] = add_weighted(p, values[j * MAX_DIM4 + d], acc[d]);
                 }
             }
         }

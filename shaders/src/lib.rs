@@ -410,6 +410,22 @@ mod tests {
     }
 
     #[test]
+    fn half_arithmetic_keeps_the_attention_softmax_and_buffers_f32() {
+        let half = half_arithmetic(ATTENTION);
+        assert!(half.starts_with("enable f16;\n"));
+        assert!(half.contains("var<workgroup> keys: array<vec4<Compute>"));
+        assert!(half.contains("var<workgroup> values: array<vec4<Compute>"));
+        assert!(half.contains("const HALF_ARITHMETIC: u32 = 1u;"));
+        // The scores, running maximum and sum, accumulators and buffers
+        // are spelled f32 and stay so.
+        assert_eq!(
+            half.matches("f32").count(),
+            ATTENTION.matches("f32").count() - 1
+        );
+        assert!(half.contains("var acc: array<vec4<f32>, MAX_DIM4>;"));
+    }
+
+    #[test]
     #[should_panic(expected = "no single `alias Compute = f32;` line")]
     fn half_arithmetic_rejects_a_kernel_without_a_compute_type() {
         half_arithmetic(MATMUL_TILED);

@@ -4,9 +4,10 @@
 //! `attention_subgroups` kernels (subgroup8; heads of 32 to 256, subgroups of
 //! at least 8 invocations) share keys and probabilities across a subgroup and
 //! are several times faster on software rasterizers. `attention.wgsl` is the
-//! portable kernel for any head size, and, specialized to a fixed head size
-//! with a larger key block, the tiled family's. Head sizes a family has no
-//! kernel for run the portable one.
+//! portable kernel for any head size, and, specialized to a fixed head size,
+//! the tiled family's; made to hold and multiply keys, values and queries in
+//! f16 (`surf_shaders::half_arithmetic`), with twice the keys per block, the
+//! half family's. Head sizes a family has no kernel for run the portable one.
 
 use super::family::KernelFamily;
 use super::{Access, DispatchPlan, Kernel, LazyKernel, subgroup_kernels};
@@ -147,18 +148,21 @@ impl AttentionOptions<'_> {
     }
 }
 
-/// Head sizes with a kernel of the tiled family.
+/// Head sizes with a kernel of the tiled family, and of the half family.
 pub const TILED_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 /// Head sizes with a kernel of the subgroup8 family.
 pub const SUBGROUP_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
 /// The portable kernel's variants: each takes any head size up to its own.
 pub const PORTABLE_MAX_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// Keys per block: 4 KiB of keys and 4 KiB of values in workgroup memory
-/// whatever the head size, within the 16 KiB every adapter offers, and at
-/// most one key per query lane (the mask load needs it).
-fn key_block(head_dim: usize) -> u32 {
-    (1024 / head_dim as u32).min(QUERIES_PER_GROUP)
+/// Keys per block for keys and values of `element_bytes` each: 4 KiB of
+/// keys and 4 KiB of values in workgroup memory whatever the head size,
+/// within the 16 KiB every adapter offers and leaving room for several
+/// workgroups per compute unit, and at most one key per query lane (the
+/// mask load needs it). f16 blocks hold twice the keys in the same memory,
+/// which halves the barriers per query.
+fn key_block(head_dim: usize, element_bytes: usize) -> u32 {
+    (4096 / (head_dim * element_bytes) as u32).min(QUERIES_PER_GROUP)
 }
 
 /// The portable kernel for heads of up to `max_head_dim`, read from the
@@ -167,7 +171,7 @@ pub fn portable_source(max_head_dim: usize) -> String {
     surf_shaders::specialize(
         surf_shaders::ATTENTION,
         &[
-            ("KEY_BLOCK", key_block(max_head_dim)),
+            ("KEY_BLOCK", key_block(max_head_dim, 4)),
             ("MAX_DIM4", max_head_dim as u32 / 4),
         ],
     )
@@ -176,11 +180,24 @@ pub fn portable_source(max_head_dim: usize) -> String {
 /// The tiled family's attention for heads of `head_dim`: the portable
 /// kernel specialized to that head size.
 pub fn tiled_source(head_dim: usize) -> String {
+    fixed_head_source(head_dim, 4)
+}
+
+/// The half family's attention for heads of `head_dim`: the tiled kernel
+/// holding and multiplying keys, values and queries in f16, with f32
+/// scores, softmax and accumulators. Needs `SHADER_F16`.
+pub fn half_source(head_dim: usize) -> String {
+    surf_shaders::half_arithmetic(&fixed_head_source(head_dim, 2))
+}
+
+/// `attention.wgsl` specialized to heads of `head_dim`, with a key block
+/// for keys and values of `element_bytes` each.
+fn fixed_head_source(head_dim: usize, element_bytes: usize) -> String {
     let dim4 = head_dim as u32 / 4;
     surf_shaders::specialize(
         surf_shaders::ATTENTION,
         &[
-            ("KEY_BLOCK", key_block(head_dim)),
+            ("KEY_BLOCK", key_block(head_dim, element_bytes)),
             ("MAX_DIM4", dim4),
             ("HEAD_DIM4", dim4),
         ],
@@ -194,6 +211,9 @@ pub struct Attention {
     subgroups: Vec<(usize, LazyKernel)>,
     /// `(head_dim, kernel)` of the tiled family's kernels.
     tiled: Vec<(usize, LazyKernel)>,
+    /// `(head_dim, kernel)` of the half family's kernels, where the adapter
+    /// has f16 arithmetic.
+    half: Vec<(usize, LazyKernel)>,
 }
 
 impl Attention {
@@ -208,15 +228,18 @@ impl Attention {
         .into_iter()
         .map(|(head_dim, kernel)| (head_dim as usize, kernel))
         .collect();
-        let tiled = TILED_HEAD_DIMS
-            .into_iter()
-            .filter(|_| KernelFamily::Tiled.unsupported_reason(gpu).is_none())
-            .map(|head_dim| {
-                let source = tiled_source(head_dim);
-                let kernel = LazyKernel::new(gpu, "attention_tiled", &source, &storage);
-                (head_dim, kernel)
-            })
-            .collect();
+        let fixed_head = |family: KernelFamily, label: &'static str, source: fn(usize) -> String| {
+            TILED_HEAD_DIMS
+                .into_iter()
+                .filter(|_| family.unsupported_reason(gpu).is_none())
+                .map(|head_dim| {
+                    let kernel = LazyKernel::new(gpu, label, &source(head_dim), &storage);
+                    (head_dim, kernel)
+                })
+                .collect::<Vec<_>>()
+        };
+        let tiled = fixed_head(KernelFamily::Tiled, "attention_tiled", tiled_source);
+        let half = fixed_head(KernelFamily::Half, "attention_half", half_source);
         let portable = PORTABLE_MAX_HEAD_DIMS
             .into_iter()
             .map(|max| {
@@ -228,6 +251,7 @@ impl Attention {
             portable,
             subgroups,
             tiled,
+            half,
         }
     }
 
@@ -267,9 +291,13 @@ impl Attention {
                 Some(kernel) => (kernel.get(), SUBGROUP_QUERIES),
                 None => (portable, QUERIES_PER_GROUP),
             },
-            // The blocked and half families run the tiled attention.
-            KernelFamily::Tiled | KernelFamily::Blocked | KernelFamily::Half => (
+            // The blocked family runs the tiled attention.
+            KernelFamily::Tiled | KernelFamily::Blocked => (
                 of_head(&self.tiled, head_dim).unwrap_or(portable),
+                QUERIES_PER_GROUP,
+            ),
+            KernelFamily::Half => (
+                of_head(&self.half, head_dim).unwrap_or(portable),
                 QUERIES_PER_GROUP,
             ),
             KernelFamily::Portable => (portable, QUERIES_PER_GROUP),

@@ -42,10 +42,12 @@ pub enum KernelFamily {
     /// register blocks, the next K step prefetched into registers, shorter
     /// tiles when m is short); its attention and LayerNorm are the tiled ones.
     Blocked,
-    /// The blocked matmul computing in f16 with f32 accumulators, on adapters
-    /// with `SHADER_F16`; its attention and LayerNorm are the tiled ones.
-    /// Measured only for engines whose weights are f16, whose vectors already
-    /// stand at the f16 bar.
+    /// The blocked matmul and the tiled attention computing in f16 with f32
+    /// accumulators, on adapters with `SHADER_F16`: operands staged in
+    /// workgroup memory as f16 (the attention's key blocks hold twice the
+    /// keys), products rounded to f16, sums, softmax and outputs in f32. Its
+    /// LayerNorm is the tiled one. Measured only for engines whose weights
+    /// are f16, whose vectors already stand at the f16 bar.
     Half,
 }
 
@@ -134,8 +136,10 @@ impl KernelFamily {
         if self == KernelFamily::Half && !facts.shader_f16 {
             return Some("the adapter has no f16 arithmetic (SHADER_F16)".into());
         }
-        // The blocked and half families run the tiled attention and
-        // LayerNorm, so they need what the tiled family needs too.
+        // The blocked and half families run the tiled LayerNorm (and the
+        // blocked family the tiled attention; the half family's attention
+        // takes the tiled one's workgroup memory), so they need what the
+        // tiled family needs too.
         let workgroup_bytes = match self {
             KernelFamily::Portable | KernelFamily::Subgroup8 => return None,
             KernelFamily::Tiled | KernelFamily::Half => TILED_WORKGROUP_BYTES,

@@ -119,12 +119,12 @@ impl TunedShape {
 /// same code.
 pub fn kernel_owner(op: TunedOp, k: usize, family: KernelFamily) -> KernelFamily {
     use super::attention::{SUBGROUP_HEAD_DIMS, TILED_HEAD_DIMS};
-    // The blocked and half families have a matmul of their own and run the
-    // tiled family's other kernels.
+    // The blocked family has a matmul of its own and runs the tiled
+    // family's other kernels; the half family has a matmul and an attention
+    // of its own and runs the tiled LayerNorm.
     let family = match (op, family) {
-        (TunedOp::Attention | TunedOp::LayerNorm, KernelFamily::Blocked | KernelFamily::Half) => {
-            KernelFamily::Tiled
-        }
+        (TunedOp::Attention | TunedOp::LayerNorm, KernelFamily::Blocked)
+        | (TunedOp::LayerNorm, KernelFamily::Half) => KernelFamily::Tiled,
         _ => family,
     };
     match (op, family) {
@@ -132,7 +132,9 @@ pub fn kernel_owner(op: TunedOp, k: usize, family: KernelFamily) -> KernelFamily
         (TunedOp::Attention, KernelFamily::Subgroup8) if !SUBGROUP_HEAD_DIMS.contains(&k) => {
             KernelFamily::Portable
         }
-        (TunedOp::Attention, KernelFamily::Tiled) if !TILED_HEAD_DIMS.contains(&k) => {
+        (TunedOp::Attention, KernelFamily::Tiled | KernelFamily::Half)
+            if !TILED_HEAD_DIMS.contains(&k) =>
+        {
             KernelFamily::Portable
         }
         _ => family,
@@ -291,8 +293,13 @@ mod tests {
         for family in [Blocked, Half] {
             assert_eq!(kernel_owner(TunedOp::Matmul, 384, family), family);
             assert_eq!(kernel_owner(TunedOp::LayerNorm, 384, family), Tiled);
-            assert_eq!(kernel_owner(TunedOp::Attention, 64, family), Tiled);
             assert_eq!(kernel_owner(TunedOp::Attention, 48, family), Portable);
+        }
+        // The blocked family runs the tiled attention; the half family has
+        // its own, timed under its own name.
+        assert_eq!(kernel_owner(TunedOp::Attention, 64, Blocked), Tiled);
+        for head_dim in [32, 64, 128, 256] {
+            assert_eq!(kernel_owner(TunedOp::Attention, head_dim, Half), Half);
         }
     }
 

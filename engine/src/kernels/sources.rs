@@ -112,6 +112,13 @@ pub fn every_source() -> Vec<KernelSource> {
             attention::tiled_source(head_dim),
         ));
     }
+    for head_dim in attention::TILED_HEAD_DIMS {
+        sources.push(source(
+            format!("attention_half head_dim={head_dim}"),
+            wgpu::Features::SHADER_F16,
+            attention::half_source(head_dim),
+        ));
+    }
     for (head_dim, text) in surf_shaders::ATTENTION_SUBGROUPS {
         sources.push(source(
             format!("attention_subgroups head_dim={head_dim}"),
@@ -151,6 +158,8 @@ mod tests {
             "attention_subgroups head_dim=32",
             "attention_subgroups head_dim=256",
             "attention_tiled head_dim=256",
+            "attention_half head_dim=32",
+            "attention_half head_dim=256",
             "attention head_dim<=128",
             "embed f16",
             "gate",
