@@ -228,16 +228,17 @@ impl Attention {
         .into_iter()
         .map(|(head_dim, kernel)| (head_dim as usize, kernel))
         .collect();
-        let fixed_head = |family: KernelFamily, label: &'static str, source: fn(usize) -> String| {
-            TILED_HEAD_DIMS
-                .into_iter()
-                .filter(|_| family.unsupported_reason(gpu).is_none())
-                .map(|head_dim| {
-                    let kernel = LazyKernel::new(gpu, label, &source(head_dim), &storage);
-                    (head_dim, kernel)
-                })
-                .collect::<Vec<_>>()
-        };
+        let fixed_head =
+            |family: KernelFamily, label: &'static str, source: fn(usize) -> String| {
+                TILED_HEAD_DIMS
+                    .into_iter()
+                    .filter(|_| family.unsupported_reason(gpu).is_none())
+                    .map(|head_dim| {
+                        let kernel = LazyKernel::new(gpu, label, &source(head_dim), &storage);
+                        (head_dim, kernel)
+                    })
+                    .collect::<Vec<_>>()
+            };
         let tiled = fixed_head(KernelFamily::Tiled, "attention_tiled", tiled_source);
         let half = fixed_head(KernelFamily::Half, "attention_half", half_source);
         let portable = PORTABLE_MAX_HEAD_DIMS
