@@ -228,6 +228,9 @@ if k:
         rates = ", ".join(f"{f} {per_family[f]:.1f}" for f in ("portable", "subgroup8", "tiled", "blocked", "half") if f in per_family)
         print(f'| {row["op"]} rows {row["rows"]} k {row["k"]} n {row["n"]} ({row["unit"]}) | {rates}; '
               f'autotuned {row["autotuned"]}, {row["autotuned_over_fixed"]:.2f} x {row["fixed"]} |')
+    for f in k.get("fusions", []):
+        print(f'| projection + residual + norm, rows {f["rows"]} k {f["k"]} n {f["n"]} | fused {f["fused_us"]:.1f} us, '
+              f'separate {f["separate_us"]:.1f} us{", fused" if f["fused"] else ""} |')
     if k.get("engine_per_s_32_short"):
         print(f'| engine, batches of 32 short sentences | {k["engine_per_s_32_short"]:.0f} embeddings/s |')
 if e:
