@@ -24,6 +24,7 @@ use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands};
 use surf_engine::kernels::matmul::{
     Epilogue, Matmul, MatmulOperands, MatmulVariant, subgroup_rows,
 };
+use surf_engine::kernels::matmul_norm::MatmulNorm;
 use surf_engine::kernels::selection::{
     ModelShapes, Selection, Shape, TimingSource, TunedOp, kernel_owner,
 };
@@ -274,10 +275,12 @@ fn engine_selection(gpu: &Gpu, matmul: &Matmul) -> Selection {
         KernelMode::Auto => {
             let attention = Attention::new(gpu);
             let layernorm = LayerNorm::new(gpu, matmul.dtype());
+            let matmul_norm = MatmulNorm::new(gpu, matmul.dtype());
             let launchers = Launchers {
                 matmul,
                 attention: &attention,
                 layernorm: &layernorm,
+                matmul_norm: &matmul_norm,
             };
             let families = KernelFamily::incumbent_first(gpu, matmul.dtype());
             let shapes = autotune::measure(gpu, &launchers, &MODEL.shapes(), &families)
@@ -380,6 +383,10 @@ fn families(
     let mut rows = Vec::new();
     for shape in MODEL.shapes() {
         let Shape { op, rows: m, k, n } = shape;
+        // Not a per-family op: `fusions` reports the engine's measurement.
+        if op == TunedOp::ProjectionNorm {
+            continue;
+        }
         // A family that shares another's kernel at this shape shares its
         // figure, so that the ratio compares kernels, not two runs of one.
         let mut timed: Vec<(KernelFamily, f64)> = Vec::new();
@@ -403,6 +410,7 @@ fn families(
                     TunedOp::LayerNorm => {
                         time_family_layernorm(&mut group, gpu, &layernorm, name, shape, family)
                     }
+                    TunedOp::ProjectionNorm => unreachable!("skipped above"),
                 }
             };
             timed.push((owner, rate));
@@ -706,6 +714,10 @@ fn main() {
         println!();
     }
     print_families(&family_rows, peak_gflops);
+    let fusions = fusions(&selection);
+    for (row, _) in &fusions {
+        println!("{row}");
+    }
     for ((sequences, seq), gflops) in ATTENTION_SHAPES.iter().zip(&attention_rates) {
         println!(
             "attention {sequences} x {seq} tokens, {HEADS} heads of {HEAD_DIM}: {gflops:8.2} GFLOP/s  {:5.1}% of peak",
@@ -762,6 +774,37 @@ fn main() {
                 .iter()
                 .map(|row| family_json(row, peak_gflops))
                 .collect::<Vec<_>>(),
+            "fusions": fusions.into_iter().map(|(_, json)| json).collect::<Vec<_>>(),
         }),
     );
+}
+
+/// The engine's measurement of each projection fused with its residual add
+/// and norm against the separate matmul and norm: a line to print and its
+/// JSON, per shape. Empty when a family is forced.
+fn fusions(selection: &Selection) -> Vec<(String, serde_json::Value)> {
+    selection
+        .tuned()
+        .iter()
+        .filter_map(|tuned| Some((tuned.shape, tuned.fusion?, tuned.timing)))
+        .map(|(Shape { rows, k, n, .. }, fusion, timing)| {
+            let line = format!(
+                "projection + residual + norm, rows {rows} k {k} n {n}: fused {:.1} us, separate {:.1} us ({:.2} x){}",
+                fusion.fused_us,
+                fusion.separate_us,
+                fusion.separate_us / fusion.fused_us,
+                if fusion.fuses() { ", fused" } else { "" }
+            );
+            let json = serde_json::json!({
+                "rows": rows,
+                "k": k,
+                "n": n,
+                "fused_us": fusion.fused_us,
+                "separate_us": fusion.separate_us,
+                "fused": fusion.fuses(),
+                "timing": timing.name(),
+            });
+            (line, json)
+        })
+        .collect()
 }

@@ -35,7 +35,7 @@ const TEXTS: [&str; 2] = [
 
 /// The synthetic model of this run, written on first use.
 fn model(spec: &SynthSpec, name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/synth/{name}"));
+    let dir = surf_benches::repo_root().join(format!("target/synth/{name}"));
     if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
         return dir;
     }

@@ -20,6 +20,7 @@ use surf_engine::kernels::family::KernelFamily;
 use surf_engine::kernels::gate::Gate;
 use surf_engine::kernels::layernorm::{LayerNorm, LayerNormOperands, NormOptions};
 use surf_engine::kernels::matmul::{Epilogue, Matmul, MatmulOperands, MatmulVariant};
+use surf_engine::kernels::matmul_norm::{MatmulNorm, MatmulNormOperands};
 use surf_engine::kernels::normalize::Normalize;
 use surf_engine::kernels::pool::Pool;
 use surf_engine::kernels::rotary::{HeadNorm, Rotary, RotaryFrequencies, RotaryTables};
@@ -1445,5 +1446,112 @@ fn rotary_rotates_query_and_key_heads_after_their_norm_and_leaves_values() {
             }
             assert_close(&format!("rotary {dtype} norm={with_norm}"), &out, &expected);
         }
+    }
+}
+
+#[test]
+fn projection_fused_with_residual_and_norm_matches_reference() {
+    let Some(gpu) = gpu_for_tests() else { return };
+    let mut rng = StdRng::seed_from_u64(17);
+    for dtype in DTYPES {
+        let fused = MatmulNorm::new(&gpu, dtype);
+        if !fused.takes(4, 4, &[0]) {
+            eprintln!("the fused projection and norm needs workgroups of 256: not on this adapter");
+            return;
+        }
+        // Widths that fill no column block and widths that fill every one;
+        // k off the kernel's 16-step; rows off both tile heights, and enough
+        // rows for the 16-row tiles.
+        for (m, k, n) in [(37, 36, 388), (5, 20, 4), (9, 64, 1024), (1031, 12, 132)] {
+            for (rms, write_sum) in [(false, false), (true, true), (false, true)] {
+                projection_norm_case(&gpu, &fused, dtype, &mut rng, (m, k, n), rms, write_sum);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn projection_norm_case(
+    gpu: &Gpu,
+    fused: &MatmulNorm,
+    dtype: WeightDtype,
+    rng: &mut StdRng,
+    (m, k, n): (usize, usize, usize),
+    rms: bool,
+    write_sum: bool,
+) {
+    let eps = 1e-6f32;
+    let lhs = random_vec(rng, m * k);
+    let residual: Vec<f32> = random_vec(rng, m * n).iter().map(|v| 3.0 * v).collect();
+    // Weights, bias, gamma and beta behind an offset, as packed models hold them.
+    let (b_offset, bias_offset) = (8, 8 + k * n);
+    let (gamma_offset, beta_offset) = (bias_offset + n, bias_offset + 2 * n);
+    let (weights, weights_buffer) = weights_for(gpu, dtype, random_vec(rng, beta_offset + n));
+    let lhs_buffer = upload(gpu, "lhs", &lhs);
+    let residual_buffer = upload(gpu, "residual", &residual);
+    let mut sentinel = vec![SENTINEL; m * n + 4];
+    sentinel[..m * n].fill(0.0);
+    let out_buffer = upload(gpu, "out", &sentinel);
+    let mut plan = DispatchPlan::new(gpu);
+    fused.push(
+        &mut plan,
+        m,
+        n,
+        k,
+        eps,
+        NormOptions { rms, write_sum },
+        MatmulNormOperands {
+            lhs: &lhs_buffer,
+            weights: &weights_buffer,
+            b_offset: b_offset as u32,
+            bias_offset: bias_offset as u32,
+            gamma_offset: gamma_offset as u32,
+            beta_offset: beta_offset as u32,
+            residual: &residual_buffer,
+            out: &out_buffer,
+        },
+    );
+    let out = run_and_read(gpu, plan, &out_buffer, m * n + 4);
+    let sum = read_back(gpu, &residual_buffer, m * n);
+
+    let mut expected = Vec::with_capacity(m * n);
+    let mut expected_sum = Vec::with_capacity(m * n);
+    for r in 0..m {
+        let values: Vec<f64> = (0..n)
+            .map(|c| {
+                let dot: f64 = (0..k)
+                    .map(|i| f64::from(lhs[r * k + i]) * f64::from(weights[b_offset + i * n + c]))
+                    .sum();
+                dot + f64::from(weights[bias_offset + c]) + f64::from(residual[r * n + c])
+            })
+            .collect();
+        let mean = if rms {
+            0.0
+        } else {
+            values.iter().sum::<f64>() / n as f64
+        };
+        let variance = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+        let inv_std = 1.0 / (variance + f64::from(eps)).sqrt();
+        for (c, v) in values.iter().enumerate() {
+            let gamma = f64::from(weights[gamma_offset + c]);
+            let beta = if rms {
+                0.0
+            } else {
+                f64::from(weights[beta_offset + c])
+            };
+            expected.push((v - mean) * inv_std * gamma + beta);
+        }
+        expected_sum.extend(values);
+    }
+    let what = format!("fused projection and norm m={m} k={k} n={n} rms={rms} {dtype}");
+    assert_close(&what, &out[..m * n], &expected);
+    assert!(
+        out[m * n..].iter().all(|&v| v == SENTINEL),
+        "{what}: wrote past its rows"
+    );
+    if write_sum {
+        assert_close(&format!("{what}, the residual sum"), &sum, &expected_sum);
+    } else {
+        assert_eq!(sum, residual, "{what}: the residual was written");
     }
 }

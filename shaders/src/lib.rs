@@ -56,6 +56,9 @@ pub const MATMUL_BLOCKED: &str = concat!(
     include_str!("../activation.wgsl"),
     include_str!("../matmul_blocked.wgsl")
 );
+/// A projection with the residual add and the LayerNorm or RMS norm after
+/// it fused into its epilogue; workgroups own whole rows.
+pub const MATMUL_NORM: &str = include_str!("../matmul_norm.wgsl");
 /// Gated feed-forward activation (`act(gate) * up`), behind the activations.
 pub const GATE: &str = concat!(
     include_str!("../activation.wgsl"),

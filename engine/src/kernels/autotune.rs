@@ -24,9 +24,11 @@ use std::time::Instant;
 use super::DispatchPlan;
 use super::attention::Attention;
 use super::family::KernelFamily;
+use super::layernorm::NormOptions;
 use super::layernorm::{LayerNorm, LayerNormOperands};
 use super::matmul::{Epilogue, Matmul, MatmulOperands};
-use super::selection::{Shape, TimingSource, TunedOp, TunedShape, kernel_owner};
+use super::matmul_norm::{MatmulNorm, MatmulNormOperands};
+use super::selection::{FusionTiming, Shape, TimingSource, TunedOp, TunedShape, kernel_owner};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 
@@ -122,6 +124,7 @@ pub struct Launchers<'a> {
     pub matmul: &'a Matmul,
     pub attention: &'a Attention,
     pub layernorm: &'a LayerNorm,
+    pub matmul_norm: &'a MatmulNorm,
 }
 
 /// Buffers for one shape's launches, zero-filled: timing does not depend on
@@ -131,6 +134,8 @@ struct ShapeBuffers {
     weights: wgpu::Buffer,
     extra: wgpu::Buffer,
     out: wgpu::Buffer,
+    /// The norm's output after a separate matmul (`ProjectionNorm`).
+    normed: Option<wgpu::Buffer>,
 }
 
 fn sequences_of(rows: usize) -> (usize, usize) {
@@ -149,6 +154,7 @@ fn buffers(gpu: &Gpu, launchers: &Launchers<'_>, shape: &Shape) -> ShapeBuffers 
             weights: gpu.storage_buffer("tune weights", weights(k * n + n)),
             extra: gpu.storage_buffer("tune unused", 16),
             out: gpu.storage_buffer("tune out", f32s(rows * n)),
+            normed: None,
         },
         TunedOp::Attention => {
             let (sequences, seq) = sequences_of(rows);
@@ -158,6 +164,7 @@ fn buffers(gpu: &Gpu, launchers: &Launchers<'_>, shape: &Shape) -> ShapeBuffers 
                 weights: gpu.storage_buffer("tune unused", 16),
                 extra: gpu.storage_buffer("tune mask", f32s(sequences * seq)),
                 out: gpu.storage_buffer("tune context", f32s(sequences * seq * hidden)),
+                normed: None,
             }
         }
         TunedOp::LayerNorm => ShapeBuffers {
@@ -165,6 +172,16 @@ fn buffers(gpu: &Gpu, launchers: &Launchers<'_>, shape: &Shape) -> ShapeBuffers 
             weights: gpu.storage_buffer("tune gamma beta", weights(2 * k)),
             extra: gpu.storage_buffer("tune residual", f32s(rows * k)),
             out: gpu.storage_buffer("tune out", f32s(rows * k)),
+            normed: None,
+        },
+        // The projection's weights, bias, gamma and beta; the residual; the
+        // output of the fused kernel or the separate matmul's.
+        TunedOp::ProjectionNorm => ShapeBuffers {
+            input: gpu.storage_buffer("tune lhs", f32s(rows * k)),
+            weights: gpu.storage_buffer("tune weights", weights(k * n + 3 * n)),
+            extra: gpu.storage_buffer("tune residual", f32s(rows * n)),
+            out: gpu.storage_buffer("tune out", f32s(rows * n)),
+            normed: Some(gpu.storage_buffer("tune normed", f32s(rows * n))),
         },
     }
 }
@@ -219,7 +236,140 @@ fn push(
                 out: &b.out,
             },
         ),
+        TunedOp::ProjectionNorm => push_projection_norm(
+            gpu,
+            launchers,
+            plan,
+            Pairing::Separate(family, family),
+            shape,
+            b,
+        ),
     }
+}
+
+/// How a projection and its norm run: fused, or as a matmul of one family
+/// and a norm of another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pairing {
+    Fused,
+    Separate(KernelFamily, KernelFamily),
+}
+
+/// Records one projection and norm of `shape` (`ProjectionNorm`).
+fn push_projection_norm(
+    gpu: &Gpu,
+    launchers: &Launchers<'_>,
+    plan: &mut DispatchPlan,
+    pairing: Pairing,
+    shape: &Shape,
+    b: &ShapeBuffers,
+) {
+    let Shape { rows, k, n, .. } = *shape;
+    let (bias, gamma, beta) = ((k * n) as u32, (k * n + n) as u32, (k * n + 2 * n) as u32);
+    match pairing {
+        Pairing::Fused => launchers.matmul_norm.push(
+            plan,
+            rows,
+            n,
+            k,
+            1e-12,
+            NormOptions::default(),
+            MatmulNormOperands {
+                lhs: &b.input,
+                weights: &b.weights,
+                b_offset: 0,
+                bias_offset: bias,
+                gamma_offset: gamma,
+                beta_offset: beta,
+                residual: &b.extra,
+                out: &b.out,
+            },
+        ),
+        Pairing::Separate(matmul_family, norm_family) => {
+            launchers.matmul.push_family(
+                matmul_family,
+                plan,
+                rows,
+                n,
+                k,
+                Epilogue::Bias,
+                MatmulOperands {
+                    lhs: &b.input,
+                    a_offset: 0,
+                    weights: &b.weights,
+                    b_offset: 0,
+                    bias_offset: bias,
+                    out: &b.out,
+                    c_offset: 0,
+                },
+            );
+            let normed = b.normed.as_ref().expect("a projection's buffers");
+            launchers.layernorm.push_family(
+                norm_family,
+                gpu,
+                plan,
+                rows,
+                n,
+                1e-12,
+                LayerNormOperands {
+                    x: &b.out,
+                    residual: Some(&b.extra),
+                    weights: &b.weights,
+                    gamma_offset: gamma,
+                    beta_offset: beta,
+                    out: normed,
+                },
+            );
+        }
+    }
+}
+
+/// Times the fused projection and norm of `shape` against the separate
+/// matmul (of `matmul_family`) and norm (of `norm_family`); `None` where
+/// the fused kernel cannot take the shape on this adapter.
+pub fn measure_fusion(
+    gpu: &Gpu,
+    launchers: &Launchers<'_>,
+    shape: &Shape,
+    matmul_family: KernelFamily,
+    norm_family: KernelFamily,
+) -> Result<Option<TunedShape>> {
+    if !launchers.matmul_norm.takes(shape.n, shape.k, &[0]) {
+        return Ok(None);
+    }
+    let b = buffers(gpu, launchers, shape);
+    let clock = Clock::new(gpu);
+    let separate = Pairing::Separate(matmul_family, norm_family);
+    let run = |pairing: Pairing, count: usize| {
+        let mut plan = DispatchPlan::new(gpu);
+        for _ in 0..count {
+            push_projection_norm(gpu, launchers, &mut plan, pairing, shape, &b);
+        }
+        clock.time(gpu, plan)
+    };
+    // Untimed first runs compile and warm both.
+    run(separate, 1)?;
+    run(Pairing::Fused, 1)?;
+    let repeats = repeats_for(run(separate, 1)?);
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..ROUNDS {
+        for (slot, pairing) in [separate, Pairing::Fused].into_iter().enumerate() {
+            let us = run(pairing, repeats)? * 1e6 / repeats as f64;
+            best[slot] = best[slot].min(us);
+        }
+    }
+    gpu.check_errors()?;
+    let [separate_us, fused_us] = best;
+    Ok(Some(TunedShape {
+        shape: *shape,
+        family: matmul_family,
+        timings_us: BTreeMap::from([(matmul_family, separate_us)]),
+        timing: clock.source(),
+        fusion: Some(FusionTiming {
+            fused_us,
+            separate_us,
+        }),
+    }))
 }
 
 /// Seconds to run `count` launches in one submission.
@@ -275,6 +425,12 @@ pub fn measure_shape(
     families: &[KernelFamily],
     warm: bool,
 ) -> Result<Option<TunedShape>> {
+    if shape.op == TunedOp::ProjectionNorm {
+        let Some(&incumbent) = families.first() else {
+            return Ok(None);
+        };
+        return measure_fusion(gpu, launchers, shape, incumbent, incumbent);
+    }
     let b = buffers(gpu, launchers, shape);
     let clock = Clock::new(gpu);
     let owners: Vec<KernelFamily> = families
@@ -358,6 +514,29 @@ pub fn measure(
     let mut tuned = Vec::with_capacity(shapes.len());
     let mut warmed: Vec<(TunedOp, usize)> = Vec::new();
     for shape in shapes {
+        if shape.op == TunedOp::ProjectionNorm {
+            // Against the matmul and norm as the selection runs them: the
+            // families measured for them, else the incumbent.
+            let incumbent = families.first().copied().unwrap_or(KernelFamily::Portable);
+            let chosen = |op: TunedOp, k: usize, n: usize| {
+                tuned
+                    .iter()
+                    .find(|t: &&TunedShape| {
+                        t.shape.op == op
+                            && t.shape.rows == shape.rows
+                            && t.shape.k == k
+                            && t.shape.n == n
+                    })
+                    .map_or(incumbent, |t| t.family)
+            };
+            let matmul_family = chosen(TunedOp::Matmul, shape.k, shape.n);
+            let norm_family = chosen(TunedOp::LayerNorm, shape.n, 0);
+            if let Some(found) = measure_fusion(gpu, launchers, shape, matmul_family, norm_family)?
+            {
+                tuned.push(found);
+            }
+            continue;
+        }
         let warm = warmed.contains(&(shape.op, shape.rows));
         if let Some(found) = measure_shape(gpu, launchers, shape, families, warm)? {
             tuned.push(found);

@@ -83,6 +83,16 @@ impl KernelFamily {
         }
     }
 
+    /// Whether the family is one of those shaped for GPUs (workgroups of
+    /// 256 staging tiles in workgroup memory), whose kernels include the
+    /// projection fused with the residual add and norm.
+    pub fn shaped_for_gpus(self) -> bool {
+        matches!(
+            self,
+            KernelFamily::Tiled | KernelFamily::Blocked | KernelFamily::Half
+        )
+    }
+
     /// Whether the family's matmul stages its operands in workgroup memory.
     pub fn workgroup_memory(self) -> bool {
         match self {

@@ -29,7 +29,7 @@ pub struct NormOptions {
 }
 
 impl NormOptions {
-    fn flags(self) -> u32 {
+    pub(crate) fn flags(self) -> u32 {
         self.rms as u32 | (self.write_sum as u32) << 1
     }
 }

@@ -11,6 +11,7 @@ pub mod fma_peak;
 pub mod gate;
 pub mod layernorm;
 pub mod matmul;
+pub mod matmul_norm;
 pub mod normalize;
 pub mod pool;
 pub mod rotary;

@@ -22,6 +22,10 @@ pub enum TunedOp {
     Attention,
     /// `k` is the row length; `n` is unused (0).
     LayerNorm,
+    /// A sublayer's last projection (`k` in, `n` out) followed by the
+    /// residual add and the norm: `matmul_norm.wgsl` in one dispatch against
+    /// the separate matmul and norm of the families chosen for them.
+    ProjectionNorm,
 }
 
 /// One measured shape of one op.
@@ -68,6 +72,28 @@ pub struct TunedShape {
     /// How the timings were taken.
     #[serde(default)]
     pub timing: TimingSource,
+    /// For a `ProjectionNorm` shape: the fused kernel against the separate
+    /// pair. `family` and `timings_us` then hold the separate matmul's
+    /// family and the pair's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<FusionTiming>,
+}
+
+/// The times of a projection and norm fused and kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FusionTiming {
+    /// Microseconds per launch of the fused kernel.
+    pub fused_us: f64,
+    /// Microseconds per matmul and norm, each of the family chosen for it.
+    pub separate_us: f64,
+}
+
+impl FusionTiming {
+    /// Whether the fused kernel runs: the separate pair is the incumbent,
+    /// which the fused kernel must beat by `INCUMBENT_MARGIN`.
+    pub fn fuses(&self) -> bool {
+        self.fused_us < self.separate_us * (1.0 - INCUMBENT_MARGIN)
+    }
 }
 
 /// A challenger must beat the incumbent by more than this fraction of the
@@ -107,6 +133,7 @@ impl TunedShape {
             family,
             timings_us,
             timing,
+            fusion: None,
         })
     }
 }
@@ -181,6 +208,16 @@ impl ModelShapes {
                 k: h,
                 n: 0,
             });
+            // After the matmuls and the norm of the same rows, whose choices
+            // the separate pair runs.
+            for k in [h, inter] {
+                shapes.push(Shape {
+                    op: TunedOp::ProjectionNorm,
+                    rows,
+                    k,
+                    n: h,
+                });
+            }
         }
         shapes
     }
@@ -206,6 +243,20 @@ impl Selection {
             Selection::Tuned { fallback, .. } => self
                 .measured(op, rows, k, n)
                 .map_or(*fallback, |t| t.family),
+        }
+    }
+
+    /// Whether a projection of `k` to `n` over `rows` rows whose output goes
+    /// into a residual add and a norm runs fused (`matmul_norm.wgsl`): where
+    /// measured faster, or where a family shaped for GPUs is forced, whose
+    /// kernels it belongs with.
+    pub fn fuses_projection_norm(&self, rows: usize, k: usize, n: usize) -> bool {
+        match self {
+            Selection::Forced(family) => family.shaped_for_gpus(),
+            Selection::Tuned { .. } => self
+                .measured(TunedOp::ProjectionNorm, rows, k, n)
+                .and_then(|t| t.fusion)
+                .is_some_and(|fusion| fusion.fuses()),
         }
     }
 
@@ -242,6 +293,7 @@ mod tests {
             family,
             timings_us: BTreeMap::from([(family, 1.0)]),
             timing: TimingSource::HostClock,
+            fusion: None,
         }
     }
 
@@ -387,7 +439,7 @@ mod tests {
     }
 
     #[test]
-    fn a_model_runs_each_matmul_attention_and_layernorm_at_every_bucket() {
+    fn a_model_runs_each_matmul_attention_norm_and_fusion_at_every_bucket() {
         let minilm = ModelShapes {
             hidden: 384,
             intermediate: 1536,
@@ -395,7 +447,7 @@ mod tests {
             head_dim: 32,
         };
         let shapes = minilm.shapes();
-        assert_eq!(shapes.len(), ROW_BUCKETS.len() * 6);
+        assert_eq!(shapes.len(), ROW_BUCKETS.len() * 8);
         for rows in ROW_BUCKETS {
             for (k, n) in [(384, 1152), (384, 384), (384, 1536), (1536, 384)] {
                 assert!(shapes.contains(&Shape {
@@ -405,6 +457,64 @@ mod tests {
                     n
                 }));
             }
+            // Each fusion comes after the matmul and norm it is timed against.
+            let at = |shape: Shape| shapes.iter().position(|s| *s == shape).expect("listed");
+            for k in [384, 1536] {
+                let fusion = at(Shape {
+                    op: TunedOp::ProjectionNorm,
+                    rows,
+                    k,
+                    n: 384,
+                });
+                let matmul = at(Shape {
+                    op: TunedOp::Matmul,
+                    rows,
+                    k,
+                    n: 384,
+                });
+                let norm = at(Shape {
+                    op: TunedOp::LayerNorm,
+                    rows,
+                    k: 384,
+                    n: 0,
+                });
+                assert!(matmul < fusion && norm < fusion);
+            }
         }
+    }
+
+    #[test]
+    fn a_projection_fuses_where_measured_faster_or_a_gpu_family_is_forced() {
+        let fusion = |rows, fused_us, separate_us| TunedShape {
+            shape: Shape {
+                op: TunedOp::ProjectionNorm,
+                rows,
+                k: 384,
+                n: 384,
+            },
+            family: KernelFamily::Tiled,
+            timings_us: BTreeMap::from([(KernelFamily::Tiled, separate_us)]),
+            timing: TimingSource::GpuTimestamps,
+            fusion: Some(FusionTiming {
+                fused_us,
+                separate_us,
+            }),
+        };
+        let selection = Selection::Tuned {
+            // Faster at 16 rows; within the margin at 128; slower at 512.
+            shapes: vec![
+                fusion(16, 10.0, 14.0),
+                fusion(128, 19.8, 20.0),
+                fusion(512, 60.0, 50.0),
+            ],
+            fallback: KernelFamily::Tiled,
+        };
+        assert!(selection.fuses_projection_norm(20, 384, 384));
+        assert!(!selection.fuses_projection_norm(128, 384, 384));
+        assert!(!selection.fuses_projection_norm(600, 384, 384));
+        // A shape never measured (the fused kernel cannot take it) stays apart.
+        assert!(!selection.fuses_projection_norm(16, 384, 2048));
+        assert!(Selection::Forced(KernelFamily::Blocked).fuses_projection_norm(16, 384, 384));
+        assert!(!Selection::Forced(KernelFamily::Subgroup8).fuses_projection_norm(16, 384, 384));
     }
 }

@@ -8,7 +8,7 @@
 //! Epilogues (bias, activation) and the pooling mode are parameters read at
 //! launch, not compile-time variants, so one source covers all of them.
 
-use super::{attention, layernorm, matmul};
+use super::{attention, layernorm, matmul, matmul_norm};
 use crate::dtype::WeightDtype;
 
 /// One source, named after its pipeline, with the adapter features it needs.
@@ -75,6 +75,15 @@ pub fn every_source() -> Vec<KernelSource> {
                 format!("matmul_half rows={rows} {dtype}"),
                 wgpu::Features::SHADER_F16,
                 text,
+            ));
+        }
+        for (rows_per_lane, column_blocks) in matmul_norm::variants() {
+            sources.push(source(
+                format!(
+                    "matmul_norm rows_per_lane={rows_per_lane} columns={column_blocks} {dtype}"
+                ),
+                plain,
+                matmul_norm::source(dtype, rows_per_lane, column_blocks),
             ));
         }
         sources.push(source(
@@ -154,6 +163,8 @@ mod tests {
             "matmul_half rows=64 f32",
             "matmul_half rows=128 f16",
             "layernorm_tiled f32",
+            "matmul_norm rows_per_lane=1 columns=3 f32",
+            "matmul_norm rows_per_lane=2 columns=8 f16",
             "attention_tiled head_dim=64",
             "attention_subgroups head_dim=32",
             "attention_subgroups head_dim=256",

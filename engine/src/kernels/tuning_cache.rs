@@ -182,6 +182,7 @@ mod tests {
             family,
             timings_us: BTreeMap::from([(family, 10.0), (KernelFamily::Portable, 40.5)]),
             timing: super::super::selection::TimingSource::HostClock,
+            fusion: None,
         }
     }
 

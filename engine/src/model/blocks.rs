@@ -10,6 +10,7 @@ use crate::kernels::attention::{AttentionOptions, HeadLayout, Window};
 use crate::kernels::embed::EmbeddingTables;
 use crate::kernels::layernorm::{LayerNormOperands, NormOptions};
 use crate::kernels::matmul::{Epilogue, MatmulOperands};
+use crate::kernels::matmul_norm::MatmulNormOperands;
 use crate::kernels::rotary::HeadNorm;
 use crate::kernels::selection::TunedOp;
 
@@ -129,6 +130,77 @@ impl Linear {
             },
         );
     }
+
+    /// Records `lhs · W + b` (no activation) into `to`: `batch.scratch`, or
+    /// added to a residual and normalised, in one fused kernel where the
+    /// selection measured that faster.
+    pub fn record_into(
+        &self,
+        cx: &Recorder<'_>,
+        plan: &mut DispatchPlan,
+        rows: usize,
+        lhs: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+        to: ProjectionOut<'_>,
+    ) {
+        let scratch = &cx.batch.scratch;
+        let ProjectionOut::AddAndNorm {
+            norm,
+            residual,
+            write_sum,
+            out,
+        } = to
+        else {
+            self.record(cx, plan, rows, Activation::Identity, lhs, weights, scratch);
+            return;
+        };
+        let (n, k) = (self.out_features, self.in_features);
+        let beta = norm.beta.unwrap_or(norm.gamma);
+        let fused = norm.width == n
+            && cx.kernels.selection.fuses_projection_norm(rows, k, n)
+            && cx
+                .kernels
+                .matmul_norm
+                .takes(n, k, &[self.weight, self.bias, norm.gamma, beta]);
+        if fused {
+            cx.kernels.matmul_norm.push(
+                plan,
+                rows,
+                n,
+                k,
+                norm.eps,
+                norm.options(write_sum),
+                MatmulNormOperands {
+                    lhs,
+                    weights,
+                    b_offset: self.weight,
+                    bias_offset: self.bias,
+                    gamma_offset: norm.gamma,
+                    beta_offset: beta,
+                    residual,
+                    out,
+                },
+            );
+        } else {
+            self.record(cx, plan, rows, Activation::Identity, lhs, weights, scratch);
+            norm.record(cx, plan, scratch, Some(residual), write_sum, weights, out);
+        }
+    }
+}
+
+/// Where a sublayer's last projection goes.
+#[derive(Clone, Copy)]
+pub enum ProjectionOut<'a> {
+    /// Into `batch.scratch`, for a later kernel to add.
+    Scratch,
+    /// `out = norm(projection + residual)`; with `write_sum`, `residual`
+    /// becomes the sum too (the pre-norm layers' stream).
+    AddAndNorm {
+        norm: &'a Norm,
+        residual: &'a wgpu::Buffer,
+        write_sum: bool,
+        out: &'a wgpu::Buffer,
+    },
 }
 
 /// A LayerNorm (gamma and beta) or an RMS norm (gamma only).
@@ -192,6 +264,13 @@ impl Norm {
         })
     }
 
+    fn options(&self, write_sum: bool) -> NormOptions {
+        NormOptions {
+            rms: self.beta.is_none(),
+            write_sum,
+        }
+    }
+
     /// Records `out = norm(x + residual)`; with `write_sum`, `residual`
     /// becomes `x + residual` too.
     #[allow(clippy::too_many_arguments)]
@@ -205,10 +284,7 @@ impl Norm {
         weights: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) {
-        let options = NormOptions {
-            rms: self.beta.is_none(),
-            write_sum,
-        };
+        let options = self.options(write_sum);
         cx.kernels.norm(
             cx.gpu,
             plan,
@@ -397,7 +473,7 @@ impl SelfAttention {
         }
     }
 
-    /// Records the attention of `input` into `batch.scratch`.
+    /// Records the attention of `input`, its output projection going `to`.
     pub fn record(
         &self,
         cx: &Recorder<'_>,
@@ -405,6 +481,7 @@ impl SelfAttention {
         input: &wgpu::Buffer,
         weights: &wgpu::Buffer,
         position_bias: Option<&wgpu::Buffer>,
+        to: ProjectionOut<'_>,
     ) {
         let batch = cx.batch;
         let rows = batch.rows;
@@ -452,15 +529,8 @@ impl SelfAttention {
             &batch.mask,
             &batch.context,
         );
-        self.output.record(
-            cx,
-            plan,
-            rows,
-            Activation::Identity,
-            &batch.context,
-            weights,
-            &batch.scratch,
-        );
+        self.output
+            .record_into(cx, plan, rows, &batch.context, weights, to);
     }
 }
 
@@ -523,13 +593,14 @@ impl FeedForward {
         })
     }
 
-    /// Records the feed-forward of `input` into `batch.scratch`.
+    /// Records the feed-forward of `input`, its down projection going `to`.
     pub fn record(
         &self,
         cx: &Recorder<'_>,
         plan: &mut DispatchPlan,
         input: &wgpu::Buffer,
         weights: &wgpu::Buffer,
+        to: ProjectionOut<'_>,
     ) {
         let batch = cx.batch;
         let rows = batch.rows;
@@ -569,15 +640,7 @@ impl FeedForward {
                 &batch.intermediate
             }
         };
-        self.down.record(
-            cx,
-            plan,
-            rows,
-            Activation::Identity,
-            inner,
-            weights,
-            &batch.scratch,
-        );
+        self.down.record_into(cx, plan, rows, inner, weights, to);
     }
 }
 
@@ -667,26 +730,30 @@ impl PostNormLayer {
         position_bias: Option<&wgpu::Buffer>,
     ) {
         let batch = cx.batch;
-        self.attention
-            .record(cx, plan, &batch.hidden, weights, position_bias);
-        self.attention_norm.record(
+        self.attention.record(
             cx,
             plan,
-            &batch.scratch,
-            Some(&batch.hidden),
-            false,
-            weights,
-            &batch.attention_output,
-        );
-        self.ffn.record(cx, plan, &batch.attention_output, weights);
-        self.output_norm.record(
-            cx,
-            plan,
-            &batch.scratch,
-            Some(&batch.attention_output),
-            false,
-            weights,
             &batch.hidden,
+            weights,
+            position_bias,
+            ProjectionOut::AddAndNorm {
+                norm: &self.attention_norm,
+                residual: &batch.hidden,
+                write_sum: false,
+                out: &batch.attention_output,
+            },
+        );
+        self.ffn.record(
+            cx,
+            plan,
+            &batch.attention_output,
+            weights,
+            ProjectionOut::AddAndNorm {
+                norm: &self.output_norm,
+                residual: &batch.attention_output,
+                write_sum: false,
+                out: &batch.hidden,
+            },
         );
     }
 }
@@ -748,18 +815,27 @@ impl PreNormLayer {
                 &batch.hidden
             }
         };
-        self.attention
-            .record(cx, plan, input, weights, position_bias);
-        self.ffn_norm.record(
+        self.attention.record(
             cx,
             plan,
-            &batch.scratch,
-            Some(&batch.hidden),
-            true,
+            input,
             weights,
-            &batch.attention_output,
+            position_bias,
+            ProjectionOut::AddAndNorm {
+                norm: &self.ffn_norm,
+                residual: &batch.hidden,
+                write_sum: true,
+                out: &batch.attention_output,
+            },
         );
-        self.ffn.record(cx, plan, &batch.attention_output, weights);
+        // The next layer's norm, or the model's final one, adds this.
+        self.ffn.record(
+            cx,
+            plan,
+            &batch.attention_output,
+            weights,
+            ProjectionOut::Scratch,
+        );
     }
 
     /// Records the model's final norm (gains in `weights`) over the stream

@@ -41,7 +41,7 @@ use crate::kernels::matmul::{Epilogue, MatmulOperands};
 use crate::kernels::rotary::RotaryTables;
 use crate::kernels::selection::{ModelShapes, Selection, TunedOp};
 use crate::kernels::{
-    DispatchPlan, attention, embed, gate, layernorm, matmul, normalize, pool, rotary,
+    DispatchPlan, attention, embed, gate, layernorm, matmul, matmul_norm, normalize, pool, rotary,
 };
 use crate::weights::TensorSource;
 
@@ -643,6 +643,7 @@ pub struct Recorder<'a> {
 /// kernel family each shape runs.
 pub struct Kernels {
     pub matmul: matmul::Matmul,
+    pub matmul_norm: matmul_norm::MatmulNorm,
     pub embed: embed::Embed,
     pub layernorm: layernorm::LayerNorm,
     pub attention: attention::Attention,
@@ -659,6 +660,7 @@ impl Kernels {
     pub fn new(gpu: &Gpu, dtype: WeightDtype) -> Self {
         Self {
             matmul: matmul::Matmul::new(gpu, dtype),
+            matmul_norm: matmul_norm::MatmulNorm::new(gpu, dtype),
             embed: embed::Embed::new(gpu, dtype),
             layernorm: layernorm::LayerNorm::new(gpu, dtype),
             attention: attention::Attention::new(gpu),
@@ -683,6 +685,7 @@ impl Kernels {
             matmul: &self.matmul,
             attention: &self.attention,
             layernorm: &self.layernorm,
+            matmul_norm: &self.matmul_norm,
         };
         let dtype = self.matmul.dtype().name();
         let (selection, origin) = choice::select(gpu, &launchers, mode, &model, dtype)?;
