@@ -389,11 +389,25 @@ fn main() {
     );
 }
 
+/// Bytes of one decoder layer of `spec` in f16: the query, key, value and
+/// output projections, the gated feed-forward and the two norms.
+fn f16_layer_bytes(spec: &SynthSpec) -> u64 {
+    let head_dim = spec.head_dim.unwrap_or(spec.hidden / spec.heads);
+    let (hidden, queries) = (spec.hidden, spec.heads * head_dim);
+    let keys = spec.kv_heads * head_dim;
+    let params =
+        hidden * (queries + 2 * keys) + queries * hidden + 3 * hidden * spec.intermediate + 2 * hidden;
+    2 * params as u64
+}
+
 /// A model several times larger than the VRAM budget and the host cache,
 /// streamed by a client in its own process: texts/s, bytes fetched and
 /// uploaded a pass, and peak RSS next to the bound. Quick runs stream the
 /// tiny model of this run under budgets smaller than it; full runs the
-/// Qwen3-Embedding-4B shape in f16 (about 8 GB) under 1 GiB of each.
+/// Qwen3-Embedding-4B shape in f16 (about 8 GB) under 1 GiB of each, or,
+/// where one of its layers is over the adapter's binding limit (wgpu's
+/// default 128 MiB, llvmpipe's), TinyLlama-1.1B in f16 (2.2 GB) under 512 MiB
+/// of each.
 fn streamed_larger_than_the_flags(
     gpu: &surf_engine::gpu::Gpu,
     tiny: &std::path::Path,
@@ -401,9 +415,24 @@ fn streamed_larger_than_the_flags(
 ) -> serde_json::Value {
     let mut spec = SynthSpec::preset(SynthPreset::Qwen3_4B);
     spec.dtype = safetensors::Dtype::F16;
+    let binding = gpu.limits.max_storage_buffer_binding_size as u64;
     let (dir, name, vram_budget_mb, host_cache_mb, passes) = if quick() {
         spec = tiny_spec.clone();
         (tiny.to_path_buf(), "tiny-4x128", 2, 1, 2)
+    } else if f16_layer_bytes(&spec) > binding {
+        // A layer of the 4B shape (202 MB in f16) is one binding, over the
+        // 128 MiB that wgpu's default limits and software adapters allow:
+        // TinyLlama-1.1B's (88 MB) stands in, under budgets a quarter of
+        // its 2.2 GB.
+        println!(
+            "  larger than the GPU: a Qwen3-4B layer of {} MB is over this adapter's {} MB \
+             binding; TinyLlama-1.1B in f16 instead",
+            f16_layer_bytes(&spec) >> 20,
+            binding >> 20
+        );
+        spec = SynthSpec::preset(SynthPreset::TinyLlama);
+        spec.dtype = safetensors::Dtype::F16;
+        (model(&spec, "tinyllama-f16"), "tinyllama-f16", 512, 512, 3)
     } else if runs_family(&spec) {
         (model(&spec, "qwen3-4b-f16"), "qwen3-4b-f16", 1024, 1024, 3)
     } else {
