@@ -395,8 +395,10 @@ fn f16_layer_bytes(spec: &SynthSpec) -> u64 {
     let head_dim = spec.head_dim.unwrap_or(spec.hidden / spec.heads);
     let (hidden, queries) = (spec.hidden, spec.heads * head_dim);
     let keys = spec.kv_heads * head_dim;
-    let params =
-        hidden * (queries + 2 * keys) + queries * hidden + 3 * hidden * spec.intermediate + 2 * hidden;
+    let params = hidden * (queries + 2 * keys)
+        + queries * hidden
+        + 3 * hidden * spec.intermediate
+        + 2 * hidden;
     2 * params as u64
 }
 

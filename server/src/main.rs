@@ -35,6 +35,7 @@ enum Command {
 
 fn main() {
     quiet_window_system_probe();
+    surf_engine::process_memory::return_large_frees_to_the_system();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SURF_LOG")

@@ -47,6 +47,7 @@ pub struct ClientRun {
 /// The child's side: builds the engine, runs the passes and prints one
 /// JSON line with its rates, bytes and peak RSS.
 pub fn client_main(run: &str) {
+    surf_engine::process_memory::return_large_frees_to_the_system();
     let run: ClientRun = serde_json::from_str(run).expect("the parent's client run");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
