@@ -417,7 +417,7 @@ fn streamed_larger_than_the_flags(
 ) -> serde_json::Value {
     let mut spec = SynthSpec::preset(SynthPreset::Qwen3_4B);
     spec.dtype = safetensors::Dtype::F16;
-    let binding = gpu.limits.max_storage_buffer_binding_size as u64;
+    let binding = gpu.limits.max_storage_buffer_binding_size;
     let (dir, name, vram_budget_mb, host_cache_mb, passes) = if quick() {
         spec = tiny_spec.clone();
         (tiny.to_path_buf(), "tiny-4x128", 2, 1, 2)
