@@ -23,8 +23,8 @@
 #        "for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig; bash benches/gpu-check.sh run"
 #      (`.gl` holds the Vulkan loader packages, as the tool's README shows).
 # Paths carried by an earlier call stay on a warm machine, so the third call
-# finds both halves of the model. `run` copies bench-out/ and the table to
-# $OUT when that is set.
+# finds both halves of the model. `run` packs bench-out/*.json into
+# figures.tar and writes the log and the table, in $OUT when that is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -45,14 +45,14 @@ prepare() {
     cargo test --profile bench --locked --no-run --message-format=json \
         -p surf-engine --test kernels -p surf-tests --test golden --test f16 >"$messages" &&
         cargo bench --locked --no-run --message-format=json \
-            -p surf-benches --bench kernels --bench embed --bench streaming --bench paging >>"$messages" &&
+            -p surf-benches --bench kernels --bench embed --bench streaming --bench paging --bench multimodel >>"$messages" &&
         cargo build --profile bench --locked --message-format=json \
             -p surf-server --bin surf >>"$messages" ||
         built=$?
     python3 - "$messages" "$pack/bin" <<'PY'
 import json, shutil, sys
 messages, dest = sys.argv[1], sys.argv[2]
-wanted = {"test-kernels", "test-golden", "test-f16", "bench-kernels", "bench-embed", "bench-streaming", "bench-paging", "bin-surf"}
+wanted = {"test-kernels", "test-golden", "test-f16", "bench-kernels", "bench-embed", "bench-streaming", "bench-paging", "bench-multimodel", "bin-surf"}
 for line in open(messages):
     try:
         m = json.loads(line)
@@ -167,8 +167,9 @@ run() {
     : >"$log"
     choose_adapter "$bin/bin-surf" "$out/adapter.json" || return 1
     local status=0
-    # Each step's log and figures go to $OUT as soon as it ends, so a run
-    # stopped at the device's time limit still brings back what it made.
+    # Each step's log and figures (figures.tar) go to $OUT as soon as it
+    # ends, so a run stopped at the device's time limit still brings back
+    # what it made.
     step() {
         echo "== $*" | tee -a "$log"
         local start=$SECONDS
@@ -178,7 +179,8 @@ run() {
             echo "   FAILED in $((SECONDS - start)) s (see $log)" | tee -a "$log"
             status=1
         fi
-        cp bench-out/*.json "$out/" 2>/dev/null || true
+        # One archive, as the device tool brings back at most 8 files.
+        (cd bench-out && tar -cf "$out/figures.tar" -- *.json) 2>/dev/null || true
     }
     step "$bin/test-golden" --test-threads 1 --nocapture
     step "$bin/test-f16" --test-threads 1
@@ -201,6 +203,14 @@ run() {
     else
         echo "== paging bench skipped: ${left} s left" | tee -a "$log"
     fi
+    # Several models under one budget, in quick form, if time is left.
+    left=$((${GPU_CHECK_DEADLINE:-1200} - SECONDS))
+    if ((left > 30)); then
+        step timeout --signal=INT --kill-after=5 "$left" "$bin/bench-multimodel" --bench
+        table
+    else
+        echo "== multimodel bench skipped: ${left} s left" | tee -a "$log"
+    fi
     cp "$log" "$out/" 2>/dev/null || true
     return $status
 }
@@ -216,7 +226,7 @@ def load(name):
         return json.load(open(os.path.join(out, name + ".json")))
     except (OSError, ValueError):
         return None
-k, e, s, p = load("kernels"), load("embed"), load("streaming"), load("paging")
+k, e, s, p, mm = load("kernels"), load("embed"), load("streaming"), load("paging"), load("multimodel")
 print("| what | figure |")
 print("| --- | --- |")
 try:
@@ -251,6 +261,9 @@ if p:
     for row in p.get("budgets", []):
         print(f'| paging {p["model"]["name"]} {row["eviction"]} {row["dtype"]}, {row["budget_layers"]} layers ({row["budget_mb"]:.0f} MB) | '
               f'{row["per_s"]:.2f}/s, {row["ratio_to_resident"]:.2f} of resident, {row["uploaded_mb_per_pass"]:.0f} MB uploaded a pass |')
+for row in (mm or {}).get("rows", []):
+    print(f'| several models, budget {row["budget_share"] * 100:.0f}% of their weights | {row["embeddings_per_s"]:.1f} emb/s, '
+          f'{row["ratio"]:.2f} of all resident |')
 big = (p or {}).get("larger_than_the_gpu") or load("paging-large") or {}
 if big:
     print(f'| larger than the GPU: {big.get("model")} ({big.get("model_mb", 0):.0f} MB) under {big.get("vram_budget_mb")} MiB VRAM, '

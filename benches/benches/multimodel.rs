@@ -29,7 +29,7 @@ const TEXTS: [&str; 4] = [
 
 /// A synthetic BERT written on first use.
 fn synthetic(name: &str, spec: &SynthSpec) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/synth/{name}"));
+    let dir = surf_benches::repo_root().join(format!("target/synth/{name}"));
     if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
         return dir;
     }
