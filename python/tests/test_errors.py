@@ -36,7 +36,7 @@ def test_bad_arguments_are_value_errors(model_dir, weight_server):
 
 
 def test_bad_encode_input_is_a_value_error(local_model):
-    with pytest.raises(ValueError, match="defines no prompts"):
+    with pytest.raises(ValueError, match="prompts: none"):
         local_model.encode(["query"], prompt_name="query")
     with pytest.raises(ValueError, match="batch_size"):
         local_model.encode(["x"], batch_size=0)
