@@ -1174,6 +1174,50 @@ fn attention_adds_a_relative_position_bias_at_the_family_scale() {
     }
 }
 
+/// Random query, key and value rows (doubled, so that scores spread) for
+/// `lengths.len()` sequences padded to `seq`, and the mask of the padding.
+fn attention_inputs(
+    rng: &mut StdRng,
+    layout: HeadLayout,
+    seq: usize,
+    lengths: &[usize],
+) -> (Vec<f32>, Vec<f32>) {
+    let rows = lengths.len() * seq;
+    let qkv = random_vec(rng, rows * layout.row_width())
+        .iter()
+        .map(|v| 2.0 * v)
+        .collect();
+    let mask = (0..rows)
+        .map(|r| {
+            if r % seq < lengths[r / seq] {
+                0.0
+            } else {
+                MASKED
+            }
+        })
+        .collect();
+    (qkv, mask)
+}
+
+/// `family`'s attention over `(sequences, seq, layout)`, read back.
+fn run_attention(
+    gpu: &Gpu,
+    attention: &Attention,
+    family: KernelFamily,
+    (sequences, seq, layout): (usize, usize, HeadLayout),
+    options: AttentionOptions<'_>,
+    qkv: &wgpu::Buffer,
+    mask: &wgpu::Buffer,
+) -> Vec<f32> {
+    let out_len = sequences * seq * layout.query_width();
+    let out = gpu.storage_buffer("out", (out_len * 4) as u64);
+    let mut plan = DispatchPlan::new(gpu);
+    attention.push_with(
+        family, &mut plan, sequences, seq, layout, options, qkv, mask, &out,
+    );
+    run_and_read(gpu, plan, &out, out_len)
+}
+
 #[test]
 fn attention_sees_only_its_window_and_shares_key_heads_at_every_head_size() {
     let Some(gpu) = gpu_for_tests() else { return };
@@ -1195,48 +1239,29 @@ fn attention_sees_only_its_window_and_shares_key_heads_at_every_head_size() {
     for family in KernelFamily::supported(&gpu) {
         for (heads, kv_heads, head_dim, seq, lengths) in shapes {
             for window in windows {
-                let batch = lengths.len();
-                let rows = batch * seq;
                 let layout = HeadLayout {
                     heads,
                     kv_heads,
                     head_dim,
                 };
-                let qkv: Vec<f32> = random_vec(&mut rng, rows * layout.row_width())
-                    .iter()
-                    .map(|v| 2.0 * v)
-                    .collect();
-                let mask: Vec<f32> = (0..rows)
-                    .map(|r| {
-                        if r % seq < lengths[r / seq] {
-                            0.0
-                        } else {
-                            MASKED
-                        }
-                    })
-                    .collect();
+                let (qkv, mask) = attention_inputs(&mut rng, layout, seq, &lengths);
                 let qkv_buffer = upload(&gpu, "qkv", &qkv);
                 let mask_buffer = upload(&gpu, "mask", &mask);
-                let out_len = rows * layout.query_width();
-                let out_buffer = gpu.storage_buffer("out", (out_len * 4) as u64);
                 let scale = 1.0 / (head_dim as f32).sqrt();
-                let mut plan = DispatchPlan::new(&gpu);
-                attention.push_with(
+                let options = AttentionOptions {
+                    scale,
+                    position_bias: None,
+                    window,
+                };
+                let out = run_attention(
+                    &gpu,
+                    &attention,
                     family,
-                    &mut plan,
-                    batch,
-                    seq,
-                    layout,
-                    AttentionOptions {
-                        scale,
-                        position_bias: None,
-                        window,
-                    },
+                    (lengths.len(), seq, layout),
+                    options,
                     &qkv_buffer,
                     &mask_buffer,
-                    &out_buffer,
                 );
-                let out = run_and_read(&gpu, plan, &out_buffer, out_len);
                 let shape = AttentionShape {
                     heads,
                     head_dim,
@@ -1285,31 +1310,16 @@ fn attention_half_matches_reference_across_key_blocks_windows_and_head_sizes() {
     for head_dim in [32, 64, 128, 256] {
         for (w, window) in windows.into_iter().enumerate() {
             let with_bias = w % 2 == 0;
-            let batch = lengths.len();
-            let rows = batch * seq;
             let layout = HeadLayout {
                 heads,
                 kv_heads,
                 head_dim,
             };
-            let qkv: Vec<f32> = random_vec(&mut rng, rows * layout.row_width())
-                .iter()
-                .map(|v| 2.0 * v)
-                .collect();
-            let mask: Vec<f32> = (0..rows)
-                .map(|r| {
-                    if r % seq < lengths[r / seq] {
-                        0.0
-                    } else {
-                        MASKED
-                    }
-                })
-                .collect();
+            let (qkv, mask) = attention_inputs(&mut rng, layout, seq, &lengths);
             let bias = random_vec(&mut rng, heads * (2 * seq - 1));
             let qkv_buffer = upload(&gpu, "qkv", &qkv);
             let mask_buffer = upload(&gpu, "mask", &mask);
             let bias_buffer = upload(&gpu, "bias", &bias);
-            let out_len = rows * layout.query_width();
             let scale = 1.0 / (head_dim as f32).sqrt();
             let shape = AttentionShape {
                 heads,
@@ -1321,24 +1331,20 @@ fn attention_half_matches_reference_across_key_blocks_windows_and_head_sizes() {
             };
             let mut errors = Vec::new();
             for family in [KernelFamily::Half, KernelFamily::Tiled] {
-                let out_buffer = gpu.storage_buffer("out", (out_len * 4) as u64);
-                let mut plan = DispatchPlan::new(&gpu);
-                attention.push_with(
+                let options = AttentionOptions {
+                    scale,
+                    position_bias: with_bias.then_some(&bias_buffer),
+                    window,
+                };
+                let out = run_attention(
+                    &gpu,
+                    &attention,
                     family,
-                    &mut plan,
-                    batch,
-                    seq,
-                    layout,
-                    AttentionOptions {
-                        scale,
-                        position_bias: with_bias.then_some(&bias_buffer),
-                        window,
-                    },
+                    (lengths.len(), seq, layout),
+                    options,
                     &qkv_buffer,
                     &mask_buffer,
-                    &out_buffer,
                 );
-                let out = run_and_read(&gpu, plan, &out_buffer, out_len);
                 let (actual, expected) = attention_reference(
                     &shape,
                     &qkv,
