@@ -14,14 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use surf_engine::gpu::Gpu;
-use surf_engine::kernels::attention::Attention;
-use surf_engine::kernels::autotune::Launchers;
-use surf_engine::kernels::choice;
-use surf_engine::kernels::family::KernelMode;
-use surf_engine::kernels::layernorm::LayerNorm;
-use surf_engine::kernels::matmul::Matmul;
-use surf_engine::kernels::matmul_norm::MatmulNorm;
-use surf_engine::kernels::selection::ModelShapes;
+use surf_engine::model::Kernels;
 use surf_engine::synth::SynthSpec;
 use surf_engine::{Engine, Eviction, RemoteSource, VramBudget, WeightDtype};
 use surf_server::{ServerConfig, WeightServer};
@@ -112,24 +105,13 @@ pub fn client_main(run: &str) {
 /// not the one-time measuring's, during which a software adapter holds the
 /// compiled kernels of every family at once.
 pub fn warm_kernel_choices(gpu: &Gpu, spec: &SynthSpec, dtype: WeightDtype) {
-    let matmul = Matmul::new(gpu, dtype);
-    let attention = Attention::new(gpu);
-    let layernorm = LayerNorm::new(gpu, dtype);
-    let matmul_norm = MatmulNorm::new(gpu, dtype);
-    let launchers = Launchers {
-        matmul: &matmul,
-        attention: &attention,
-        layernorm: &layernorm,
-        matmul_norm: &matmul_norm,
-    };
-    let shapes = ModelShapes {
-        hidden: spec.hidden,
-        intermediate: spec.intermediate,
-        heads: spec.heads,
-        head_dim: spec.head_dim.unwrap_or(spec.hidden / spec.heads),
-    };
-    let mode = surf_engine::engine::kernel_mode_from_env().unwrap_or(KernelMode::Auto);
-    choice::select(gpu, &launchers, mode, &shapes, dtype.name())
+    let dims = spec
+        .model_config(Path::new("config.json"))
+        .expect("the synthetic model's config")
+        .dims();
+    let mode = surf_engine::engine::kernel_mode_from_env().expect("SURF_KERNELS");
+    Kernels::new(gpu, dtype)
+        .choose(gpu, mode, &dims)
         .expect("measuring the kernel families");
 }
 
