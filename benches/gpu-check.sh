@@ -192,25 +192,25 @@ run() {
     # adapter supports, the 8-lane subgroup ones included, which a GPU runs
     # slowly (346 s for all of them on an H200).
     step "$bin/test-kernels" --test-threads 1
+    # The device's calls have a hard limit: these run only in the time left
+    # before GPU_CHECK_DEADLINE seconds from this script's start, and are
+    # stopped there.
+    step_in_time_left() {
+        local least=$1 name=$2
+        shift 2
+        local left=$((${GPU_CHECK_DEADLINE:-1200} - SECONDS))
+        if ((left > least)); then
+            step timeout --signal=INT --kill-after=5 "$left" "$@"
+            table
+        else
+            echo "== $name skipped: ${left} s left" | tee -a "$log"
+        fi
+    }
     # Models larger than the GPU, in full (a Qwen3-Embedding-4B shape of
-    # about 8 GB under 1 GiB budgets, and the 0.6B budget sweep), with the
-    # time left before GPU_CHECK_DEADLINE seconds (from this script's
-    # start) since the device's calls have a hard limit.
-    local left=$((${GPU_CHECK_DEADLINE:-1200} - SECONDS))
-    if ((left > 60)); then
-        SURF_BENCH_QUICK=0 step timeout --signal=INT --kill-after=5 "$left" "$bin/bench-paging" --bench
-        table
-    else
-        echo "== paging bench skipped: ${left} s left" | tee -a "$log"
-    fi
-    # Several models under one budget, in quick form, if time is left.
-    left=$((${GPU_CHECK_DEADLINE:-1200} - SECONDS))
-    if ((left > 30)); then
-        step timeout --signal=INT --kill-after=5 "$left" "$bin/bench-multimodel" --bench
-        table
-    else
-        echo "== multimodel bench skipped: ${left} s left" | tee -a "$log"
-    fi
+    # about 8 GB under 1 GiB budgets, and the 0.6B budget sweep).
+    SURF_BENCH_QUICK=0 step_in_time_left 60 "paging bench" "$bin/bench-paging" --bench
+    # Several models under one budget, in quick form.
+    step_in_time_left 30 "multimodel bench" "$bin/bench-multimodel" --bench
     cp "$log" "$out/" 2>/dev/null || true
     return $status
 }
